@@ -1,0 +1,773 @@
+//! Configuration: TOML text -> raw serde structs (`raw`, unknown keys rejected) -> `validate` ->
+//! the typed [`Config`] the rest of pollmux reads.
+//!
+//! Every error is reported with its key path and line:column, and all of them at once: each named
+//! table is deserialized on its own, so one bad route does not hide the problems of the next.
+//! Callers may rely on a [`Config`] being internally consistent (names resolve, templates do not
+//! conflict, TLS material loads).
+
+mod raw;
+mod source;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use ipnet::IpNet;
+use regex::Regex;
+use rustls::pki_types::CertificateDer;
+use serde::de::DeserializeOwned;
+use toml::de::{DeValue, ValueDeserializer};
+
+use source::Source;
+pub use source::{ConfigError, ConfigErrors};
+
+/// The configuration `pollmux run` serves when no `--config` is given.
+pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
+
+/// Pattern a path parameter must match when its route names none: unreserved URI characters only,
+/// so a default parameter can never carry a separator or an encoded byte into a topic or URL.
+pub const PARAM_PATTERN_DEFAULT: &str = "[A-Za-z0-9._~-]{1,128}";
+/// Header read timeout: long enough for a slow mobile client, short enough to shed slowloris.
+/// On HTTP/1 it also bounds how long an idle keep-alive connection waits for its next request.
+pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// TLS handshake timeout, for the same reason.
+pub const TLS_HANDSHAKE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Header block limit; hyper answers 431 above it. hyper requires at least 8 KiB.
+pub const MAX_HEADER_BYTES_DEFAULT: usize = 16 * 1024;
+const MAX_HEADER_BYTES_MIN: usize = 8 * 1024;
+/// Header count limit; hyper answers 431 above it.
+pub const MAX_HEADERS_DEFAULT: usize = 64;
+/// Request-target limit; pollmux answers 414 above it.
+pub const MAX_URI_BYTES_DEFAULT: usize = 8 * 1024;
+/// File descriptors kept back from `max_connections` for upstream connections, listeners, the
+/// over-limit 503 answers and the process's own files.
+pub const FD_RESERVE: u64 = 256;
+/// Time between SIGTERM and the last held poll being answered (answers are spread over it).
+pub const DRAIN_WINDOW_DEFAULT: Duration = Duration::from_secs(5);
+/// Time after SIGTERM by which pollmux exits, whatever is still in flight.
+pub const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
+/// Upstream TCP (and TLS) connect timeout.
+pub const UPSTREAM_CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(2);
+/// Time an upstream may take to send response headers before the client gets 504.
+pub const UPSTREAM_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Idle pooled upstream connections are closed after this.
+pub const UPSTREAM_POOL_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(90);
+/// Idle pooled connections kept per upstream host.
+pub const UPSTREAM_POOL_MAX_IDLE_DEFAULT: usize = 64;
+const ADMIN_ADDRESS_DEFAULT: &str = "127.0.0.1:9090";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listeners, sorted by name.
+    pub listeners: Vec<ListenerConfig>,
+    pub admin: AdminConfig,
+    pub limits: LimitsConfig,
+    pub shutdown: ShutdownConfig,
+    /// Upstreams, sorted by name; routes refer to them by index.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Routes, sorted by name.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// The `listener` metric label.
+    pub name: String,
+    pub address: SocketAddr,
+    /// Serve h2c with prior knowledge beside HTTP/1.1 (cleartext listeners only; TLS listeners
+    /// pick h2 by ALPN).
+    pub http2: bool,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Loaded at validation, so `check` proves the files are usable.
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+    /// Bearer token for `/publish` and `/-/reload`; required unless the address is loopback.
+    pub publish_token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Concurrent client connections over all listeners; `None`: the fd limit minus
+    /// [`FD_RESERVE`], computed at start after the limit is raised.
+    pub max_connections: Option<u64>,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    /// Peers whose `X-Forwarded-For` is extended rather than replaced.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub drain_window: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// `http` or `https` base URL; its path, if any, prefixes every upstream path.
+    pub url: Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// pollmux's own headers (credentials) added to every request to this upstream.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// CA certificates trusted for this upstream instead of the system's (`ca_file`).
+    pub ca_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The `route` metric label.
+    pub name: String,
+    /// matchit template: `{name}` parameters, `{*rest}` tail.
+    pub path: String,
+    /// Every parameter of the template with its anchored pattern, in path order.
+    pub params: Vec<(String, Regex)>,
+    pub kind: RouteKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum RouteKind {
+    /// Plain reverse proxy to `upstreams[upstream]`.
+    Proxy { upstream: usize },
+}
+
+impl RouteKind {
+    /// The `kind` metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            RouteKind::Proxy { .. } => "proxy",
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration. Relative file names (TLS material) resolve against
+    /// `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let src = Source::parse(text)?;
+        let mut v = Validator {
+            src: &src,
+            base_dir,
+            errors: Vec::new(),
+        };
+        let config = v.config();
+        match (config, v.errors.is_empty()) {
+            (Some(config), true) => Ok(config),
+            _ => {
+                v.errors
+                    .sort_by_key(|e| e.position.unwrap_or((usize::MAX, usize::MAX)));
+                Err(ConfigErrors(v.errors))
+            }
+        }
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                position: None,
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base)
+    }
+
+    /// The embedded default configuration.
+    pub fn default_config() -> Config {
+        Config::from_toml(DEFAULT_CONFIG, Path::new("."))
+            .expect("the embedded default configuration is valid (tested)")
+    }
+}
+
+struct Validator<'a, 'i> {
+    src: &'a Source<'i>,
+    base_dir: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+const SECTIONS: &[&str] = &[
+    "listeners",
+    "admin",
+    "limits",
+    "shutdown",
+    "upstreams",
+    "routes",
+];
+
+impl Validator<'_, '_> {
+    fn err(&mut self, path: &[&str], message: impl Into<String>) {
+        let e = self.src.error_at_path(path, message);
+        self.errors.push(e);
+    }
+
+    fn config(&mut self) -> Option<Config> {
+        for (key, _) in self.src.root.iter() {
+            if !SECTIONS.contains(&key.get_ref().as_ref()) {
+                self.errors.push(ConfigError {
+                    path: key.get_ref().to_string(),
+                    position: Some(self.src.line_col(key.span().start)),
+                    message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
+                });
+            }
+        }
+        let admin: raw::Admin = self.section("admin").unwrap_or_default();
+        let limits: raw::Limits = self.section("limits").unwrap_or_default();
+        let shutdown: raw::Shutdown = self.section("shutdown").unwrap_or_default();
+        let listeners: Vec<(String, raw::Listener)> = self.named("listeners");
+        let upstreams: Vec<(String, raw::Upstream)> = self.named("upstreams");
+        let routes: Vec<(String, raw::Route)> = self.named("routes");
+
+        let admin = self.admin(admin);
+        let limits = self.limits(limits);
+        let shutdown = ShutdownConfig {
+            drain_window: shutdown.drain_window.map_or(DRAIN_WINDOW_DEFAULT, |d| d.0),
+            timeout: shutdown.timeout.map_or(SHUTDOWN_TIMEOUT_DEFAULT, |d| d.0),
+        };
+        if shutdown.drain_window > shutdown.timeout {
+            self.err(
+                &["shutdown", "drain_window"],
+                "must not be longer than shutdown.timeout",
+            );
+        }
+        let listeners: Vec<_> = listeners
+            .into_iter()
+            .filter_map(|(name, l)| self.listener(name, l))
+            .collect();
+        if listeners.is_empty()
+            && self
+                .src
+                .root
+                .iter()
+                .all(|(k, _)| k.get_ref() != "listeners")
+        {
+            self.err(&["listeners"], "at least one listener is required");
+        }
+        self.distinct_addresses(&listeners, admin.as_ref());
+        let upstreams: Vec<_> = upstreams
+            .into_iter()
+            .filter_map(|(name, u)| self.upstream(name, u))
+            .collect();
+        let routes: Vec<_> = routes
+            .into_iter()
+            .filter_map(|(name, r)| self.route(name, r, &upstreams))
+            .collect();
+        self.distinct_templates(&routes);
+        Some(Config {
+            listeners,
+            admin: admin?,
+            limits,
+            shutdown,
+            upstreams,
+            routes,
+        })
+    }
+
+    /// Deserializes one top-level table; absent is `None`.
+    fn section<T: DeserializeOwned>(&mut self, name: &str) -> Option<T> {
+        let (_, value) = self.src.root.iter().find(|(k, _)| k.get_ref() == name)?;
+        self.deserialize(value.clone())
+    }
+
+    /// Deserializes every entry of a table of named tables, each on its own.
+    fn named<T: DeserializeOwned>(&mut self, section: &str) -> Vec<(String, T)> {
+        let Some((_, value)) = self.src.root.iter().find(|(k, _)| k.get_ref() == section) else {
+            return Vec::new();
+        };
+        let DeValue::Table(table) = value.get_ref() else {
+            let e = self.src.error_at_span(
+                Some(value.span()),
+                &format!("`{section}` must be a table of named tables, e.g. [{section}.NAME]"),
+            );
+            self.errors.push(e);
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (name, value) in table.iter() {
+            let name = name.get_ref().to_string();
+            if !valid_name(&name) {
+                self.err(
+                    &[section, &name],
+                    format!(
+                        "invalid name {name:?}: use 1 to 64 of a-z, 0-9 and _, starting with a letter"
+                    ),
+                );
+                continue;
+            }
+            if let Some(parsed) = self.deserialize(value.clone()) {
+                out.push((name, parsed));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn deserialize<T: DeserializeOwned>(&mut self, value: toml::Spanned<DeValue<'_>>) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let located = self.src.error_at_span(e.span(), e.message());
+                self.errors.push(located);
+                None
+            }
+        }
+    }
+
+    fn admin(&mut self, raw: raw::Admin) -> Option<AdminConfig> {
+        let text = raw
+            .address
+            .map_or(ADMIN_ADDRESS_DEFAULT.to_owned(), |s| s.0);
+        let address = self.socket_addr(&["admin", "address"], &text)?;
+        let publish_token = raw.publish_token.map(|s| s.0).filter(|t| !t.is_empty());
+        if publish_token.is_none() && !address.ip().is_loopback() {
+            self.err(
+                &["admin", "publish_token"],
+                "required when the admin listener is not bound to loopback",
+            );
+        }
+        Some(AdminConfig {
+            address,
+            publish_token,
+        })
+    }
+
+    fn limits(&mut self, raw: raw::Limits) -> LimitsConfig {
+        let mut size = |key: &str, value: Option<u64>, default: usize, min: usize| -> usize {
+            let v = value.map_or(default, |v| usize::try_from(v).unwrap_or(usize::MAX));
+            if v < min {
+                self.err(&["limits", key], format!("must be at least {min}"));
+            }
+            v
+        };
+        let max_header_bytes = size(
+            "max_header_bytes",
+            raw.max_header_bytes,
+            MAX_HEADER_BYTES_DEFAULT,
+            MAX_HEADER_BYTES_MIN,
+        );
+        let max_headers = size("max_headers", raw.max_headers, MAX_HEADERS_DEFAULT, 8);
+        let max_uri_bytes = size(
+            "max_uri_bytes",
+            raw.max_uri_bytes,
+            MAX_URI_BYTES_DEFAULT,
+            256,
+        );
+        if raw.max_connections == Some(0) {
+            self.err(&["limits", "max_connections"], "must be at least 1");
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, entry) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
+            let text = entry.0.trim();
+            let parsed = text
+                .parse::<IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => self.err(
+                    &["limits", "trusted_proxies"],
+                    format!("entry {i}: {text:?} is not an IP address or CIDR network"),
+                ),
+            }
+        }
+        LimitsConfig {
+            max_connections: raw.max_connections,
+            header_read_timeout: raw
+                .header_read_timeout
+                .map_or(HEADER_READ_TIMEOUT_DEFAULT, |d| d.0),
+            tls_handshake_timeout: raw
+                .tls_handshake_timeout
+                .map_or(TLS_HANDSHAKE_TIMEOUT_DEFAULT, |d| d.0),
+            max_header_bytes,
+            max_headers,
+            max_uri_bytes,
+            trusted_proxies,
+        }
+    }
+
+    fn socket_addr(&mut self, path: &[&str], text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn listener(&mut self, name: String, raw: raw::Listener) -> Option<ListenerConfig> {
+        let address = self.socket_addr(&["listeners", &name, "address"], &raw.address.0);
+        let tls = match raw.tls {
+            None => None,
+            Some(t) => {
+                let cert_file = self.base_dir.join(&t.cert_file.0);
+                let key_file = self.base_dir.join(&t.key_file.0);
+                match tls::load_server_config(&cert_file, &key_file) {
+                    Ok(server_config) => Some(TlsConfig {
+                        cert_file,
+                        key_file,
+                        server_config,
+                    }),
+                    Err(e) => {
+                        self.err(&["listeners", &name, "tls", e.key()], e.to_string());
+                        None
+                    }
+                }
+            }
+        };
+        Some(ListenerConfig {
+            name,
+            address: address?,
+            http2: raw.http2,
+            tls,
+        })
+    }
+
+    fn distinct_addresses(&mut self, listeners: &[ListenerConfig], admin: Option<&AdminConfig>) {
+        let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        if let Some(a) = admin {
+            seen.insert(a.address, "admin".into());
+        }
+        for l in listeners {
+            if l.address.port() == 0 {
+                continue;
+            }
+            if let Some(other) = seen.insert(l.address, l.name.clone()) {
+                self.err(
+                    &["listeners", &l.name, "address"],
+                    format!("{} is already used by {other}", l.address),
+                );
+            }
+        }
+    }
+
+    fn upstream(&mut self, name: String, raw: raw::Upstream) -> Option<UpstreamConfig> {
+        let n = name.as_str();
+        let path = ["upstreams", n, "url"];
+        let url = match raw.url.0.parse::<Uri>() {
+            Ok(u) => {
+                let scheme_ok = matches!(u.scheme_str(), Some("http" | "https"));
+                if !scheme_ok || u.authority().is_none() {
+                    self.err(&path, "must be an absolute http:// or https:// URL");
+                    None
+                } else if u.query().is_some() {
+                    self.err(&path, "must not have a query");
+                    None
+                } else {
+                    Some(u)
+                }
+            }
+            Err(e) => {
+                self.err(&path, format!("invalid URL {:?}: {e}", raw.url.0));
+                None
+            }
+        };
+        let mut headers = Vec::new();
+        for (key, value) in &raw.headers {
+            let hpath = ["upstreams", name.as_str(), "headers", key.as_str()];
+            match (
+                HeaderName::try_from(key.as_str()),
+                HeaderValue::try_from(value.0.as_str()),
+            ) {
+                (Ok(k), Ok(mut v)) => {
+                    v.set_sensitive(true);
+                    headers.push((k, v));
+                }
+                (Err(_), _) => self.err(&hpath, "invalid header name"),
+                (_, Err(_)) => self.err(&hpath, "invalid header value"),
+            }
+        }
+        let ca_certs = raw.ca_file.and_then(|f| {
+            let file = self.base_dir.join(&f.0);
+            match tls::load_certs(&file) {
+                Ok(certs) => Some(Arc::new(certs)),
+                Err(e) => {
+                    self.err(&["upstreams", n, "ca_file"], e.to_string());
+                    None
+                }
+            }
+        });
+        Some(UpstreamConfig {
+            url: url?,
+            ca_certs,
+            connect_timeout: raw
+                .connect_timeout
+                .map_or(UPSTREAM_CONNECT_TIMEOUT_DEFAULT, |d| d.0),
+            timeout: raw.timeout.map_or(UPSTREAM_TIMEOUT_DEFAULT, |d| d.0),
+            pool_idle_timeout: raw
+                .pool_idle_timeout
+                .map_or(UPSTREAM_POOL_IDLE_TIMEOUT_DEFAULT, |d| d.0),
+            pool_max_idle_per_host: raw
+                .pool_max_idle_per_host
+                .map_or(UPSTREAM_POOL_MAX_IDLE_DEFAULT, |n| n as usize),
+            headers,
+            name,
+        })
+    }
+
+    fn route(
+        &mut self,
+        name: String,
+        raw: raw::Route,
+        upstreams: &[UpstreamConfig],
+    ) -> Option<RouteConfig> {
+        let n = name.as_str();
+        let path = raw.path.0;
+        let names = match template_params(&path) {
+            Ok(names) => names,
+            Err(e) => {
+                self.err(&["routes", n, "path"], e);
+                return None;
+            }
+        };
+        for key in raw.params.keys() {
+            if !names.contains(key) {
+                self.err(
+                    &["routes", n, "params", key],
+                    format!("the path {path:?} has no parameter {{{key}}}"),
+                );
+            }
+        }
+        let mut params = Vec::new();
+        for p in &names {
+            let pattern = raw
+                .params
+                .get(p)
+                .map_or(PARAM_PATTERN_DEFAULT, |s| s.0.as_str());
+            match Regex::new(&format!("^(?:{pattern})$")) {
+                Ok(re) => params.push((p.clone(), re)),
+                Err(e) => self.err(&["routes", n, "params", p], format!("invalid pattern: {e}")),
+            }
+        }
+        let kind = match raw.kind.0.as_str() {
+            "proxy" => {
+                let Some(up) = raw.upstream else {
+                    self.err(&["routes", n, "upstream"], "required for kind = \"proxy\"");
+                    return None;
+                };
+                let Some(index) = upstreams.iter().position(|u| u.name == up.0) else {
+                    self.err(
+                        &["routes", n, "upstream"],
+                        format!("no upstream named {:?} in [upstreams]", up.0),
+                    );
+                    return None;
+                };
+                RouteKind::Proxy { upstream: index }
+            }
+            other => {
+                self.err(
+                    &["routes", n, "kind"],
+                    format!("unknown kind {other:?}, expected \"proxy\""),
+                );
+                return None;
+            }
+        };
+        Some(RouteConfig {
+            name,
+            path,
+            params,
+            kind,
+        })
+    }
+
+    /// Two templates that could match the same request are rejected (matchit's own rule).
+    fn distinct_templates(&mut self, routes: &[RouteConfig]) {
+        let mut router = matchit::Router::new();
+        for r in routes {
+            if let Err(e) = router.insert(r.path.as_str(), ()) {
+                self.err(
+                    &["routes", &r.name, "path"],
+                    format!("conflicts with another route: {e}"),
+                );
+            }
+        }
+    }
+}
+
+/// Route, listener and upstream names become metric labels: keep them short and plain.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// The parameter names of a path template, in path order; `{*rest}` only as the last segment.
+pub fn template_params(path: &str) -> Result<Vec<String>, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with /"));
+    }
+    let mut names = Vec::new();
+    let mut rest = path;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("unclosed {{ in {path:?}"))?
+            + open;
+        let inner = &rest[open + 1..close];
+        let (name, tail) = match inner.strip_prefix('*') {
+            Some(n) => (n, true),
+            None => (inner, false),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid parameter name {inner:?} in {path:?}"));
+        }
+        if tail && close + 1 != rest.len() {
+            return Err(format!("{{*{name}}} must end the path {path:?}"));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(format!("parameter {{{name}}} appears twice in {path:?}"));
+        }
+        names.push(name.to_owned());
+        rest = &rest[close + 1..];
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, Path::new("."))
+    }
+
+    #[test]
+    fn default_config_is_valid() {
+        let c = Config::default_config();
+        assert_eq!(c.admin.address, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().unwrap());
+    }
+
+    #[test]
+    fn reports_all_errors_with_positions() {
+        let text = r#"
+[listeners.public]
+address = "nowhere"
+
+[upstreams.api]
+url = "ftp://x"
+timeout = "3 parsecs"
+
+[routes.a]
+path = "/a/{id}"
+kind = "proxy"
+upstream = "missing"
+params.other = "x"
+
+[routes.b]
+path = "/b"
+kind = "proxy"
+upstream = "api"
+bogus = 1
+"#;
+        let errs = parse(text).unwrap_err();
+        let rendered = errs.to_string();
+        let expect = [
+            "listeners.public.address (line 3, column 11)",
+            "upstreams.api.timeout (line 7, column 11)",
+            "routes.a.params.other (line 13, column 16)",
+            "routes.b.bogus (line 19, column 1)",
+        ];
+        for e in expect {
+            assert!(rendered.contains(e), "missing {e:?} in:\n{rendered}");
+        }
+        assert!(rendered.contains("unknown field `bogus`"), "{rendered}");
+        assert!(rendered.contains("invalid duration"), "{rendered}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_values() {
+        let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[upstreams.u]\nurl = \"ftp://x\"\n\
+                    [routes.r]\npath = \"/r\"\nkind = \"proxy\"\nupstream = \"nope\"\n";
+        let errs = parse(text).unwrap_err().0;
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].path, "upstreams.u.url");
+        assert_eq!(errs[0].position, Some((4, 7)));
+        assert_eq!(errs[1].path, "routes.r.upstream");
+        assert_eq!(errs[1].position, Some((8, 12)));
+    }
+
+    #[test]
+    fn conflicting_templates_are_rejected() {
+        let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[upstreams.u]\nurl = \"http://x\"\n\
+                    [routes.a]\npath = \"/x/{id}\"\nkind = \"proxy\"\nupstream = \"u\"\n\
+                    [routes.b]\npath = \"/x/{name}\"\nkind = \"proxy\"\nupstream = \"u\"\n";
+        let errs = parse(text).unwrap_err().to_string();
+        assert!(
+            errs.contains("routes.b.path") && errs.contains("conflict"),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn unknown_sections_and_bad_names() {
+        let text =
+            "[listenrs.p]\naddress = \"x\"\n[listeners.Bad-Name]\naddress = \"127.0.0.1:1\"\n";
+        let errs = parse(text).unwrap_err().to_string();
+        assert!(
+            errs.contains("listenrs (line 1, column 2): unknown section"),
+            "{errs}"
+        );
+        assert!(errs.contains("invalid name \"Bad-Name\""), "{errs}");
+    }
+
+    #[test]
+    fn public_admin_needs_a_token() {
+        let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"0.0.0.0:9\"\n";
+        let errs = parse(text).unwrap_err().to_string();
+        assert!(errs.contains("admin.publish_token"), "{errs}");
+    }
+
+    #[test]
+    fn template_params_are_checked() {
+        assert_eq!(template_params("/a/{x}/b/{*rest}").unwrap(), ["x", "rest"]);
+        assert!(template_params("a").is_err());
+        assert!(template_params("/{*rest}/x").is_err());
+        assert!(template_params("/{x}/{x}").is_err());
+        assert!(template_params("/{x").is_err());
+    }
+
+    #[test]
+    fn params_are_anchored() {
+        let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[upstreams.u]\nurl = \"http://x\"\n\
+                    [routes.a]\npath = \"/x/{id}\"\nkind = \"proxy\"\nupstream = \"u\"\nparams.id = \"[0-9]+\"\n";
+        let c = parse(text).unwrap();
+        let re = &c.routes[0].params[0].1;
+        assert!(re.is_match("42") && !re.is_match("42a") && !re.is_match("a42"));
+    }
+}

@@ -1,0 +1,187 @@
+//! The configuration exactly as written: serde structs that reject unknown keys. Strings expand
+//! `${VAR}` / `${VAR:-default}` from the environment as they are read, and durations are
+//! humantime strings, so a bad value is reported at its own position.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, Error as _};
+
+/// A string value after environment expansion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Str(pub String);
+
+impl<'de> Deserialize<'de> for Str {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        expand_env(&raw, |name| std::env::var(name).ok())
+            .map(Str)
+            .map_err(D::Error::custom)
+    }
+}
+
+/// A humantime duration string ("250ms", "25s", "1m 30s"), after environment expansion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Str(text) = Str::deserialize(d)?;
+        humantime::parse_duration(text.trim())
+            .map(Dur)
+            .map_err(|e| D::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+/// Expands `${NAME}` (an error when unset) and `${NAME:-default}` (default when unset or
+/// empty); `$$` is a literal `$`. Any other `$` is kept as is. Expanded values may not contain
+/// newlines, so an environment variable can never smuggle structure into a header or a path.
+pub fn expand_env(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let end = body
+                .find('}')
+                .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err(format!("invalid environment variable name {name:?}"));
+            }
+            let value = match (lookup(name).filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_owned(),
+                (None, None) if lookup(name).is_some() => String::new(),
+                (None, None) => return Err(format!("environment variable {name} is not set")),
+            };
+            if value.contains(['\n', '\r']) {
+                return Err(format!("environment variable {name} contains a newline"));
+            }
+            out.push_str(&value);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub address: Str,
+    #[serde(default)]
+    pub http2: bool,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: Str,
+    pub key_file: Str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub address: Option<Str>,
+    pub publish_token: Option<Str>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: Option<u64>,
+    pub header_read_timeout: Option<Dur>,
+    pub tls_handshake_timeout: Option<Dur>,
+    pub max_header_bytes: Option<u64>,
+    pub max_headers: Option<u64>,
+    pub max_uri_bytes: Option<u64>,
+    pub trusted_proxies: Option<Vec<Str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shutdown {
+    pub drain_window: Option<Dur>,
+    pub timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub url: Str,
+    pub connect_timeout: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub pool_idle_timeout: Option<Dur>,
+    pub pool_max_idle_per_host: Option<u64>,
+    pub ca_file: Option<Str>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub path: Str,
+    pub kind: Str,
+    #[serde(default)]
+    pub params: BTreeMap<String, Str>,
+    pub upstream: Option<Str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SET" => Some("value".into()),
+            "EMPTY" => Some(String::new()),
+            "NL" => Some("a\nb".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        assert_eq!(expand_env("a${SET}b", env).unwrap(), "avalueb");
+        assert_eq!(expand_env("${UNSET:-dflt}", env).unwrap(), "dflt");
+        assert_eq!(expand_env("${EMPTY:-dflt}", env).unwrap(), "dflt");
+        assert_eq!(expand_env("${EMPTY}", env).unwrap(), "");
+        assert_eq!(expand_env("${UNSET:-}", env).unwrap(), "");
+        assert_eq!(expand_env("$$5 and $x", env).unwrap(), "$5 and $x");
+    }
+
+    #[test]
+    fn rejects_unset_bad_and_multiline() {
+        assert!(
+            expand_env("${UNSET}", env)
+                .unwrap_err()
+                .contains("UNSET is not set")
+        );
+        assert!(expand_env("${1A}", env).unwrap_err().contains("invalid"));
+        assert!(
+            expand_env("${SET", env)
+                .unwrap_err()
+                .contains("unterminated")
+        );
+        assert!(expand_env("${NL}", env).unwrap_err().contains("newline"));
+    }
+}

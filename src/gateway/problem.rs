@@ -1,0 +1,107 @@
+//! RFC 9457 problem+json responses: the one shape of every error pollmux answers itself, with a
+//! stable `type` URN per cause so clients can branch on it.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use crate::upstream::Body;
+
+/// Media type of problem responses.
+pub const CONTENT_TYPE: &str = "application/problem+json";
+/// `Retry-After` seconds on 503 answers for capacity limits and upstream failures.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// The causes pollmux reports; each has its own `type` URN and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    NotFound,
+    MethodNotAllowed,
+    InvalidParameter,
+    UriTooLong,
+    Overloaded,
+    Draining,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+}
+
+impl Problem {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Problem::NotFound => StatusCode::NOT_FOUND,
+            Problem::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Problem::InvalidParameter => StatusCode::BAD_REQUEST,
+            Problem::UriTooLong => StatusCode::URI_TOO_LONG,
+            Problem::Overloaded | Problem::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn slug(self) -> &'static str {
+        match self {
+            Problem::NotFound => "not-found",
+            Problem::MethodNotAllowed => "method-not-allowed",
+            Problem::InvalidParameter => "invalid-parameter",
+            Problem::UriTooLong => "uri-too-long",
+            Problem::Overloaded => "overloaded",
+            Problem::Draining => "draining",
+            Problem::UpstreamUnavailable => "upstream-unavailable",
+            Problem::UpstreamTimeout => "upstream-timeout",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Problem::NotFound => "not found",
+            Problem::MethodNotAllowed => "method not allowed",
+            Problem::InvalidParameter => "invalid parameter",
+            Problem::UriTooLong => "URI too long",
+            Problem::Overloaded => "server at capacity",
+            Problem::Draining => "server shutting down",
+            Problem::UpstreamUnavailable => "upstream unavailable",
+            Problem::UpstreamTimeout => "upstream timed out",
+        }
+    }
+
+    /// The problem response, with `detail` when given.
+    pub fn response(self, detail: Option<&str>) -> Response<Body> {
+        let status = self.status();
+        let mut body = serde_json::json!({
+            "type": format!("urn:pollmux:problem:{}", self.slug()),
+            "title": self.title(),
+            "status": status.as_u16(),
+        });
+        if let Some(d) = detail {
+            body["detail"] = d.into();
+        }
+        let bytes = Bytes::from(body.to_string());
+        let mut resp = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn body_is_problem_json() {
+        let resp = Problem::Overloaded.response(Some("max_connections reached"));
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["type"], "urn:pollmux:problem:overloaded");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["detail"], "max_connections reached");
+    }
+}

@@ -1,0 +1,233 @@
+//! pollmux: a long-polling gateway. It sits in front of existing HTTP APIs, holds many client
+//! long-polls, and serves each topic from one upstream subscription, with per-route Prometheus
+//! statistics and TOML configuration.
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`]; every error
+//!   with its key path and line:column, all at once.
+//! - [`server`]: listeners, accept loop, connection limit, TLS, HTTP/1.1 and h2, graceful drain.
+//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`), problem+json.
+//! - [`upstream`]: the pooled upstream HTTP clients.
+//! - [`metrics`]: the one metrics struct with its own Prometheus registry.
+//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Imports run one way: `server -> gateway -> {upstream, metrics, config}`.
+//!
+//! [`Server::bind`] binds every socket (so a test can bind `127.0.0.1:0` and read the ports),
+//! then [`Server::serve`] runs until its shutdown future resolves and the drain ends.
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod metrics;
+pub mod server;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+
+use admin::{Admin, Readiness};
+use config::{Config, FD_RESERVE};
+use gateway::{ConnInfo, Gateway};
+use metrics::Metrics;
+use server::{ConnectionLimit, Handler, Lifecycle, ListenerSettings};
+use upstream::Body;
+
+/// Connections the admin listener serves at once: probes and scrapers, not clients.
+pub const ADMIN_MAX_CONNECTIONS: usize = 128;
+
+/// Why pollmux could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind listener {listener} to {address}: {source}")]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A pollmux instance with its sockets bound, ready to serve.
+pub struct Server {
+    config: Config,
+    public: Vec<(Arc<ListenerSettings>, TcpListener)>,
+    admin: TcpListener,
+    metrics: Arc<Metrics>,
+    max_connections: usize,
+}
+
+impl Handler for Gateway {
+    async fn call(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+        self.handle(req, &conn).await
+    }
+}
+
+impl Server {
+    /// Raises the file-descriptor limit and binds every listener.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let max_connections = config
+            .limits
+            .max_connections
+            .unwrap_or_else(|| default_max_connections(raise_fd_limit()));
+        let mut public = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let listener = bind(&l.name, l.address).await?;
+            let settings = Arc::new(ListenerSettings::new(l, &config.limits));
+            public.push((settings, listener));
+        }
+        let admin = bind("admin", config.admin.address).await?;
+        let metrics = Arc::new(Metrics::new(&config));
+        Ok(Server {
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            config,
+            public,
+            admin,
+            metrics,
+        })
+    }
+
+    /// Bound addresses of the public listeners, by name.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.public
+            .iter()
+            .filter_map(|(s, l)| Some((s.name.clone(), l.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// Bound address of the admin listener.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, marks `/readyz` 503, lets
+    /// in-flight requests finish within `[shutdown] timeout`, and returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Server {
+            config,
+            public,
+            admin,
+            metrics,
+            max_connections,
+        } = self;
+        for (settings, listener) in &public {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(listener = %settings.name, address = %addr, tls = settings.tls.is_some(), "listening");
+            }
+        }
+        if let Ok(addr) = admin.local_addr() {
+            tracing::info!(listener = "admin", address = %addr, "listening");
+        }
+        tracing::info!(
+            max_connections,
+            routes = config.routes.len(),
+            "pollmux started"
+        );
+
+        let readiness = Arc::new(Readiness::default());
+        let gateway = Arc::new(Gateway::new(&config, &metrics));
+        let limit = Arc::new(ConnectionLimit::new(max_connections));
+        let lifecycle = Lifecycle::default();
+        for (settings, listener) in public {
+            tokio::spawn(server::accept_loop(
+                listener,
+                settings,
+                gateway.clone(),
+                limit.clone(),
+                metrics.clone(),
+                lifecycle.clone(),
+            ));
+        }
+        // The admin listener answers probes until the very end, so `/readyz` can say "draining".
+        let admin_lifecycle = Lifecycle::default();
+        let admin_settings = Arc::new(ListenerSettings {
+            name: "admin".into(),
+            http2: false,
+            tls: None,
+            limits: config.limits.clone(),
+        });
+        let admin_handler = Arc::new(Admin {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        });
+        tokio::spawn(server::accept_loop(
+            admin,
+            admin_settings,
+            admin_handler,
+            Arc::new(ConnectionLimit::new(ADMIN_MAX_CONNECTIONS)),
+            metrics.clone(),
+            admin_lifecycle.clone(),
+        ));
+
+        shutdown.await;
+        tracing::info!(timeout = ?config.shutdown.timeout, "shutting down: draining connections");
+        readiness.set_draining();
+        metrics.draining.set(1);
+        lifecycle.stop_accepting.cancel();
+        lifecycle.drain.cancel();
+        lifecycle.tasks.close();
+        if tokio::time::timeout(config.shutdown.timeout, lifecycle.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = lifecycle.tasks.len(),
+                "shutdown timeout reached with connections still open; closing them"
+            );
+        }
+        admin_lifecycle.stop_accepting.cancel();
+        admin_lifecycle.drain.cancel();
+        tracing::info!("shutdown complete");
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves and the drain ends.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    Server::bind(config).await?.serve(shutdown).await;
+    Ok(())
+}
+
+async fn bind(listener: &str, address: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| StartError::Bind {
+            listener: listener.to_owned(),
+            address,
+            source,
+        })
+}
+
+/// Raises the soft file-descriptor limit to the hard one; returns the limit now in force.
+fn raise_fd_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the file-descriptor limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+        }
+    }
+}
+
+/// Connections the fd limit allows after the reserve (at least half the limit when it is small).
+fn default_max_connections(fd_limit: u64) -> u64 {
+    fd_limit.saturating_sub(FD_RESERVE).max(fd_limit / 2).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_keeps_a_reserve() {
+        assert_eq!(default_max_connections(20_000), 20_000 - FD_RESERVE);
+        assert_eq!(default_max_connections(300), 150);
+        assert_eq!(default_max_connections(1), 1);
+    }
+}

@@ -1,0 +1,156 @@
+//! The `pollmux` binary: parses arguments, sets up logging and the TLS crypto provider, loads
+//! the configuration, and hands it to `pollmux::run`. Exit codes: 0 ok, 1 runtime failure,
+//! 2 usage error, 78 (EX_CONFIG) invalid configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pollmux::config::{Config, DEFAULT_CONFIG};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// `EX_CONFIG` from sysexits.h: the configuration is invalid.
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "pollmux",
+    version,
+    about = "A long-polling gateway: one upstream subscription per topic, fanned out to every waiting client"
+)]
+struct Cli {
+    /// Log filter (e.g. "info", "pollmux=debug"); RUST_LOG wins when set.
+    #[arg(long, global = true, env = "POLLMUX_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, env = "POLLMUX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve; without --config, the embedded default configuration.
+    Run {
+        #[arg(short, long, env = "POLLMUX_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration (including TLS files) without binding sockets.
+    Check {
+        #[arg(short, long, env = "POLLMUX_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the embedded default configuration.
+    PrintDefaultConfig,
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    // Every TLS config names aws-lc-rs explicitly; installing it as the process default too keeps
+    // any library that asks for the default on the same single provider.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match cli.command {
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::Version => {
+            println!("pollmux {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Check { config } => match Config::from_file(&config) {
+            Ok(_) => {
+                println!("configuration OK");
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{}: {errors}", config.display());
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => {
+            let loaded = match &config {
+                Some(path) => Config::from_file(path),
+                None => Ok(Config::default_config()),
+            };
+            match loaded {
+                Ok(config) => serve(config),
+                Err(errors) => {
+                    let name = config.map(|p| p.display().to_string()).unwrap_or_default();
+                    eprint!("{name}: {errors}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match pollmux::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT. A second one exits the process at once.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        let _ = first_tx.send(());
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
+    Ok(async move {
+        let _ = first_rx.await;
+    })
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,345 @@
+//! All of pollmux's Prometheus metrics, in one struct with its own registry (never the global
+//! one), injected where they are recorded.
+//!
+//! Labels come from closed sets only: route, listener and upstream names from the config, and the
+//! enums below. Topics, paths, client addresses and credentials never become labels. Series for
+//! every configured route are created up front, so dashboards show zeros instead of gaps.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::config::Config;
+
+/// Client request duration buckets (seconds): sub-second answers, then every common hold up to
+/// and past the longest allowed hold (`max_hold`, 55 s by default) and a two-minute proxy call.
+pub const REQUEST_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0,
+    55.0, 60.0, 90.0, 120.0,
+];
+
+/// Upstream request duration buckets (seconds): upstream calls may themselves be long-polls.
+pub const UPSTREAM_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 90.0,
+];
+
+/// Prefix of every pollmux metric.
+pub const NAMESPACE: &str = "pollmux";
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(NAMESPACE)
+}
+
+/// Route label for requests that matched no route.
+pub const ROUTE_UNMATCHED: &str = "_unmatched";
+
+/// How a client request ended; the `outcome` label of `pollmux_request_duration_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A proxied request answered with the upstream's response.
+    Response,
+    /// pollmux refused the request itself (4xx, or 503 for a limit).
+    Rejected,
+    /// The upstream failed (502) or timed out (504).
+    UpstreamError,
+    /// The client went away before its answer was ready.
+    ClientGone,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Response,
+        Outcome::Rejected,
+        Outcome::UpstreamError,
+        Outcome::ClientGone,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Response => "response",
+            Outcome::Rejected => "rejected",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Result class of an upstream request; the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamResult {
+    Status(u16),
+    Error,
+    Timeout,
+}
+
+impl UpstreamResult {
+    const LABELS: [&'static str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamResult::Status(s) => match s {
+                100..=199 => "1xx",
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                _ => "5xx",
+            },
+            UpstreamResult::Error => "error",
+            UpstreamResult::Timeout => "timeout",
+        }
+    }
+}
+
+/// Downstream protocol of a connection; the `protocol` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
+/// The metric families. Fields are public so recorders take the child they need; the registry is
+/// private so nothing registers behind the struct's back.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_request_duration: HistogramVec,
+    pub connections_open: IntGaugeVec,
+    pub connections_rejected: IntCounterVec,
+    pub accept_errors: IntCounterVec,
+    pub draining: IntGauge,
+}
+
+impl Metrics {
+    /// Creates every family and pre-creates the series of every listener and route in `config`.
+    pub fn new(config: &Config) -> Metrics {
+        // Not the prefixing registry: the process collector's series keep their standard
+        // `process_*` names, which dashboards and alerts expect.
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(opts(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help)
+                .namespace(NAMESPACE)
+                .buckets(buckets.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("registered once");
+            h
+        };
+        let requests = counter(
+            "requests_total",
+            "Client requests answered, by route, route kind and HTTP status.",
+            &["route", "kind", "status"],
+        );
+        let request_duration = histogram(
+            "request_duration_seconds",
+            "Time from a client request's arrival to its response head, by outcome.",
+            &["route", "outcome"],
+            REQUEST_DURATION_BUCKETS,
+        );
+        let upstream_requests = counter(
+            "upstream_requests_total",
+            "Requests pollmux made to upstreams, by route and result class.",
+            &["route", "result"],
+        );
+        let upstream_request_duration = histogram(
+            "upstream_request_duration_seconds",
+            "Time from sending an upstream request to its response head.",
+            &["route"],
+            UPSTREAM_DURATION_BUCKETS,
+        );
+        let connections_open = IntGaugeVec::new(
+            opts("connections_open", "Client connections currently open."),
+            &["listener", "protocol"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections_open.clone()))
+            .expect("registered once");
+        let connections_rejected = counter(
+            "connections_rejected_total",
+            "Connections answered 503 or closed because max_connections was reached.",
+            &["listener"],
+        );
+        let accept_errors = counter(
+            "accept_errors_total",
+            "Errors accepting connections (e.g. out of file descriptors).",
+            &["listener"],
+        );
+        let draining = IntGauge::with_opts(opts("draining", "1 while pollmux is shutting down."))
+            .expect("valid metric");
+        registry
+            .register(Box::new(draining.clone()))
+            .expect("registered once");
+        let build_info = IntGaugeVec::new(
+            opts("build_info", "Build information; the value is always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        registry
+            .register(Box::new(build_info))
+            .expect("registered once");
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("registered once");
+
+        let metrics = Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            upstream_request_duration,
+            connections_open,
+            connections_rejected,
+            accept_errors,
+            draining,
+        };
+        metrics.precreate(config);
+        metrics
+    }
+
+    fn precreate(&self, config: &Config) {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .chain(["admin"]);
+        for l in listeners {
+            self.connections_rejected.with_label_values(&[l]);
+            self.accept_errors.with_label_values(&[l]);
+            for p in [Protocol::Http1, Protocol::Http2] {
+                self.connections_open.with_label_values(&[l, p.label()]);
+            }
+        }
+        for r in &config.routes {
+            self.requests
+                .with_label_values(&[r.name.as_str(), r.kind.label(), "200"]);
+            for o in Outcome::ALL {
+                self.request_duration
+                    .with_label_values(&[&r.name, o.label()]);
+            }
+            for result in UpstreamResult::LABELS {
+                self.upstream_requests.with_label_values(&[&r.name, result]);
+            }
+            self.upstream_request_duration.with_label_values(&[&r.name]);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding into a Vec cannot fail");
+        buf
+    }
+}
+
+/// One route's series, resolved once so the request path hashes no label values, except the
+/// response status, which is open-ended per route.
+pub struct RouteMetrics {
+    name: String,
+    kind: &'static str,
+    requests: IntCounterVec,
+    durations: [Histogram; Outcome::ALL.len()],
+    upstream_results: IntCounterVec,
+    upstream_duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Metrics, name: &str, kind: &'static str) -> RouteMetrics {
+        RouteMetrics {
+            name: name.to_owned(),
+            kind,
+            requests: metrics.requests.clone(),
+            durations: Outcome::ALL.map(|o| {
+                metrics
+                    .request_duration
+                    .with_label_values(&[name, o.label()])
+            }),
+            upstream_results: metrics.upstream_requests.clone(),
+            upstream_duration: metrics.upstream_request_duration.with_label_values(&[name]),
+        }
+    }
+
+    /// A client request answered with `status`.
+    pub fn answered(&self, status: u16, outcome: Outcome, elapsed: Duration) {
+        let status = status.to_string();
+        self.requests
+            .with_label_values(&[self.name.as_str(), self.kind, status.as_str()])
+            .inc();
+        self.durations[outcome as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// A client request that ended without an answer (the client went away).
+    pub fn abandoned(&self, elapsed: Duration) {
+        self.durations[Outcome::ClientGone as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// An upstream request made for this route.
+    pub fn upstream(&self, result: UpstreamResult, elapsed: Duration) {
+        self.upstream_results
+            .with_label_values(&[self.name.as_str(), result.label()])
+            .inc();
+        self.upstream_duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Content type of [`Metrics::encode`].
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_exist_before_traffic() {
+        let config = Config::default_config();
+        let text = String::from_utf8(Metrics::new(&config).encode()).unwrap();
+        assert!(text.contains("pollmux_build_info{version=\""), "{text}");
+        assert!(
+            text.contains("pollmux_connections_open{listener=\"public\",protocol=\"http1\"} 0")
+        );
+        assert!(text.contains("pollmux_draining 0"));
+        assert!(text.contains("\nprocess_open_fds "), "{text}");
+    }
+
+    #[test]
+    fn outcome_indexes_match_all() {
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i);
+        }
+    }
+
+    #[test]
+    fn upstream_results_are_classes() {
+        assert_eq!(UpstreamResult::Status(204).label(), "2xx");
+        assert_eq!(UpstreamResult::Status(503).label(), "5xx");
+        assert_eq!(UpstreamResult::Timeout.label(), "timeout");
+    }
+}

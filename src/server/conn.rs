@@ -1,0 +1,221 @@
+//! One client connection: TLS handshake (bounded), protocol choice, and hyper serving it until
+//! it closes or the server drains.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::rt::{Read, Write};
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Admission, Handler, ListenerSettings, tune};
+use crate::gateway::ConnInfo;
+use crate::gateway::problem::Problem;
+use crate::metrics::{Metrics, Protocol};
+use crate::upstream::Body;
+
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Bytes of the preface that rule out every HTTP/1 request line ("PRI " is no HTTP/1 method a
+/// client of ours sends).
+const H2_PREFACE_DECISIVE: usize = 4;
+/// Pause between peeks while a client's first bytes arrive in pieces (rare); doubles up to the
+/// maximum, bounded overall by the header read timeout.
+const PEEK_RETRY_MIN: Duration = Duration::from_millis(1);
+const PEEK_RETRY_MAX: Duration = Duration::from_millis(100);
+
+pub struct Connection {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub settings: Arc<ListenerSettings>,
+    pub metrics: Arc<Metrics>,
+    pub drain: CancellationToken,
+}
+
+impl Connection {
+    /// Serves the connection to its end. The admission permit is held until then.
+    pub async fn serve<H: Handler>(self, handler: Arc<H>, admission: Admission) {
+        let Connection {
+            stream,
+            peer,
+            settings,
+            metrics,
+            drain,
+        } = self;
+        tune(&stream);
+        let limits = &settings.limits;
+        let info = ConnInfo {
+            peer,
+            tls: settings.tls.is_some(),
+        };
+        let reject = matches!(admission, Admission::Reject(_));
+        let service = move |req| {
+            let handler = handler.clone();
+            async move {
+                let resp = if reject {
+                    Problem::Overloaded.response(Some("max_connections reached"))
+                } else {
+                    handler.call(req, info).await
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        };
+        let serving = Serving {
+            settings: &settings,
+            metrics: &metrics,
+            drain: &drain,
+            reject,
+        };
+        let serve = async {
+            match &settings.tls {
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    let tls =
+                        match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+                    serving.run(TokioIo::new(tls), protocol, service).await;
+                }
+                None => {
+                    let protocol = if settings.http2 {
+                        match sniff(&stream, limits.header_read_timeout).await {
+                            Some(p) => p,
+                            None => return,
+                        }
+                    } else {
+                        Protocol::Http1
+                    };
+                    serving.run(TokioIo::new(stream), protocol, service).await;
+                }
+            }
+        };
+        if reject {
+            // An over-limit connection gets one answer and no more of our time.
+            let _ = tokio::time::timeout(limits.header_read_timeout, serve).await;
+        } else {
+            serve.await;
+        }
+        drop(admission);
+    }
+}
+
+/// What serving one connection needs besides its socket.
+struct Serving<'a> {
+    settings: &'a ListenerSettings,
+    metrics: &'a Metrics,
+    drain: &'a CancellationToken,
+    reject: bool,
+}
+
+impl Serving<'_> {
+    async fn run<I, S, F>(&self, io: I, protocol: Protocol, service: S)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+        S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
+    {
+        let _open = OpenGauge::new(
+            self.metrics
+                .connections_open
+                .with_label_values(&[&self.settings.name, protocol.label()]),
+        );
+        let limits = &self.settings.limits;
+        let service = service_fn(service);
+        let result = match protocol {
+            Protocol::Http1 => {
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_header_size(limits.max_header_bytes)
+                    .max_headers(limits.max_headers)
+                    .keep_alive(!self.reject)
+                    .serve_connection(io, service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = self.drain.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+            Protocol::Http2 => {
+                let conn = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(
+                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                    )
+                    .serve_connection(io, service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = self.drain.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(listener = %self.settings.name, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Tells h2c prior knowledge from HTTP/1 by peeking at the first bytes. `None`: the client sent
+/// nothing usable before the header read timeout, or closed.
+async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let decide = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        let mut retry = PEEK_RETRY_MIN;
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n >= H2_PREFACE_DECISIVE {
+                return Some(Protocol::Http2);
+            }
+            // A prefix of the preface that is too short to decide: wait for more bytes.
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(PEEK_RETRY_MAX);
+        }
+    };
+    tokio::time::timeout(timeout, decide).await.ok().flatten()
+}
+
+/// Keeps `pollmux_connections_open` right however the connection ends.
+struct OpenGauge(IntGauge);
+
+impl OpenGauge {
+    fn new(gauge: IntGauge) -> OpenGauge {
+        gauge.inc();
+        OpenGauge(gauge)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

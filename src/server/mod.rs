@@ -1,0 +1,186 @@
+//! Listeners: bind, accept, enforce the connection limit, terminate TLS, pick the protocol, and
+//! serve each connection with hyper until it ends or the server drains.
+//!
+//! Protocol choice: TLS listeners use ALPN (h2 or HTTP/1.1). Cleartext listeners speak HTTP/1.1,
+//! and with `http2 = true` also h2c with prior knowledge, told apart by peeking at the first bytes
+//! (the h2 preface) without consuming them, so each connection runs hyper's own HTTP/1 or HTTP/2
+//! connection directly: HTTP/1 clients on an h2c listener pay no more memory than elsewhere.
+//!
+//! Shutdown: `stop_accepting` ends the accept loops (listeners close); `drain` tells every
+//! connection to finish its in-flight requests and close (HTTP/2: GOAWAY). Connection tasks are
+//! tracked, so the caller can wait for them with a deadline.
+
+mod conn;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{LimitsConfig, ListenerConfig};
+use crate::gateway::ConnInfo;
+use crate::metrics::Metrics;
+use crate::upstream::Body;
+
+/// Connections over the limit that may be answered 503 at once; beyond this they are closed
+/// unanswered, so a flood cannot use the descriptor reserve up.
+pub const REJECTING_MAX: usize = 64;
+/// First and longest pause of an accept loop after a resource error (EMFILE, ENFILE, ENOMEM):
+/// the error repeats until descriptors are freed, so retrying at once would spin.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Accept errors are logged at most this often per listener.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A request handler served on a listener.
+pub trait Handler: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+}
+
+/// Per-listener settings the connection tasks read.
+pub struct ListenerSettings {
+    /// The `listener` metric label.
+    pub name: String,
+    pub http2: bool,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub limits: LimitsConfig,
+}
+
+impl ListenerSettings {
+    pub fn new(config: &ListenerConfig, limits: &LimitsConfig) -> ListenerSettings {
+        ListenerSettings {
+            name: config.name.clone(),
+            http2: config.http2,
+            tls: config
+                .tls
+                .as_ref()
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone())),
+            limits: limits.clone(),
+        }
+    }
+}
+
+/// Tokens and the task tracker shared by all listeners of one server.
+#[derive(Clone, Default)]
+pub struct Lifecycle {
+    pub stop_accepting: CancellationToken,
+    pub drain: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// The connection limit shared by a server's public listeners.
+pub struct ConnectionLimit {
+    serving: Arc<Semaphore>,
+    rejecting: Arc<Semaphore>,
+}
+
+impl ConnectionLimit {
+    pub fn new(max_connections: usize) -> ConnectionLimit {
+        ConnectionLimit {
+            serving: Arc::new(Semaphore::new(max_connections)),
+            rejecting: Arc::new(Semaphore::new(REJECTING_MAX)),
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `lifecycle.stop_accepting`, serving each with
+/// `handler` in its own tracked task. Accept errors are counted, logged (rate-limited) and
+/// waited out; they never end the loop.
+pub async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    settings: Arc<ListenerSettings>,
+    handler: Arc<H>,
+    limit: Arc<ConnectionLimit>,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+) {
+    let accept_errors = metrics.accept_errors.with_label_values(&[&settings.name]);
+    let rejected = metrics
+        .connections_rejected
+        .with_label_values(&[&settings.name]);
+    let last_log = Mutex::new(None::<Instant>);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = lifecycle.stop_accepting.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                s
+            }
+            Err(e) => {
+                accept_errors.inc();
+                log_accept_error(&settings.name, &e, &last_log);
+                if is_resource_error(&e) {
+                    tokio::select! {
+                        () = lifecycle.stop_accepting.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                continue;
+            }
+        };
+        let admission = match limit.serving.clone().try_acquire_owned() {
+            Ok(permit) => Admission::Serve(permit),
+            Err(_) => {
+                rejected.inc();
+                match limit.rejecting.clone().try_acquire_owned() {
+                    Ok(permit) => Admission::Reject(permit),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let conn = conn::Connection {
+            stream,
+            peer,
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            drain: lifecycle.drain.clone(),
+        };
+        lifecycle
+            .tasks
+            .spawn(conn.serve(handler.clone(), admission));
+    }
+}
+
+/// Whether a connection is served or only told that the server is full.
+pub enum Admission {
+    Serve(OwnedSemaphorePermit),
+    Reject(OwnedSemaphorePermit),
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+fn log_accept_error(listener: &str, e: &io::Error, last_log: &Mutex<Option<Instant>>) {
+    let mut last = last_log.lock().unwrap_or_else(|p| p.into_inner());
+    let due = last.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL);
+    if due {
+        *last = Some(Instant::now());
+        tracing::warn!(listener, error = %e, "accept failed; retrying (logged at most every 5s)");
+    }
+}
+
+/// `TcpStream` options every accepted connection gets.
+fn tune(stream: &TcpStream) {
+    // Responses are whole messages; waiting for more bytes only adds latency.
+    let _ = stream.set_nodelay(true);
+}
