@@ -26,8 +26,9 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "POLLMUX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Without a subcommand: `run` with the embedded default configuration.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,7 +61,7 @@ fn main() -> ExitCode {
     // Every TLS config names aws-lc-rs explicitly; installing it as the process default too keeps
     // any library that asks for the default on the same single provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    match cli.command {
+    match cli.command.unwrap_or(Command::Run { config: None }) {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS

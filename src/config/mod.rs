@@ -32,6 +32,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../config/default.toml");
 /// Pattern a path parameter must match when its route names none: unreserved URI characters only,
 /// so a default parameter can never carry a separator or an encoded byte into a topic or URL.
 pub const PARAM_PATTERN_DEFAULT: &str = "[A-Za-z0-9._~-]{1,128}";
+/// Pattern of a `{*tail}` parameter when its route names none: any text; the router still
+/// rejects control characters, backslashes and `.`/`..` segments in every parameter.
+pub const TAIL_PATTERN_DEFAULT: &str = ".{1,4096}";
 /// Header read timeout: long enough for a slow mobile client, short enough to shed slowloris.
 /// On HTTP/1 it also bounds how long an idle keep-alive connection waits for its next request.
 pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
@@ -151,9 +154,19 @@ pub struct RouteConfig {
     pub name: String,
     /// matchit template: `{name}` parameters, `{*rest}` tail.
     pub path: String,
-    /// Every parameter of the template with its anchored pattern, in path order.
-    pub params: Vec<(String, Regex)>,
+    /// Every parameter of the template, in path order.
+    pub params: Vec<Param>,
     pub kind: RouteKind,
+}
+
+/// One path parameter of a route template.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    /// The route's pattern for it, anchored at both ends.
+    pub pattern: Regex,
+    /// A `{*tail}` parameter: the rest of the path, the only kind that may contain `/`.
+    pub tail: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -555,7 +568,7 @@ impl Validator<'_, '_> {
             }
         };
         for key in raw.params.keys() {
-            if !names.contains(key) {
+            if !names.iter().any(|(name, _)| name == key) {
                 self.err(
                     &["routes", n, "params", key],
                     format!("the path {path:?} has no parameter {{{key}}}"),
@@ -563,14 +576,23 @@ impl Validator<'_, '_> {
             }
         }
         let mut params = Vec::new();
-        for p in &names {
-            let pattern = raw
-                .params
-                .get(p)
-                .map_or(PARAM_PATTERN_DEFAULT, |s| s.0.as_str());
+        for (p, tail) in names {
+            let default = if tail {
+                TAIL_PATTERN_DEFAULT
+            } else {
+                PARAM_PATTERN_DEFAULT
+            };
+            let pattern = raw.params.get(&p).map_or(default, |s| s.0.as_str());
             match Regex::new(&format!("^(?:{pattern})$")) {
-                Ok(re) => params.push((p.clone(), re)),
-                Err(e) => self.err(&["routes", n, "params", p], format!("invalid pattern: {e}")),
+                Ok(pattern) => params.push(Param {
+                    name: p,
+                    pattern,
+                    tail,
+                }),
+                Err(e) => self.err(
+                    &["routes", n, "params", &p],
+                    format!("invalid pattern: {e}"),
+                ),
             }
         }
         let kind = match raw.kind.0.as_str() {
@@ -626,8 +648,9 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// The parameter names of a path template, in path order; `{*rest}` only as the last segment.
-pub fn template_params(path: &str) -> Result<Vec<String>, String> {
+/// The parameter names of a path template, in path order, each with whether it is the
+/// `{*tail}`; a tail may only end the path.
+pub fn template_params(path: &str) -> Result<Vec<(String, bool)>, String> {
     if !path.starts_with('/') {
         return Err(format!("{path:?} must start with /"));
     }
@@ -649,10 +672,10 @@ pub fn template_params(path: &str) -> Result<Vec<String>, String> {
         if tail && close + 1 != rest.len() {
             return Err(format!("{{*{name}}} must end the path {path:?}"));
         }
-        if names.iter().any(|n| n == name) {
+        if names.iter().any(|(n, _)| n == name) {
             return Err(format!("parameter {{{name}}} appears twice in {path:?}"));
         }
-        names.push(name.to_owned());
+        names.push((name.to_owned(), tail));
         rest = &rest[close + 1..];
     }
     Ok(names)
@@ -755,7 +778,10 @@ bogus = 1
 
     #[test]
     fn template_params_are_checked() {
-        assert_eq!(template_params("/a/{x}/b/{*rest}").unwrap(), ["x", "rest"]);
+        assert_eq!(
+            template_params("/a/{x}/b/{*rest}").unwrap(),
+            [("x".to_string(), false), ("rest".to_string(), true)]
+        );
         assert!(template_params("a").is_err());
         assert!(template_params("/{*rest}/x").is_err());
         assert!(template_params("/{x}/{x}").is_err());
@@ -767,7 +793,7 @@ bogus = 1
         let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[upstreams.u]\nurl = \"http://x\"\n\
                     [routes.a]\npath = \"/x/{id}\"\nkind = \"proxy\"\nupstream = \"u\"\nparams.id = \"[0-9]+\"\n";
         let c = parse(text).unwrap();
-        let re = &c.routes[0].params[0].1;
+        let re = &c.routes[0].params[0].pattern;
         assert!(re.is_match("42") && !re.is_match("42a") && !re.is_match("a42"));
     }
 }

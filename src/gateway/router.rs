@@ -26,39 +26,33 @@ pub enum RouteError {
 
 pub struct Router {
     matcher: Matcher<usize>,
-    /// Per route: the name of its `{*tail}` parameter, the only one that may contain `/`.
-    tails: Vec<Option<String>>,
 }
 
 impl Router {
     /// Builds the router; templates were checked for conflicts by config validation.
     pub fn new(routes: &[RouteConfig]) -> Router {
         let mut matcher = Matcher::new();
-        let mut tails = Vec::with_capacity(routes.len());
         for (i, r) in routes.iter().enumerate() {
             matcher
                 .insert(r.path.as_str(), i)
                 .expect("config validation rejects conflicting templates");
-            let tail = r.params.last().map(|(name, _)| name.clone());
-            tails.push(tail.filter(|name| r.path.ends_with(&format!("{{*{name}}}"))));
         }
-        Router { matcher, tails }
+        Router { matcher }
     }
 
     pub fn resolve(&self, routes: &[RouteConfig], path: &str) -> Result<Matched, RouteError> {
         let m = self.matcher.at(path).map_err(|_| RouteError::NotFound)?;
         let route = &routes[*m.value];
-        let tail = self.tails[*m.value].as_deref();
         let mut params = Vec::with_capacity(route.params.len());
-        for (name, pattern) in &route.params {
-            let raw = m.params.get(name).unwrap_or_default();
+        for p in &route.params {
+            let raw = m.params.get(&p.name).unwrap_or_default();
             let value = percent_decode(raw)
-                .filter(|v| safe_value(v, tail == Some(name.as_str())) && pattern.is_match(v))
+                .filter(|v| safe_value(v, p.tail) && p.pattern.is_match(v))
                 .ok_or_else(|| RouteError::InvalidParameter {
                     route: *m.value,
-                    name: name.clone(),
+                    name: p.name.clone(),
                 })?;
-            params.push((name.clone(), value));
+            params.push((p.name.clone(), value));
         }
         Ok(Matched {
             route: *m.value,

@@ -1,0 +1,234 @@
+//! The `pollmux` binary: check / print-default-config / version, exit codes, and SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pollmux");
+
+fn pollmux(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run pollmux")
+}
+
+#[test]
+fn print_default_config_passes_check() {
+    let printed = pollmux(&["print-default-config"]);
+    assert!(printed.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &printed.stdout).unwrap();
+    let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&check.stdout), "configuration OK\n");
+}
+
+#[test]
+fn check_reports_every_error_with_line_numbers_and_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[listeners.public]\naddress = \"127.0.0.1:99999\"\n\n[routes.r]\npath = \"/r\"\nkind = \"nope\"\nhold = 5\n",
+    )
+    .unwrap();
+    let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("2 configuration errors"), "{err}");
+    assert!(
+        err.contains("listeners.public.address (line 2, column 11)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("routes.r.hold (line 7, column 1): unknown field `hold`"),
+        "{err}"
+    );
+
+    let run = pollmux(&["run", "--config", file.to_str().unwrap()]);
+    assert_eq!(run.status.code(), Some(78));
+
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(&syntax, "[admin\naddress = 1\n").unwrap();
+    let check = pollmux(&["check", "--config", syntax.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("line 1, column"));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = pollmux(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!("pollmux {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// A running `pollmux run` child with its bound addresses read from its JSON log.
+struct Child {
+    child: tokio::process::Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    async fn start(config: &str) -> Child {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pollmux.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut child = tokio::process::Command::new(BIN)
+            .args([
+                "run",
+                "--config",
+                file.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut public, mut admin) = (None, None);
+        while public.is_none() || admin.is_none() {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("pollmux logs its listeners")
+                .unwrap()
+                .expect("pollmux is running");
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &event["fields"];
+            if fields["message"] == "listening" {
+                let addr: SocketAddr = fields["address"].as_str().unwrap().parse().unwrap();
+                match fields["listener"].as_str().unwrap() {
+                    "admin" => admin = Some(addr),
+                    _ => public = Some(addr),
+                }
+            }
+        }
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Child {
+            child,
+            public: public.unwrap(),
+            admin: admin.unwrap(),
+            _dir: dir,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("pollmux exits")
+            .unwrap()
+            .code()
+    }
+}
+
+/// An upstream that reports each request's arrival and answers when released.
+async fn gated_upstream() -> (Upstream, mpsc::Receiver<()>, watch::Sender<bool>) {
+    let (arrived_tx, arrived) = mpsc::channel(8);
+    let (release, release_rx) = watch::channel(false);
+    let upstream = Upstream::start(move |_req| {
+        let arrived_tx = arrived_tx.clone();
+        let mut release_rx = release_rx.clone();
+        async move {
+            let _ = arrived_tx.send(()).await;
+            let _ = release_rx.wait_for(|r| *r).await;
+            text_response(200, "finished after SIGTERM")
+        }
+    })
+    .await;
+    (upstream, arrived, release)
+}
+
+fn child_config(upstream: &Upstream, shutdown_timeout: &str) -> String {
+    format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[shutdown]
+drain_window = "100ms"
+timeout = "{shutdown_timeout}"
+[upstreams.api]
+url = "{}"
+[routes.api]
+path = "/api/{{*rest}}"
+kind = "proxy"
+upstream = "api"
+"#,
+        upstream.url()
+    )
+}
+
+async fn readyz_status(admin: SocketAddr) -> u16 {
+    get(admin, "/readyz").await.status().as_u16()
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let (upstream, mut arrived, release) = gated_upstream().await;
+    let mut child = Child::start(&child_config(&upstream, "15s")).await;
+    assert_eq!(readyz_status(child.admin).await, 200);
+    let public = child.public;
+    let in_flight = tokio::spawn(async move { get(public, "/api/slow").await });
+    tokio::time::timeout(WAIT, arrived.recv())
+        .await
+        .expect("request reaches the upstream");
+
+    child.signal("-TERM");
+    eventually("/readyz to report draining", || async {
+        readyz_status(child.admin).await == 503
+    })
+    .await;
+    eventually("the public listener to stop accepting", || async {
+        tokio::net::TcpStream::connect(public).await.is_err()
+    })
+    .await;
+
+    release.send(true).unwrap();
+    let resp = in_flight.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_string(resp).await, "finished after SIGTERM");
+    assert_eq!(child.exit_code().await, Some(0));
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once() {
+    let (upstream, mut arrived, _release) = gated_upstream().await;
+    let mut child = Child::start(&child_config(&upstream, "60s")).await;
+    let public = child.public;
+    let _in_flight = tokio::spawn(async move { get(public, "/api/stuck").await });
+    tokio::time::timeout(WAIT, arrived.recv())
+        .await
+        .expect("request reaches the upstream");
+    child.signal("-TERM");
+    eventually("/readyz to report draining", || async {
+        readyz_status(child.admin).await == 503
+    })
+    .await;
+    child.signal("-INT");
+    // Well before the 60 s shutdown timeout: the second signal does not wait for the drain.
+    assert_eq!(child.exit_code().await, Some(1));
+}

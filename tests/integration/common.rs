@@ -1,0 +1,223 @@
+//! Shared test fixtures: a real gateway on 127.0.0.1:0, in-process fake upstreams, an HTTP
+//! client over real sockets, and metric scraping.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use pollmux::config::Config;
+use pollmux::upstream::Body;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Upper bound on any wait in these tests: a failure, never a pacing device.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway serving a config on loopback ports chosen by the kernel.
+pub struct Gateway {
+    pub addrs: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts pollmux with `toml`; every listener and the admin must use port 0.
+    pub async fn start(toml: &str) -> Gateway {
+        Gateway::start_in(toml, std::path::Path::new(".")).await
+    }
+
+    pub async fn start_in(toml: &str, dir: &std::path::Path) -> Gateway {
+        let config = Config::from_toml(toml, dir).unwrap_or_else(|e| panic!("{e}"));
+        let server = pollmux::Server::bind(config).await.expect("bind");
+        let addrs = server.listener_addrs();
+        let admin = server.admin_addr();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.serve(async {
+            let _ = rx.await;
+        }));
+        Gateway {
+            addrs,
+            admin,
+            shutdown: Some(tx),
+            task,
+        }
+    }
+
+    /// The first public listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    pub fn addr_of(&self, name: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("listener")
+            .1
+    }
+
+    /// Starts the drain; returns once serve() has returned.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("drain ends")
+            .expect("serve task");
+    }
+
+    /// The value of one metric series (exact name with labels), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics_text().await;
+        metric_value(&text, series)
+    }
+
+    pub async fn metrics_text(&self) -> String {
+        let resp = get(self.admin, "/metrics").await;
+        assert_eq!(resp.status(), 200);
+        body_string(resp).await
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+}
+
+/// A fake upstream: an in-process HTTP/1 server on 127.0.0.1:0 answering with `handler`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(handler);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A loopback address on which nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+pub fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn text_response(status: u16, body: &str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+/// Sends one request on a fresh HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, req: Request<Body>) -> Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response")
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Response<Incoming> {
+    let req = Request::get(path)
+        .header("host", addr.to_string())
+        .body(full(""))
+        .unwrap();
+    send(addr, req).await
+}
+
+pub async fn body_bytes(resp: Response<Incoming>) -> Bytes {
+    tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes()
+}
+
+pub async fn body_string(resp: Response<Incoming>) -> String {
+    String::from_utf8(body_bytes(resp).await.to_vec()).expect("utf-8 body")
+}
+
+pub async fn body_json(resp: Response<Incoming>) -> serde_json::Value {
+    serde_json::from_slice(&body_bytes(resp).await).expect("JSON body")
+}
+
+/// Retries `check` until it returns true, for states only observable from outside (a metric, a
+/// socket closing); fails after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,306 @@
+//! Listeners over real sockets: HTTP/1.1, h2c prior knowledge, TLS with ALPN, size limits,
+//! header read timeout, the connection limit, and HTTPS upstreams.
+
+use std::sync::Arc;
+
+use http::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+const PLAIN: &str = r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[listeners.h2c]
+address = "127.0.0.1:0"
+http2 = true
+[admin]
+address = "127.0.0.1:0"
+[limits]
+header_read_timeout = "500ms"
+"#;
+
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("server answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_and_http1_share_a_listener() {
+    let gw = Gateway::start(PLAIN).await;
+    let addr = gw.addr_of("h2c");
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{addr}/nothing"))
+        .body(full(""))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 404);
+    let open = r#"pollmux_connections_open{listener="h2c",protocol="http2"}"#;
+    assert_eq!(gw.metric(open).await, 1.0);
+
+    let resp = get(addr, "/nothing").await;
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn h2_preface_is_refused_where_http2_is_off() {
+    let gw = Gateway::start(PLAIN).await;
+    let answer = raw_exchange(gw.addr_of("public"), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+}
+
+#[tokio::test]
+async fn oversized_uri_is_414_and_headers_431() {
+    let gw = Gateway::start(PLAIN).await;
+    let long_path = format!("/{}", "a".repeat(9 * 1024));
+    let resp = get(gw.addr(), &long_path).await;
+    assert_eq!(resp.status(), 414);
+    let body = body_json(resp).await;
+    assert_eq!(body["type"], "urn:pollmux:problem:uri-too-long");
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(20 * 1024)
+    );
+    let answer = raw_exchange(gw.addr(), big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..80 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let answer = raw_exchange(gw.addr(), many.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_at_the_header_read_timeout() {
+    let gw = Gateway::start(PLAIN).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = Vec::new();
+    // The server closes the connection by itself (header_read_timeout = 500ms); WAIT only bounds
+    // the test if it does not.
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("connection closed by the server")
+        .ok();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_and_others_keep_working() {
+    let config = format!("{PLAIN}max_connections = 2\n");
+    let gw = Gateway::start(&config).await;
+    let addr = gw.addr_of("public");
+    let open = r#"pollmux_connections_open{listener="public",protocol="http1"}"#;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/x")
+            .header("host", "x")
+            .body(full(""))
+            .unwrap();
+        assert_eq!(sender.send_request(req).await.unwrap().status(), 404);
+        held.push(sender);
+    }
+    assert_eq!(gw.metric(open).await, 2.0);
+    let resp = get(addr, "/x").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body = body_json(resp).await;
+    assert_eq!(body["type"], "urn:pollmux:problem:overloaded");
+    let rejected = r#"pollmux_connections_rejected_total{listener="public"}"#;
+    assert_eq!(gw.metric(rejected).await, 1.0);
+
+    // Existing connections are still served.
+    let req = Request::get("/x")
+        .header("host", "x")
+        .body(full(""))
+        .unwrap();
+    assert_eq!(held[0].send_request(req).await.unwrap().status(), 404);
+
+    // Closing one frees its place for a new client.
+    held.pop();
+    eventually("a connection to close", || async {
+        gw.metric(open).await <= 1.0
+    })
+    .await;
+    assert_eq!(get(addr, "/x").await.status(), 404);
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    cert: CertificateDer<'static>,
+}
+
+fn pki() -> Pki {
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.signing_key.serialize_pem()).unwrap();
+    Pki {
+        cert: key.cert.der().clone(),
+        dir,
+    }
+}
+
+fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.cert.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+const TLS: &str = r#"
+[listeners.secure]
+address = "127.0.0.1:0"
+tls.cert_file = "cert.pem"
+tls.key_file = "key.pem"
+[admin]
+address = "127.0.0.1:0"
+"#;
+
+#[tokio::test]
+async fn tls_listener_picks_h2_or_http1_by_alpn() {
+    let pki = pki();
+    let gw = Gateway::start_in(TLS, pki.dir.path()).await;
+    let addr = gw.addr();
+    let name = ServerName::try_from("localhost").unwrap();
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = client_tls(&pki, &[b"h2", b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://localhost/none")
+        .body(full(""))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 404);
+
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = client_tls(&pki, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/none")
+        .header("host", "localhost")
+        .body(full(""))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+    assert_eq!(resp.status(), 404);
+
+    let h2 = r#"pollmux_connections_open{listener="secure",protocol="http2"}"#;
+    let h1 = r#"pollmux_connections_open{listener="secure",protocol="http1"}"#;
+    assert_eq!(gw.metric(h2).await, 1.0);
+    assert_eq!(gw.metric(h1).await, 1.0);
+}
+
+#[tokio::test]
+async fn proxy_reaches_an_https_upstream_with_its_ca_file() {
+    let pki = pki();
+    // The fake upstream serves TLS with the same certificate the gateway trusts via ca_file.
+    let server_config = pollmux_tls_server(
+        &pki.dir.path().join("cert.pem"),
+        &pki.dir.path().join("key.pem"),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+    let upstream = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(text_response(200, "secure upstream"))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let config = format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[upstreams.secure]
+url = "https://localhost:{}"
+ca_file = "cert.pem"
+[routes.s]
+path = "/s"
+kind = "proxy"
+upstream = "secure"
+"#,
+        up_addr.port()
+    );
+    let gw = Gateway::start_in(&config, pki.dir.path()).await;
+    let resp = get(gw.addr(), "/s").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_string(resp).await, "secure upstream");
+    upstream.abort();
+}
+
+fn pollmux_tls_server(cert: &std::path::Path, key: &std::path::Path) -> Arc<rustls::ServerConfig> {
+    let config = format!(
+        "[listeners.t]\naddress = \"127.0.0.1:0\"\ntls.cert_file = \"{}\"\ntls.key_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let parsed = pollmux::config::Config::from_toml(&config, std::path::Path::new("/")).unwrap();
+    let mut server = (*parsed.listeners[0].tls.as_ref().unwrap().server_config).clone();
+    // This fake upstream speaks HTTP/1.1 only.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(server)
+}

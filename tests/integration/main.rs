@@ -1,0 +1,8 @@
+//! Integration tests: the real gateway on 127.0.0.1:0 against in-process fake upstreams over
+//! real sockets. One test binary, so the suite links once.
+
+mod cli;
+mod common;
+mod listeners;
+mod ops;
+mod proxy;
