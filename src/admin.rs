@@ -1,6 +1,8 @@
 //! The admin listener's handler: `/metrics` (Prometheus text), `/healthz` (200 while the process
-//! serves) and `/readyz` (200 while listeners are up and the config is loaded, 503 once draining).
-//! Bound to loopback by default; never exposed on the public listeners.
+//! serves), `/readyz` (200 while listeners are up and the config is loaded, 503 once draining)
+//! and `POST /publish/<route>/<topic>` (the publish source, PROTOCOL.md section 3).
+//! Bound to loopback by default; never exposed on the public listeners. Off loopback the config
+//! requires a publish token, compared in constant time.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,8 +12,14 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::gateway::ConnInfo;
+use std::time::Instant;
+
+use http_body_util::{LengthLimitError, Limited};
+
 use crate::gateway::problem::Problem;
+use crate::gateway::router::percent_decode;
+use crate::gateway::{ConnInfo, Gateway, PublishError};
+use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
 use crate::server::Handler;
 use crate::upstream::Body;
@@ -35,10 +43,17 @@ impl Readiness {
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
+    pub gateway: Arc<Gateway>,
+    /// Bearer token required by `/publish` when set.
+    pub publish_token: Option<String>,
 }
 
 impl Handler for Admin {
     async fn call(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
+        if let Some(rest) = req.uri().path().strip_prefix("/publish/") {
+            let rest = rest.to_owned();
+            return self.publish(req, &rest).await;
+        }
         let get = req.method() == Method::GET || req.method() == Method::HEAD;
         match req.uri().path() {
             "/metrics" | "/healthz" | "/readyz" if !get => {
@@ -60,6 +75,91 @@ impl Handler for Admin {
     }
 }
 
+impl Admin {
+    async fn publish(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+        if req.method() != Method::POST {
+            let mut resp = Problem::MethodNotAllowed.response(Some("use POST"));
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        if let Some(token) = &self.publish_token {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+                return Problem::Unauthorized.response(Some("a valid publish token is required"));
+            }
+        }
+        let Some((route, raw_topic)) = path.split_once('/') else {
+            return Problem::NotFound.response(Some("use /publish/<route>/<topic>"));
+        };
+        let Some(topic) = percent_decode(raw_topic) else {
+            return Problem::InvalidParameter.response(Some("the topic is not valid UTF-8"));
+        };
+        let header_text = |name: &str| -> Result<Option<String>, ()> {
+            match req.headers().get(name).map(|v| v.to_str()) {
+                None => Ok(None),
+                Some(Ok(v)) => Ok(Some(v.to_owned())),
+                Some(Err(_)) => Err(()),
+            }
+        };
+        let (Ok(content_type), Ok(id)) = (header_text("content-type"), header_text("message-id"))
+        else {
+            return Problem::InvalidRequest.response(Some("headers must be visible ASCII"));
+        };
+        let limit = self.gateway.max_message_bytes();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return too_large(limit);
+        }
+        let payload = match Limited::new(req.into_body(), limit).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) if e.is::<LengthLimitError>() => return too_large(limit),
+            Err(_) => return Problem::InvalidRequest.response(Some("the body could not be read")),
+        };
+        let message = NewMessage {
+            id,
+            content_type,
+            payload,
+            arrived: Instant::now(),
+        };
+        match self.gateway.publish(route, &topic, message) {
+            Ok(published) => {
+                let body = serde_json::json!({ "cursor": published.cursor }).to_string();
+                text(StatusCode::ACCEPTED, "application/json", body.into_bytes())
+            }
+            Err(PublishError::NoSuchRoute) => Problem::NotFound
+                .response(Some("no poll route with a publish source has that name")),
+            Err(PublishError::InvalidTopic) => Problem::InvalidParameter
+                .response(Some("the route's topic template cannot produce that topic")),
+            Err(PublishError::TooManyTopics) => {
+                Problem::TooManyTopics.response(Some("the route has reached its max_topics"))
+            }
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Response<Body> {
+    let detail = format!("the body is over the {limit}-byte limit");
+    Problem::PayloadTooLarge.response(Some(&detail))
+}
+
+/// Compares without an early exit, so response time says nothing about how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let len_differs = a.len() != b.len();
+    let diff = a
+        .iter()
+        .zip(b.iter().cycle())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    !len_differs && diff == 0 && !b.is_empty()
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Body> {
     let mut resp = Response::new(
         Full::new(Bytes::from(body))
@@ -71,4 +171,18 @@ fn text(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Respon
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secret-longer", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+        assert!(!constant_time_eq(b"", b""));
+    }
 }

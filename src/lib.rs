@@ -7,12 +7,15 @@
 //! - [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`]; every error
 //!   with its key path and line:column, all at once.
 //! - [`server`]: listeners, accept loop, connection limit, TLS, HTTP/1.1 and h2, graceful drain.
-//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`), problem+json.
+//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`, `poll`), CORS,
+//!   problem+json.
+//! - [`hub`]: topics: ordered bounded buffers, cursors, waiter wake-up, idle eviction.
 //! - [`upstream`]: the pooled upstream HTTP clients.
 //! - [`metrics`]: the one metrics struct with its own Prometheus registry.
-//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`.
+//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`, `/publish`.
 //!
-//! Imports run one way: `server -> gateway -> {upstream, metrics, config}`.
+//! Imports run one way: `admin -> server -> gateway -> {hub, upstream, metrics, config}`; the
+//! hub imports none of them.
 //!
 //! [`Server::bind`] binds every socket (so a test can bind `127.0.0.1:0` and read the ports),
 //! then [`Server::serve`] runs until its shutdown future resolves and the drain ends.
@@ -20,6 +23,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod hub;
 pub mod metrics;
 pub mod server;
 pub mod upstream;
@@ -35,10 +39,13 @@ use tokio::net::TcpListener;
 use admin::{Admin, Readiness};
 use config::{Config, FD_RESERVE};
 use gateway::{ConnInfo, Gateway};
+use hub::Hub;
 use metrics::Metrics;
 use server::{ConnectionLimit, Handler, Lifecycle, ListenerSettings};
 use upstream::Body;
 
+/// How often lingered topics are looked for: the precision of `linger`.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Connections the admin listener serves at once: probes and scrapers, not clients.
 pub const ADMIN_MAX_CONNECTIONS: usize = 128;
 
@@ -71,10 +78,11 @@ impl Handler for Gateway {
 impl Server {
     /// Raises the file-descriptor limit and binds every listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let fd_limit = raise_fd_limit();
         let max_connections = config
             .limits
             .max_connections
-            .unwrap_or_else(|| default_max_connections(raise_fd_limit()));
+            .unwrap_or_else(|| default_max_connections(fd_limit));
         let mut public = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let listener = bind(&l.name, l.address).await?;
@@ -132,9 +140,16 @@ impl Server {
         );
 
         let readiness = Arc::new(Readiness::default());
-        let gateway = Arc::new(Gateway::new(&config, &metrics));
-        let limit = Arc::new(ConnectionLimit::new(max_connections));
         let lifecycle = Lifecycle::default();
+        let hub = Arc::new(Hub::new());
+        let gateway = Arc::new(Gateway::new(
+            &config,
+            &metrics,
+            hub.clone(),
+            lifecycle.drain.clone(),
+        ));
+        let limit = Arc::new(ConnectionLimit::new(max_connections));
+        tokio::spawn(sweep_task(hub, lifecycle.stop_accepting.clone()));
         for (settings, listener) in public {
             tokio::spawn(server::accept_loop(
                 listener,
@@ -156,6 +171,8 @@ impl Server {
         let admin_handler = Arc::new(Admin {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
+            gateway,
+            publish_token: config.admin.publish_token.clone(),
         });
         tokio::spawn(server::accept_loop(
             admin,
@@ -192,6 +209,23 @@ impl Server {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     Server::bind(config).await?.serve(shutdown).await;
     Ok(())
+}
+
+/// Removes lingered topics until the server stops accepting.
+async fn sweep_task(hub: Arc<Hub>, stop: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let removed = hub.sweep(std::time::Instant::now());
+                if removed > 0 {
+                    tracing::debug!(removed, live = hub.len(), "swept lingered topics");
+                }
+            }
+        }
+    }
 }
 
 async fn bind(listener: &str, address: SocketAddr) -> Result<TcpListener, StartError> {

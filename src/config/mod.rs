@@ -47,6 +47,23 @@ const MAX_HEADER_BYTES_MIN: usize = 8 * 1024;
 pub const MAX_HEADERS_DEFAULT: usize = 64;
 /// Request-target limit; pollmux answers 414 above it.
 pub const MAX_URI_BYTES_DEFAULT: usize = 8 * 1024;
+/// Largest message payload: publishes above it get 413, source messages above it become gaps.
+pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
+/// Poll hold when the client gives no `timeout`.
+pub const HOLD_DEFAULT: Duration = Duration::from_secs(25);
+/// Longest hold a client may ask for; below the 60 s idle timeout common in load balancers.
+pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(55);
+/// Messages per poll response.
+pub const MAX_BATCH_DEFAULT: usize = 100;
+/// Per-topic retention: messages, bytes and age.
+pub const BUFFER_MESSAGES_DEFAULT: usize = 1000;
+pub const BUFFER_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+pub const BUFFER_AGE_DEFAULT: Duration = Duration::from_secs(300);
+/// A topic (and its source) lives this long after its last poll, so messages arriving between a
+/// client's polls are kept.
+pub const LINGER_DEFAULT: Duration = Duration::from_secs(60);
+/// Live topics per route; beyond it new topics get 503.
+pub const MAX_TOPICS_DEFAULT: usize = 10_000;
 /// File descriptors kept back from `max_connections` for upstream connections, listeners, the
 /// over-limit 503 answers and the process's own files.
 pub const FD_RESERVE: u64 = 256;
@@ -123,6 +140,7 @@ pub struct LimitsConfig {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_uri_bytes: usize,
+    pub max_message_bytes: usize,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -173,6 +191,8 @@ pub struct Param {
 pub enum RouteKind {
     /// Plain reverse proxy to `upstreams[upstream]`.
     Proxy { upstream: usize },
+    /// Managed long-poll (PROTOCOL.md section 1).
+    Poll(Box<PollConfig>),
 }
 
 impl RouteKind {
@@ -180,7 +200,142 @@ impl RouteKind {
     pub fn label(&self) -> &'static str {
         match self {
             RouteKind::Proxy { .. } => "proxy",
+            RouteKind::Poll(_) => "poll",
         }
+    }
+}
+
+/// A `kind = "poll"` route's settings.
+#[derive(Debug, Clone)]
+pub struct PollConfig {
+    pub topic: TopicTemplate,
+    pub source: SourceConfig,
+    pub hold: Duration,
+    pub max_hold: Duration,
+    pub max_batch: usize,
+    pub start: Start,
+    pub on_gap: OnGap,
+    pub buffer: BufferConfig,
+    pub linger: Duration,
+    pub max_topics: usize,
+    /// Exact origins allowed by CORS; empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
+}
+
+/// What feeds a poll route's topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
+    Publish,
+}
+
+/// Where a poll without a cursor starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Earliest,
+    Latest,
+}
+
+/// What a client behind a gap gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnGap {
+    /// 410 with `earliest_cursor` and `latest_cursor`.
+    Error,
+    /// 200 from after the gap, with `gap: true`.
+    Resume,
+}
+
+/// Per-topic retention bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferConfig {
+    pub messages: usize,
+    pub bytes: usize,
+    pub age: Duration,
+}
+
+/// A topic template such as `orders:{id}` over a route's path parameters.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate {
+    parts: Vec<TopicPart>,
+    /// Matches a topic string back to its parameter values (publish), anchored.
+    matcher: Regex,
+}
+
+#[derive(Debug, Clone)]
+enum TopicPart {
+    Literal(String),
+    Param(String),
+}
+
+impl TopicTemplate {
+    /// Parses `template`; every `{name}` must be one of `params`.
+    pub fn parse(template: &str, params: &[String]) -> Result<TopicTemplate, String> {
+        let mut parts = Vec::new();
+        let mut pattern = String::from("^");
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("unclosed {{ in {template:?}"))?
+                + open;
+            let name = &rest[open + 1..close];
+            if !params.iter().any(|p| p == name) {
+                return Err(format!("{{{name}}} is not a parameter of the route's path"));
+            }
+            if open > 0 {
+                parts.push(TopicPart::Literal(rest[..open].to_owned()));
+                pattern.push_str(&regex::escape(&rest[..open]));
+            }
+            parts.push(TopicPart::Param(name.to_owned()));
+            pattern.push_str(&format!("(?P<{name}>.+?)"));
+            rest = &rest[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("unmatched }} in {template:?}"));
+        }
+        if !rest.is_empty() {
+            parts.push(TopicPart::Literal(rest.to_owned()));
+            pattern.push_str(&regex::escape(rest));
+        }
+        if parts.is_empty() {
+            return Err("must not be empty".into());
+        }
+        pattern.push('$');
+        let matcher = Regex::new(&pattern).map_err(|e| e.to_string())?;
+        Ok(TopicTemplate { parts, matcher })
+    }
+
+    /// The topic for validated parameter values.
+    pub fn render(&self, params: &[(String, String)]) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                TopicPart::Literal(l) => out.push_str(l),
+                TopicPart::Param(name) => {
+                    if let Some((_, v)) = params.iter().find(|(n, _)| n == name) {
+                        out.push_str(v);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The parameter values a topic string was rendered from, unvalidated; `None` if the
+    /// template cannot produce it.
+    pub fn capture(&self, topic: &str) -> Option<Vec<(String, String)>> {
+        let caps = self.matcher.captures(topic)?;
+        let values = self
+            .parts
+            .iter()
+            .filter_map(|p| match p {
+                TopicPart::Param(name) => {
+                    Some((name.clone(), caps.name(name)?.as_str().to_owned()))
+                }
+                TopicPart::Literal(_) => None,
+            })
+            .collect();
+        Some(values)
     }
 }
 
@@ -397,6 +552,12 @@ impl Validator<'_, '_> {
             MAX_URI_BYTES_DEFAULT,
             256,
         );
+        let max_message_bytes = size(
+            "max_message_bytes",
+            raw.max_message_bytes,
+            MAX_MESSAGE_BYTES_DEFAULT,
+            1,
+        );
         if raw.max_connections == Some(0) {
             self.err(&["limits", "max_connections"], "must be at least 1");
         }
@@ -425,6 +586,7 @@ impl Validator<'_, '_> {
             max_header_bytes,
             max_headers,
             max_uri_bytes,
+            max_message_bytes,
             trusted_proxies,
         }
     }
@@ -559,7 +721,7 @@ impl Validator<'_, '_> {
         upstreams: &[UpstreamConfig],
     ) -> Option<RouteConfig> {
         let n = name.as_str();
-        let path = raw.path.0;
+        let path = raw.path.0.clone();
         let names = match template_params(&path) {
             Ok(names) => names,
             Err(e) => {
@@ -595,7 +757,28 @@ impl Validator<'_, '_> {
                 ),
             }
         }
+        let kind_name = raw.kind.0.clone();
+        if kind_name != "poll" {
+            for (key, set) in raw.poll_keys() {
+                if set {
+                    self.err(
+                        &["routes", n, key],
+                        format!("not used by kind = {kind_name:?} (only by kind = \"poll\")"),
+                    );
+                }
+            }
+        }
         let kind = match raw.kind.0.as_str() {
+            "poll" => {
+                if raw.upstream.is_some() {
+                    self.err(
+                        &["routes", n, "upstream"],
+                        "not used by kind = \"poll\" (its source names the upstream)",
+                    );
+                }
+                let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
+                RouteKind::Poll(Box::new(self.poll(n, raw, &names)?))
+            }
             "proxy" => {
                 let Some(up) = raw.upstream else {
                     self.err(&["routes", n, "upstream"], "required for kind = \"proxy\"");
@@ -613,7 +796,7 @@ impl Validator<'_, '_> {
             other => {
                 self.err(
                     &["routes", n, "kind"],
-                    format!("unknown kind {other:?}, expected \"proxy\""),
+                    format!("unknown kind {other:?}, expected \"proxy\" or \"poll\""),
                 );
                 return None;
             }
@@ -623,6 +806,143 @@ impl Validator<'_, '_> {
             path,
             params,
             kind,
+        })
+    }
+
+    fn poll(&mut self, n: &str, raw: raw::Route, params: &[String]) -> Option<PollConfig> {
+        let template = match raw.topic {
+            Some(t) => t.0,
+            None if params.is_empty() => {
+                self.err(
+                    &["routes", n, "topic"],
+                    "required when the path has no parameters",
+                );
+                return None;
+            }
+            None => params
+                .iter()
+                .map(|p| format!("{{{p}}}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+        };
+        let topic = match TopicTemplate::parse(&template, params) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err(&["routes", n, "topic"], e);
+                None
+            }
+        };
+        let source = match raw.source {
+            None => {
+                self.err(
+                    &["routes", n, "source"],
+                    "required for kind = \"poll\", e.g. { type = \"publish\" }",
+                );
+                None
+            }
+            Some(s) if s.kind.0 == "publish" => Some(SourceConfig::Publish),
+            Some(s) => {
+                self.err(
+                    &["routes", n, "source", "type"],
+                    format!(
+                        "unknown source type {:?}; this version supports \"publish\"",
+                        s.kind.0
+                    ),
+                );
+                None
+            }
+        };
+        match &raw.auth {
+            None => self.err(
+                &["routes", n, "auth"],
+                "required for kind = \"poll\"; \"public\" lets anyone read",
+            ),
+            Some(toml::Value::String(s)) if s == "public" => {}
+            Some(_) => self.err(
+                &["routes", n, "auth"],
+                "this version supports auth = \"public\" only",
+            ),
+        }
+        let hold = raw.hold.map_or(HOLD_DEFAULT, |d| d.0);
+        let max_hold = raw.max_hold.map_or(MAX_HOLD_DEFAULT, |d| d.0);
+        if hold > max_hold {
+            self.err(&["routes", n, "hold"], "must not be longer than max_hold");
+        }
+        let max_batch = raw.max_batch.map_or(MAX_BATCH_DEFAULT, |v| v as usize);
+        if max_batch == 0 {
+            self.err(&["routes", n, "max_batch"], "must be at least 1");
+        }
+        let start = match raw.start.as_ref().map(|s| s.0.as_str()) {
+            None | Some("latest") => Start::Latest,
+            Some("earliest") => Start::Earliest,
+            Some(other) => {
+                self.err(
+                    &["routes", n, "start"],
+                    format!("{other:?} is not \"latest\" or \"earliest\""),
+                );
+                Start::Latest
+            }
+        };
+        let on_gap = match raw.on_gap.as_ref().map(|s| s.0.as_str()) {
+            None | Some("error") => OnGap::Error,
+            Some("resume") => OnGap::Resume,
+            Some(other) => {
+                self.err(
+                    &["routes", n, "on_gap"],
+                    format!("{other:?} is not \"error\" or \"resume\""),
+                );
+                OnGap::Error
+            }
+        };
+        let b = raw.buffer.unwrap_or_default();
+        let buffer = BufferConfig {
+            messages: b.messages.map_or(BUFFER_MESSAGES_DEFAULT, |v| v as usize),
+            bytes: b.bytes.map_or(BUFFER_BYTES_DEFAULT, |v| v as usize),
+            age: b.age.map_or(BUFFER_AGE_DEFAULT, |d| d.0),
+        };
+        if buffer.messages == 0 || buffer.bytes == 0 || buffer.age.is_zero() {
+            self.err(
+                &["routes", n, "buffer"],
+                "messages, bytes and age must all be above zero",
+            );
+        }
+        let max_topics = raw.max_topics.map_or(MAX_TOPICS_DEFAULT, |v| v as usize);
+        if max_topics == 0 {
+            self.err(&["routes", n, "max_topics"], "must be at least 1");
+        }
+        let mut cors_origins = Vec::new();
+        for origin in raw.cors.map(|c| c.origins).unwrap_or_default() {
+            let ok = origin.0.parse::<Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && u.path_and_query()
+                        .is_none_or(|pq| pq.as_str() == "/" || pq.as_str().is_empty())
+                    && !origin.0.ends_with('/')
+            });
+            if ok {
+                cors_origins.push(origin.0);
+            } else {
+                self.err(
+                    &["routes", n, "cors", "origins"],
+                    format!(
+                        "{:?} is not an origin like \"https://app.example\"",
+                        origin.0
+                    ),
+                );
+            }
+        }
+        Some(PollConfig {
+            topic: topic?,
+            source: source?,
+            hold,
+            max_hold,
+            max_batch,
+            start,
+            on_gap,
+            buffer,
+            linger: raw.linger.map_or(LINGER_DEFAULT, |d| d.0),
+            max_topics,
+            cors_origins,
         })
     }
 
@@ -786,6 +1106,60 @@ bogus = 1
         assert!(template_params("/{*rest}/x").is_err());
         assert!(template_params("/{x}/{x}").is_err());
         assert!(template_params("/{x").is_err());
+    }
+
+    const POLL: &str = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[routes.orders]\n\
+                        path = \"/o/{region}/{id}\"\nkind = \"poll\"\nsource.type = \"publish\"\n\
+                        auth = \"public\"\n";
+
+    #[test]
+    fn poll_route_defaults() {
+        let c = parse(POLL).unwrap();
+        let RouteKind::Poll(p) = &c.routes[0].kind else {
+            panic!("poll route")
+        };
+        assert_eq!(p.hold, HOLD_DEFAULT);
+        assert_eq!(p.max_batch, MAX_BATCH_DEFAULT);
+        assert_eq!(p.start, Start::Latest);
+        let params = [
+            ("region".to_string(), "eu".to_string()),
+            ("id".to_string(), "42".to_string()),
+        ];
+        assert_eq!(p.topic.render(&params), "eu/42");
+        assert_eq!(p.topic.capture("eu/42").unwrap(), params);
+    }
+
+    #[test]
+    fn poll_route_errors() {
+        let text = format!(
+            "{POLL}topic = \"x:{{nope}}\"\nhold = \"60s\"\non_gap = \"skip\"\ncors.origins = [\"app.example\"]\n\
+             [upstreams.u]\nurl = \"http://x\"\n[routes.p]\npath = \"/p\"\nkind = \"proxy\"\nupstream = \"u\"\nhold = \"1s\"\n"
+        );
+        let errs = parse(&text).unwrap_err().to_string();
+        for e in [
+            "routes.orders.topic",
+            "routes.orders.hold",
+            "routes.orders.on_gap",
+            "routes.orders.cors.origins",
+            "routes.p.hold",
+        ] {
+            assert!(errs.contains(e), "missing {e} in {errs}");
+        }
+    }
+
+    #[test]
+    fn topic_templates() {
+        let names = ["id".to_string()];
+        let t = TopicTemplate::parse("orders:{id}", &names).unwrap();
+        assert_eq!(t.render(&[("id".into(), "42".into())]), "orders:42");
+        assert_eq!(
+            t.capture("orders:42").unwrap(),
+            [("id".to_string(), "42".to_string())]
+        );
+        assert!(t.capture("order:42").is_none());
+        assert!(TopicTemplate::parse("x{other}", &names).is_err());
+        assert!(TopicTemplate::parse("", &names).is_err());
+        assert!(TopicTemplate::parse("a}", &names).is_err());
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub struct Limits {
     pub max_header_bytes: Option<u64>,
     pub max_headers: Option<u64>,
     pub max_uri_bytes: Option<u64>,
+    pub max_message_bytes: Option<u64>,
     pub trusted_proxies: Option<Vec<Str>>,
 }
 
@@ -144,6 +145,60 @@ pub struct Route {
     #[serde(default)]
     pub params: BTreeMap<String, Str>,
     pub upstream: Option<Str>,
+    pub topic: Option<Str>,
+    pub source: Option<Source>,
+    pub auth: Option<toml::Value>,
+    pub hold: Option<Dur>,
+    pub max_hold: Option<Dur>,
+    pub max_batch: Option<u64>,
+    pub start: Option<Str>,
+    pub on_gap: Option<Str>,
+    pub buffer: Option<Buffer>,
+    pub linger: Option<Dur>,
+    pub max_topics: Option<u64>,
+    pub cors: Option<Cors>,
+}
+
+impl Route {
+    /// The keys that only `kind = "poll"` routes take, with whether each is set.
+    pub fn poll_keys(&self) -> [(&'static str, bool); 12] {
+        [
+            ("topic", self.topic.is_some()),
+            ("source", self.source.is_some()),
+            ("auth", self.auth.is_some()),
+            ("hold", self.hold.is_some()),
+            ("max_hold", self.max_hold.is_some()),
+            ("max_batch", self.max_batch.is_some()),
+            ("start", self.start.is_some()),
+            ("on_gap", self.on_gap.is_some()),
+            ("buffer", self.buffer.is_some()),
+            ("linger", self.linger.is_some()),
+            ("max_topics", self.max_topics.is_some()),
+            ("cors", self.cors.is_some()),
+        ]
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    #[serde(rename = "type")]
+    pub kind: Str,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Buffer {
+    pub messages: Option<u64>,
+    pub bytes: Option<u64>,
+    pub age: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cors {
+    #[serde(default)]
+    pub origins: Vec<Str>,
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! Metrics are recorded by a [`Record`] guard, so a request whose client disconnects (hyper then
 //! drops this future at whatever `.await` it is parked on) is still counted.
 
+pub mod cors;
+pub mod longpoll;
 pub mod problem;
 pub mod proxy;
 pub mod router;
@@ -12,12 +14,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::time::Duration;
+
 use http::{Request, Response};
 use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind};
-use crate::metrics::{Metrics, Outcome, ROUTE_UNMATCHED, RouteMetrics};
+use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
+use crate::hub::{Hub, NewMessage, Published};
+use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
 use crate::upstream::{Body, Upstream};
+use longpoll::{PollContext, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
 
@@ -29,24 +36,66 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Routes, upstream clients and their metrics: everything a request needs, built once per config.
+/// Routes, upstream clients, the hub and their metrics: everything a request needs, built once
+/// per config.
 pub struct Gateway {
     routes: Vec<RouteConfig>,
     router: Router,
     route_metrics: Vec<RouteMetrics>,
+    /// Per route, what serves it.
+    runtimes: Vec<Runtime>,
     unmatched: RouteMetrics,
     upstreams: Vec<Upstream>,
     limits: LimitsConfig,
+    hub: Arc<Hub>,
+    drain: CancellationToken,
+    drain_window: Duration,
+}
+
+/// What serves one route.
+enum Runtime {
+    /// Reverse proxy to `upstreams[index]`.
+    Proxy(usize),
+    Poll(Box<PollRoute>),
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// No poll route of that name with a publish source.
+    NoSuchRoute,
+    /// The route's topic template cannot produce that topic from valid parameters.
+    InvalidTopic,
+    TooManyTopics,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Gateway {
+    /// `drain` is cancelled when the server starts draining; held polls then answer within
+    /// the config's `drain_window`.
+    pub fn new(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        hub: Arc<Hub>,
+        drain: CancellationToken,
+    ) -> Gateway {
         Gateway {
             router: Router::new(&config.routes),
             route_metrics: config
                 .routes
                 .iter()
                 .map(|r| RouteMetrics::new(metrics, &r.name, r.kind.label()))
+                .collect(),
+            runtimes: config
+                .routes
+                .iter()
+                .map(|r| match &r.kind {
+                    RouteKind::Poll(p) => Runtime::Poll(Box::new(PollRoute::new(
+                        &r.name,
+                        p,
+                        PollMetrics::new(metrics, &r.name),
+                    ))),
+                    RouteKind::Proxy { upstream } => Runtime::Proxy(*upstream),
+                })
                 .collect(),
             unmatched: RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none"),
             upstreams: config
@@ -57,7 +106,52 @@ impl Gateway {
                 .collect(),
             routes: config.routes.clone(),
             limits: config.limits.clone(),
+            hub,
+            drain,
+            drain_window: config.shutdown.drain_window,
         }
+    }
+
+    /// Largest message payload accepted (publish bodies above it get 413).
+    pub fn max_message_bytes(&self) -> usize {
+        self.limits.max_message_bytes
+    }
+
+    /// Publishes a message into `topic` of the poll route `route` (the publish source).
+    pub fn publish(
+        &self,
+        route: &str,
+        topic: &str,
+        message: NewMessage,
+    ) -> Result<Published, PublishError> {
+        let index = self
+            .routes
+            .iter()
+            .position(|r| r.name == route)
+            .ok_or(PublishError::NoSuchRoute)?;
+        let Runtime::Poll(poll) = &self.runtimes[index] else {
+            return Err(PublishError::NoSuchRoute);
+        };
+        let config = &poll.config;
+        if config.source != SourceConfig::Publish {
+            return Err(PublishError::NoSuchRoute);
+        }
+        let params = config
+            .topic
+            .capture(topic)
+            .ok_or(PublishError::InvalidTopic)?;
+        let route_params = &self.routes[index].params;
+        let valid = params.iter().all(|(name, value)| {
+            route_params
+                .iter()
+                .find(|p| &p.name == name)
+                .is_some_and(|p| router::valid_param(p, value))
+        });
+        if !valid || config.topic.render(&params) != topic {
+            return Err(PublishError::InvalidTopic);
+        }
+        poll.publish(&self.hub, topic, message)
+            .map_err(|_| PublishError::TooManyTopics)
     }
 
     /// Answers one client request. Never fails: every error is a problem+json response.
@@ -79,14 +173,22 @@ impl Gateway {
         };
         let metrics = &self.route_metrics[matched.route];
         let record = Record::new(metrics);
-        match &self.routes[matched.route].kind {
-            RouteKind::Proxy { upstream } => {
+        let (resp, outcome) = match &self.runtimes[matched.route] {
+            Runtime::Poll(poll) => {
+                let ctx = PollContext {
+                    hub: &self.hub,
+                    drain: &self.drain,
+                    drain_window: self.drain_window,
+                };
+                longpoll::serve(poll, &ctx, req, &matched.params).await
+            }
+            Runtime::Proxy(upstream) => {
                 let upstream = &self.upstreams[*upstream];
                 let trusted = &self.limits.trusted_proxies;
-                let (resp, outcome) = proxy::forward(upstream, metrics, req, conn, trusted).await;
-                record.finish(resp, outcome)
+                proxy::forward(upstream, metrics, req, conn, trusted).await
             }
-        }
+        };
+        record.finish(resp, outcome)
     }
 }
 

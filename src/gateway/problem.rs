@@ -18,8 +18,15 @@ pub enum Problem {
     NotFound,
     MethodNotAllowed,
     InvalidParameter,
+    InvalidCursor,
+    InvalidRequest,
+    Unauthorized,
+    OriginNotAllowed,
+    CursorExpired,
+    PayloadTooLarge,
     UriTooLong,
     Overloaded,
+    TooManyTopics,
     Draining,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -30,9 +37,17 @@ impl Problem {
         match self {
             Problem::NotFound => StatusCode::NOT_FOUND,
             Problem::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Problem::InvalidParameter => StatusCode::BAD_REQUEST,
+            Problem::InvalidParameter | Problem::InvalidCursor | Problem::InvalidRequest => {
+                StatusCode::BAD_REQUEST
+            }
+            Problem::Unauthorized => StatusCode::UNAUTHORIZED,
+            Problem::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Problem::CursorExpired => StatusCode::GONE,
+            Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::UriTooLong => StatusCode::URI_TOO_LONG,
-            Problem::Overloaded | Problem::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Problem::Overloaded | Problem::Draining | Problem::TooManyTopics => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -43,8 +58,15 @@ impl Problem {
             Problem::NotFound => "not-found",
             Problem::MethodNotAllowed => "method-not-allowed",
             Problem::InvalidParameter => "invalid-parameter",
+            Problem::InvalidCursor => "invalid-cursor",
+            Problem::InvalidRequest => "invalid-request",
+            Problem::Unauthorized => "unauthorized",
+            Problem::OriginNotAllowed => "origin-not-allowed",
+            Problem::CursorExpired => "cursor-expired",
+            Problem::PayloadTooLarge => "payload-too-large",
             Problem::UriTooLong => "uri-too-long",
             Problem::Overloaded => "overloaded",
+            Problem::TooManyTopics => "too-many-topics",
             Problem::Draining => "draining",
             Problem::UpstreamUnavailable => "upstream-unavailable",
             Problem::UpstreamTimeout => "upstream-timeout",
@@ -56,8 +78,15 @@ impl Problem {
             Problem::NotFound => "not found",
             Problem::MethodNotAllowed => "method not allowed",
             Problem::InvalidParameter => "invalid parameter",
+            Problem::InvalidCursor => "invalid cursor",
+            Problem::InvalidRequest => "invalid request",
+            Problem::Unauthorized => "unauthorized",
+            Problem::OriginNotAllowed => "origin not allowed",
+            Problem::CursorExpired => "cursor expired",
+            Problem::PayloadTooLarge => "payload too large",
             Problem::UriTooLong => "URI too long",
             Problem::Overloaded => "server at capacity",
+            Problem::TooManyTopics => "too many topics",
             Problem::Draining => "server shutting down",
             Problem::UpstreamUnavailable => "upstream unavailable",
             Problem::UpstreamTimeout => "upstream timed out",
@@ -66,6 +95,11 @@ impl Problem {
 
     /// The problem response, with `detail` when given.
     pub fn response(self, detail: Option<&str>) -> Response<Body> {
+        self.response_with(detail, &[])
+    }
+
+    /// The problem response with extension members (e.g. `earliest_cursor`).
+    pub fn response_with(self, detail: Option<&str>, extra: &[(&str, &str)]) -> Response<Body> {
         let status = self.status();
         let mut body = serde_json::json!({
             "type": format!("urn:pollmux:problem:{}", self.slug()),
@@ -75,6 +109,9 @@ impl Problem {
         if let Some(d) = detail {
             body["detail"] = d.into();
         }
+        for (k, v) in extra {
+            body[*k] = (*v).into();
+        }
         let bytes = Bytes::from(body.to_string());
         let mut resp = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
         *resp.status_mut() = status;
@@ -83,6 +120,9 @@ impl Problem {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

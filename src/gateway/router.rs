@@ -3,7 +3,7 @@
 
 use matchit::Router as Matcher;
 
-use crate::config::RouteConfig;
+use crate::config::{Param, RouteConfig};
 
 /// A request path resolved to a route and its validated parameters (in path order).
 #[derive(Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl Router {
         for p in &route.params {
             let raw = m.params.get(&p.name).unwrap_or_default();
             let value = percent_decode(raw)
-                .filter(|v| safe_value(v, p.tail) && p.pattern.is_match(v))
+                .filter(|v| valid_param(p, v))
                 .ok_or_else(|| RouteError::InvalidParameter {
                     route: *m.value,
                     name: p.name.clone(),
@@ -59,6 +59,11 @@ impl Router {
             params,
         })
     }
+}
+
+/// Whether a decoded value is acceptable for parameter `p`.
+pub fn valid_param(p: &Param, value: &str) -> bool {
+    safe_value(value, p.tail) && p.pattern.is_match(value)
 }
 
 /// Whatever a route's pattern says, a parameter never carries control characters, backslashes,

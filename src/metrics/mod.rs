@@ -8,17 +8,23 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::Config;
+use crate::config::{Config, RouteKind};
 
 /// Client request duration buckets (seconds): sub-second answers, then every common hold up to
 /// and past the longest allowed hold (`max_hold`, 55 s by default) and a two-minute proxy call.
 pub const REQUEST_DURATION_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 45.0,
     55.0, 60.0, 90.0, 120.0,
+];
+
+/// Delivery latency buckets (seconds): message arrival at pollmux to its response; a fan-out
+/// cost, so sub-millisecond resolution.
+pub const DELIVERY_LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
 /// Upstream request duration buckets (seconds): upstream calls may themselves be long-polls.
@@ -41,6 +47,12 @@ pub const ROUTE_UNMATCHED: &str = "_unmatched";
 pub enum Outcome {
     /// A proxied request answered with the upstream's response.
     Response,
+    /// A poll answered with messages.
+    Message,
+    /// A poll answered empty when its hold ended.
+    Timeout,
+    /// A poll answered empty because the server is draining.
+    Shutdown,
     /// pollmux refused the request itself (4xx, or 503 for a limit).
     Rejected,
     /// The upstream failed (502) or timed out (504).
@@ -50,8 +62,11 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Response,
+        Outcome::Message,
+        Outcome::Timeout,
+        Outcome::Shutdown,
         Outcome::Rejected,
         Outcome::UpstreamError,
         Outcome::ClientGone,
@@ -60,6 +75,9 @@ impl Outcome {
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Response => "response",
+            Outcome::Message => "message",
+            Outcome::Timeout => "timeout",
+            Outcome::Shutdown => "shutdown",
             Outcome::Rejected => "rejected",
             Outcome::UpstreamError => "upstream_error",
             Outcome::ClientGone => "client_gone",
@@ -117,6 +135,12 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_request_duration: HistogramVec,
+    pub polls_active: IntGaugeVec,
+    pub topics_active: IntGaugeVec,
+    pub messages_received: IntCounterVec,
+    pub messages_delivered: IntCounterVec,
+    pub cursor_expired: IntCounterVec,
+    pub delivery_latency: HistogramVec,
     pub connections_open: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -168,6 +192,40 @@ impl Metrics {
             &["route"],
             UPSTREAM_DURATION_BUCKETS,
         );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(opts(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
+        let polls_active = gauge("polls_active", "Long-polls currently held.", &["route"]);
+        let topics_active = gauge(
+            "topics_active",
+            "Live topics (with subscribers or within linger).",
+            &["route"],
+        );
+        let messages_received = counter(
+            "messages_received_total",
+            "Messages that entered a topic (publishes and source messages, duplicates excluded).",
+            &["route"],
+        );
+        let messages_delivered = counter(
+            "messages_delivered_total",
+            "Messages written to clients; delivered / received is the fan-out.",
+            &["route"],
+        );
+        let cursor_expired = counter(
+            "cursor_expired_total",
+            "Polls whose cursor had expired (410, or 200 with gap: true).",
+            &["route"],
+        );
+        let delivery_latency = histogram(
+            "delivery_latency_seconds",
+            "Time from a message's arrival to the response carrying it (oldest message per response).",
+            &["route"],
+            DELIVERY_LATENCY_BUCKETS,
+        );
         let connections_open = IntGaugeVec::new(
             opts("connections_open", "Client connections currently open."),
             &["listener", "protocol"],
@@ -214,6 +272,12 @@ impl Metrics {
             request_duration,
             upstream_requests,
             upstream_request_duration,
+            polls_active,
+            topics_active,
+            messages_received,
+            messages_delivered,
+            cursor_expired,
+            delivery_latency,
             connections_open,
             connections_rejected,
             accept_errors,
@@ -247,6 +311,9 @@ impl Metrics {
                 self.upstream_requests.with_label_values(&[&r.name, result]);
             }
             self.upstream_request_duration.with_label_values(&[&r.name]);
+            if matches!(r.kind, RouteKind::Poll(_)) {
+                PollMetrics::new(self, &r.name);
+            }
         }
     }
 
@@ -307,6 +374,31 @@ impl RouteMetrics {
             .with_label_values(&[self.name.as_str(), result.label()])
             .inc();
         self.upstream_duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// A poll route's own series.
+#[derive(Clone)]
+pub struct PollMetrics {
+    pub polls_active: IntGauge,
+    pub topics_active: IntGauge,
+    pub received: IntCounter,
+    pub delivered: IntCounter,
+    pub cursor_expired: IntCounter,
+    pub delivery_latency: Histogram,
+}
+
+impl PollMetrics {
+    pub fn new(metrics: &Metrics, route: &str) -> PollMetrics {
+        let r = &[route];
+        PollMetrics {
+            polls_active: metrics.polls_active.with_label_values(r),
+            topics_active: metrics.topics_active.with_label_values(r),
+            received: metrics.messages_received.with_label_values(r),
+            delivered: metrics.messages_delivered.with_label_values(r),
+            cursor_expired: metrics.cursor_expired.with_label_values(r),
+            delivery_latency: metrics.delivery_latency.with_label_values(r),
+        }
     }
 }
 

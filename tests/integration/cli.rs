@@ -36,7 +36,7 @@ fn check_reports_every_error_with_line_numbers_and_exits_78() {
     let file = dir.path().join("bad.toml");
     std::fs::write(
         &file,
-        "[listeners.public]\naddress = \"127.0.0.1:99999\"\n\n[routes.r]\npath = \"/r\"\nkind = \"nope\"\nhold = 5\n",
+        "[listeners.public]\naddress = \"127.0.0.1:99999\"\n\n[routes.r]\npath = \"/r\"\nkind = \"nope\"\ncolour = 5\n",
     )
     .unwrap();
     let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
@@ -48,7 +48,7 @@ fn check_reports_every_error_with_line_numbers_and_exits_78() {
         "{err}"
     );
     assert!(
-        err.contains("routes.r.hold (line 7, column 1): unknown field `hold`"),
+        err.contains("routes.r.colour (line 7, column 1): unknown field `colour`"),
         "{err}"
     );
 

@@ -221,3 +221,55 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// One keep-alive HTTP/1.1 connection, for clients that poll again and again.
+pub struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Body>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Conn { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Body>) -> Response<Incoming> {
+        self.sender.ready().await.expect("connection usable");
+        tokio::time::timeout(WAIT, self.sender.send_request(req))
+            .await
+            .expect("response in time")
+            .expect("response")
+    }
+
+    /// GET `path`; the status, headers and JSON body.
+    pub async fn get_json(&mut self, path: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+        let req = Request::get(path)
+            .header("host", "t")
+            .body(full(""))
+            .unwrap();
+        let resp = self.send(req).await;
+        let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+        (status, headers, body_json(resp).await)
+    }
+}
+
+/// Publishes through the admin listener; returns the status and body.
+pub async fn publish(
+    admin: SocketAddr,
+    route_topic: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let req = Request::post(format!("/publish/{route_topic}"))
+        .header("host", "admin")
+        .header("content-type", content_type)
+        .body(full(body.to_owned()))
+        .unwrap();
+    let resp = send(admin, req).await;
+    let status = resp.status().as_u16();
+    (status, body_json(resp).await)
+}

@@ -4,5 +4,6 @@
 mod cli;
 mod common;
 mod listeners;
+mod longpoll;
 mod ops;
 mod proxy;

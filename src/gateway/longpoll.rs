@@ -1,0 +1,347 @@
+//! `kind = "poll"` routes (PROTOCOL.md section 1): request checks, then hold on the topic until
+//! a message, the hold deadline, or the drain.
+//!
+//! Everything that can reject a request is decided before the topic is touched. Then the
+//! request is dropped: a held poll keeps only its subscription, a position and its timers, so
+//! hyper can reuse the connection's read buffer (see the memory notes in docs/BENCHMARKS.md).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use prometheus::IntGauge;
+use tokio_util::sync::CancellationToken;
+
+use super::cors;
+use super::problem::Problem;
+use crate::config::{OnGap, PollConfig, Start};
+use crate::hub::cursor::{self, Cursor, Requested};
+use crate::hub::ring::BufferLimits;
+use crate::hub::{Hub, NewMessage, Poll, Published, RouteTopics, TooManyTopics, TopicSettings};
+use crate::metrics::{Outcome, PollMetrics};
+use crate::upstream::Body;
+
+const POLL_CURSOR: &str = "poll-cursor";
+const POLL_GAP: &str = "poll-gap";
+const LAST_EVENT_ID: &str = "last-event-id";
+/// Hold jitter: up to this fraction of the hold is taken off, so clients that started together
+/// drift apart (PROTOCOL.md 1.2).
+const JITTER_DIVISOR: u32 = 16;
+
+/// A poll route at run time: its config, its share of the hub and its metrics.
+pub struct PollRoute {
+    pub name: String,
+    pub config: PollConfig,
+    pub topics: Arc<RouteTopics>,
+    pub metrics: PollMetrics,
+}
+
+impl PollRoute {
+    pub fn new(name: &str, config: &PollConfig, metrics: PollMetrics) -> PollRoute {
+        let settings = TopicSettings {
+            limits: BufferLimits {
+                messages: config.buffer.messages,
+                bytes: config.buffer.bytes,
+                age: config.buffer.age,
+            },
+            linger: config.linger,
+            max_batch: config.max_batch,
+            resume_on_gap: config.on_gap == OnGap::Resume,
+        };
+        let topics = RouteTopics::new(
+            name,
+            settings,
+            config.max_topics,
+            metrics.topics_active.clone(),
+        );
+        PollRoute {
+            name: name.to_owned(),
+            config: config.clone(),
+            topics: Arc::new(topics),
+            metrics,
+        }
+    }
+
+    /// Publishes into a topic (the publish source); counts the message when it is new.
+    pub fn publish(
+        &self,
+        hub: &Hub,
+        topic: &str,
+        message: NewMessage,
+    ) -> Result<Published, TooManyTopics> {
+        let published = hub.publish(&self.topics, topic, message)?;
+        if !published.duplicate {
+            self.metrics.received.inc();
+        }
+        Ok(published)
+    }
+}
+
+/// What a held poll needs from the server.
+pub struct PollContext<'a> {
+    pub hub: &'a Hub,
+    /// Cancelled when the server drains.
+    pub drain: &'a CancellationToken,
+    /// Held polls are answered at a random moment within this window after the drain starts.
+    pub drain_window: Duration,
+}
+
+/// Answers one request on a poll route.
+pub async fn serve(
+    route: &PollRoute,
+    ctx: &PollContext<'_>,
+    req: Request<Incoming>,
+    params: &[(String, String)],
+) -> (Response<Body>, Outcome) {
+    let origin = match cors::check(req.headers(), &route.config.cors_origins) {
+        Ok(origin) => origin,
+        Err(cors::OriginNotAllowed) => {
+            return rejected(Problem::OriginNotAllowed, "origin is not allowed", None);
+        }
+    };
+    let (mut resp, outcome) = hold(route, ctx, req, params, origin.as_ref()).await;
+    if let Some(origin) = &origin {
+        cors::apply(&mut resp, origin);
+    }
+    (resp, outcome)
+}
+
+async fn hold(
+    route: &PollRoute,
+    ctx: &PollContext<'_>,
+    req: Request<Incoming>,
+    params: &[(String, String)],
+    origin: Option<&HeaderValue>,
+) -> (Response<Body>, Outcome) {
+    if req.method() == Method::OPTIONS {
+        return (cors::preflight(origin), Outcome::Response);
+    }
+    if req.method() != Method::GET {
+        let (mut resp, outcome) = rejected(Problem::MethodNotAllowed, "use GET", None);
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
+        return (resp, outcome);
+    }
+    if !req.body().is_end_stream() {
+        return rejected(Problem::InvalidRequest, "a poll request has no body", None);
+    }
+    let query = match PollQuery::parse(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return rejected(Problem::InvalidRequest, &e, None),
+    };
+    let header_cursor = match req.headers().get(LAST_EVENT_ID).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => {
+            return rejected(
+                Problem::InvalidCursor,
+                "Last-Event-ID is not a cursor",
+                None,
+            );
+        }
+    };
+    let cursor_text = match (query.cursor, header_cursor) {
+        (Some(a), Some(b)) if a != b => {
+            let detail = "cursor and Last-Event-ID differ";
+            return rejected(Problem::InvalidRequest, detail, None);
+        }
+        (a, b) => a.or(b),
+    };
+    let topic = route.config.topic.render(params);
+    let requested = match cursor_text.map(Requested::parse) {
+        None => match route.config.start {
+            Start::Latest => Requested::Latest,
+            Start::Earliest => Requested::Earliest,
+        },
+        Some(Ok(Requested::At(c))) if c.binding != cursor::binding(&route.name, &topic) => {
+            let detail = "cursor belongs to another route or topic";
+            return rejected(Problem::InvalidCursor, detail, None);
+        }
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return rejected(Problem::InvalidCursor, &e.to_string(), None),
+    };
+    let max_hold = route.config.max_hold;
+    let hold = match query.timeout.map(str::parse::<u64>) {
+        None => route.config.hold,
+        Some(Ok(secs)) => Duration::from_secs(secs).min(max_hold),
+        Some(Err(_)) => {
+            let detail = "timeout must be whole seconds";
+            return rejected(Problem::InvalidRequest, detail, None);
+        }
+    };
+    let http1 = req.version() < Version::HTTP_2;
+    // Nothing of the request is needed from here on; a held poll keeps only what follows.
+    drop(req);
+
+    let Ok(subscription) = ctx.hub.subscribe(&route.topics, &topic) else {
+        let detail = "the route has reached its max_topics";
+        return rejected(Problem::TooManyTopics, detail, None);
+    };
+    let _active = ActiveGauge::new(&route.metrics.polls_active);
+    let deadline = tokio::time::Instant::now() + hold - jitter(hold);
+    let topic = subscription.topic();
+    let mut at = requested;
+    loop {
+        let changed = topic.changed();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let position = match topic.poll(at, Instant::now()) {
+            Poll::Batch(batch) => {
+                route.metrics.delivered.inc_by(batch.messages as u64);
+                if batch.gap {
+                    route.metrics.cursor_expired.inc();
+                }
+                if batch.messages > 0 {
+                    let latency = batch.oldest.elapsed().as_secs_f64();
+                    route.metrics.delivery_latency.observe(latency);
+                }
+                let resp = poll_response(batch.body.clone(), &batch.cursor, batch.gap, false);
+                return (resp, Outcome::Message);
+            }
+            Poll::Expired { earliest, latest } => {
+                route.metrics.cursor_expired.inc();
+                let extra = [
+                    ("earliest_cursor", earliest.as_str()),
+                    ("latest_cursor", latest.as_str()),
+                ];
+                return rejected(Problem::CursorExpired, "cursor expired", Some(&extra));
+            }
+            Poll::Ahead => {
+                let detail = "cursor is ahead of the topic";
+                return rejected(Problem::InvalidCursor, detail, None);
+            }
+            Poll::Empty { at } => at,
+        };
+        // Wait from a fixed position: `latest` must not move on while we wait.
+        at = Requested::At(position);
+        let drained = async {
+            ctx.drain.cancelled().await;
+            let spread = ctx.drain_window.mul_f64(fastrand::f64());
+            tokio::time::sleep(spread).await;
+        };
+        tokio::select! {
+            () = &mut changed => continue,
+            () = tokio::time::sleep_until(deadline) => {
+                return (empty_response(&position, false), Outcome::Timeout);
+            }
+            () = drained => {
+                return (empty_response(&position, http1), Outcome::Shutdown);
+            }
+        }
+    }
+}
+
+/// Random part of the hold taken off, up to `hold / 16`.
+fn jitter(hold: Duration) -> Duration {
+    (hold / JITTER_DIVISOR).mul_f64(fastrand::f64())
+}
+
+fn rejected(
+    problem: Problem,
+    detail: &str,
+    extra: Option<&[(&str, &str)]>,
+) -> (Response<Body>, Outcome) {
+    let resp = problem.response_with(Some(detail), extra.unwrap_or_default());
+    (resp, Outcome::Rejected)
+}
+
+fn empty_response(at: &Cursor, close: bool) -> Response<Body> {
+    let cursor = at.encode();
+    let body = format!("{{\"cursor\":\"{cursor}\",\"messages\":[],\"more\":false}}");
+    poll_response(Bytes::from(body), &cursor, false, close)
+}
+
+fn poll_response(body: Bytes, cursor: &str, gap: bool, close: bool) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        POLL_CURSOR,
+        HeaderValue::from_str(cursor).expect("cursors are URL-safe ASCII"),
+    );
+    if gap {
+        h.insert(POLL_GAP, HeaderValue::from_static("1"));
+    }
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// The query parameters a poll understands; others are ignored (cache busters).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PollQuery<'a> {
+    cursor: Option<&'a str>,
+    timeout: Option<&'a str>,
+}
+
+impl<'a> PollQuery<'a> {
+    fn parse(query: Option<&'a str>) -> Result<PollQuery<'a>, String> {
+        let mut q = PollQuery::default();
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let slot = match key {
+                "cursor" => &mut q.cursor,
+                "timeout" => &mut q.timeout,
+                _ => continue,
+            };
+            if slot.replace(value).is_some() {
+                return Err(format!("{key} is given more than once"));
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// Keeps `pollmux_polls_active` right however the poll ends.
+struct ActiveGauge<'a>(&'a IntGauge);
+
+impl<'a> ActiveGauge<'a> {
+    fn new(gauge: &'a IntGauge) -> ActiveGauge<'a> {
+        gauge.inc();
+        ActiveGauge(gauge)
+    }
+}
+
+impl Drop for ActiveGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let q = PollQuery::parse(Some("cursor=abc&timeout=5&_=123")).unwrap();
+        assert_eq!(q.cursor, Some("abc"));
+        assert_eq!(q.timeout, Some("5"));
+        assert!(PollQuery::parse(Some("cursor=a&cursor=b")).is_err());
+        assert_eq!(PollQuery::parse(None).unwrap(), PollQuery::default());
+        assert_eq!(PollQuery::parse(Some("timeout")).unwrap().timeout, Some(""));
+    }
+
+    #[test]
+    fn jitter_is_bounded() {
+        let hold = Duration::from_secs(16);
+        for _ in 0..1000 {
+            assert!(jitter(hold) <= Duration::from_secs(1));
+        }
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+    }
+}

@@ -1,0 +1,645 @@
+//! The hub: every live topic of every `poll` route, each an ordered, bounded buffer that one
+//! source feeds and any number of clients read.
+//!
+//! Invariants callers rely on:
+//! - [`Topic::publish`] is synchronous and never waits for a reader; readers catch up from the
+//!   buffer or are told they fell behind (`Expired`).
+//! - No lock or map guard is held across an `.await`: waiting is on a [`Notify`] taken out of
+//!   the topic, after the lock is released.
+//! - A topic is removed only by [`Hub::sweep`], only when it has no subscriber and has been idle
+//!   for its route's `linger`; subscribing and publishing happen under the map's shard lock, so a
+//!   sweep can never remove a topic between a reader finding it and registering, or under a
+//!   publisher.
+//! - A batch for a given (topic, position) is encoded once and shared by every reader at that
+//!   position: fan-out to 10,000 waiters costs one encoding.
+//!
+//! The hub imports no gateway, source or server code; it is a data structure.
+
+pub mod cursor;
+pub mod message;
+pub mod ring;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use prometheus::IntGauge;
+use tokio::sync::Notify;
+
+use cursor::{Cursor, Requested};
+use ring::{BufferLimits, Entry, Read, Ring};
+
+/// How long a `Message-Id` is remembered for de-duplication (PROTOCOL.md 3).
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(60);
+/// At most this many remembered ids per topic; the oldest are forgotten first.
+pub const DEDUPE_MAX: usize = 10_000;
+/// A response batch stops growing past about this many bytes (PROTOCOL.md 1.3).
+pub const BATCH_BYTES_MAX: usize = 1 << 20;
+
+/// How a route's topics behave; fixed per route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicSettings {
+    pub limits: BufferLimits,
+    /// A topic without subscribers lives this long after its last activity.
+    pub linger: Duration,
+    pub max_batch: usize,
+    /// Expired readers resume after the gap (200 with `gap: true`) instead of being refused.
+    pub resume_on_gap: bool,
+}
+
+/// One route's share of the hub: its settings, and the count of its live topics.
+pub struct RouteTopics {
+    pub name: Arc<str>,
+    pub settings: TopicSettings,
+    max_topics: usize,
+    count: AtomicUsize,
+    gauge: IntGauge,
+}
+
+impl RouteTopics {
+    /// `gauge` tracks the route's live topics (`pollmux_topics_active`).
+    pub fn new(name: &str, settings: TopicSettings, max_topics: usize, gauge: IntGauge) -> Self {
+        RouteTopics {
+            name: name.into(),
+            settings,
+            max_topics,
+            count: AtomicUsize::new(0),
+            gauge,
+        }
+    }
+
+    fn try_reserve(&self) -> bool {
+        let reserved = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_topics).then_some(n + 1)
+            })
+            .is_ok();
+        if reserved {
+            self.gauge.inc();
+        }
+        reserved
+    }
+
+    fn release(&self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TopicKey {
+    route: Arc<str>,
+    topic: Box<str>,
+}
+
+/// The route already has `max_topics` live topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the route has reached its max_topics")]
+pub struct TooManyTopics;
+
+#[derive(Default)]
+pub struct Hub {
+    topics: DashMap<TopicKey, Arc<Topic>>,
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        Hub::default()
+    }
+
+    /// Registers a reader of `topic`, creating the topic if it is new.
+    pub fn subscribe(
+        &self,
+        route: &Arc<RouteTopics>,
+        topic: &str,
+    ) -> Result<Subscription, TooManyTopics> {
+        self.with_topic(route, topic, |t| {
+            t.subscribers.fetch_add(1, Ordering::AcqRel);
+            Subscription { topic: t.clone() }
+        })
+    }
+
+    /// Publishes into `topic`, creating it if it is new (it then lives for `linger`).
+    pub fn publish(
+        &self,
+        route: &Arc<RouteTopics>,
+        topic: &str,
+        message: NewMessage,
+    ) -> Result<Published, TooManyTopics> {
+        self.with_topic(route, topic, |t| t.publish(message))
+    }
+
+    /// Runs `f` on the topic while holding its map shard, so a sweep cannot remove it meanwhile.
+    fn with_topic<R>(
+        &self,
+        route: &Arc<RouteTopics>,
+        topic: &str,
+        f: impl FnOnce(&Arc<Topic>) -> R,
+    ) -> Result<R, TooManyTopics> {
+        let key = TopicKey {
+            route: route.name.clone(),
+            topic: topic.into(),
+        };
+        if let Some(t) = self.topics.get(&key) {
+            return Ok(f(&t));
+        }
+        match self.topics.entry(key) {
+            MapEntry::Occupied(o) => Ok(f(o.get())),
+            MapEntry::Vacant(v) => {
+                if !route.try_reserve() {
+                    return Err(TooManyTopics);
+                }
+                let t = Arc::new(Topic::new(route.clone(), topic));
+                let r = f(&t);
+                v.insert(t);
+                Ok(r)
+            }
+        }
+    }
+
+    /// Removes topics without subscribers idle for their route's linger; returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        self.topics.retain(|_, t| {
+            let keep = t.subscribers.load(Ordering::Acquire) > 0 || !t.lingered(now);
+            if !keep {
+                t.route.release();
+                removed += 1;
+            }
+            keep
+        });
+        removed
+    }
+
+    /// Live topics over all routes.
+    pub fn len(&self) -> usize {
+        self.topics.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.topics.is_empty()
+    }
+}
+
+/// A message entering a topic.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The upstream's id (`Message-Id` for publishes); also the de-duplication key.
+    pub id: Option<String>,
+    pub content_type: Option<String>,
+    pub payload: Bytes,
+    pub arrived: Instant,
+}
+
+/// The result of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Cursor of the message (of the earlier one, for a duplicate).
+    pub cursor: String,
+    pub duplicate: bool,
+    /// False when the message exceeded the buffer and became a gap.
+    pub stored: bool,
+}
+
+/// An encoded poll response body, shared by every reader at the same position.
+#[derive(Debug)]
+pub struct Batch {
+    pub body: Bytes,
+    /// The cursor the body names (`Poll-Cursor`).
+    pub cursor: String,
+    pub messages: usize,
+    /// Arrival of the oldest message in the batch (delivery latency).
+    pub oldest: Instant,
+    pub gap: bool,
+    from: u64,
+    head: u64,
+}
+
+/// What a poll finds now.
+#[derive(Debug)]
+pub enum Poll {
+    Batch(Arc<Batch>),
+    /// Nothing newer; `at` is where the reader stands.
+    Empty {
+        at: Cursor,
+    },
+    /// The reader missed messages (PROTOCOL.md 1.3, 410).
+    Expired {
+        earliest: String,
+        latest: String,
+    },
+    /// The cursor is ahead of the topic's head.
+    Ahead,
+}
+
+pub struct Topic {
+    route: Arc<RouteTopics>,
+    name: Box<str>,
+    /// This incarnation; cursors of earlier ones are expired.
+    epoch: u64,
+    binding: u64,
+    state: Mutex<State>,
+    notify: Notify,
+    subscribers: AtomicUsize,
+}
+
+struct State {
+    ring: Ring,
+    /// The last batch encoded, reused while (position, head, gap) match.
+    cache: Option<Arc<Batch>>,
+    dedupe: Dedupe,
+    last_active: Instant,
+}
+
+impl Topic {
+    fn new(route: Arc<RouteTopics>, name: &str) -> Topic {
+        Topic {
+            binding: cursor::binding(&route.name, name),
+            epoch: fastrand::u64(1..),
+            state: Mutex::new(State {
+                ring: Ring::new(route.settings.limits),
+                cache: None,
+                dedupe: Dedupe::default(),
+                last_active: Instant::now(),
+            }),
+            route,
+            name: name.into(),
+            notify: Notify::new(),
+            subscribers: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the ring inconsistent in a way that
+        // matters more than stopping the topic; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cursor(&self, seq: u64) -> String {
+        Cursor {
+            binding: self.binding,
+            epoch: self.epoch,
+            seq,
+        }
+        .encode()
+    }
+
+    fn lingered(&self, now: Instant) -> bool {
+        let st = self.state();
+        now.saturating_duration_since(st.last_active) >= self.route.settings.linger
+    }
+
+    /// Appends a message and wakes every waiting reader. Never blocks on readers.
+    pub fn publish(&self, message: NewMessage) -> Published {
+        let mut st = self.state();
+        st.last_active = message.arrived;
+        if let Some(id) = &message.id
+            && let Some(seq) = st.dedupe.seen(id, message.arrived)
+        {
+            return Published {
+                cursor: self.cursor(seq),
+                duplicate: true,
+                stored: false,
+            };
+        }
+        let seq = st.ring.next_seq();
+        let cursor = self.cursor(seq);
+        let json = message::encode(
+            &cursor,
+            message.id.as_deref(),
+            message.content_type.as_deref(),
+            &message.payload,
+        );
+        let entry = Entry {
+            seq,
+            arrived: message.arrived,
+            json,
+            size: message.payload.len(),
+        };
+        let stored = st.ring.push(entry, message.arrived);
+        if let Some(id) = message.id {
+            st.dedupe.remember(id, seq, message.arrived);
+        }
+        drop(st);
+        self.notify.notify_waiters();
+        Published {
+            cursor,
+            duplicate: false,
+            stored,
+        }
+    }
+
+    /// Records a gap after the current head (messages lost upstream) and wakes readers.
+    pub fn record_gap(&self) {
+        self.state().ring.record_gap();
+        self.notify.notify_waiters();
+    }
+
+    /// What a reader at `at` finds now. Cursors must already be checked to belong to this
+    /// (route, topic); see [`Topic::binding`].
+    pub fn poll(&self, at: Requested, now: Instant) -> Poll {
+        let mut st = self.state();
+        st.ring.expire(now);
+        let (floor, head) = (st.ring.floor(), st.ring.head());
+        let resume = self.route.settings.resume_on_gap;
+        let (after, gap) = match at {
+            Requested::Earliest => (floor, false),
+            Requested::Latest => (head, false),
+            Requested::At(c) if c.epoch != self.epoch || c.seq < floor => {
+                if !resume {
+                    return Poll::Expired {
+                        earliest: self.cursor(floor),
+                        latest: self.cursor(head),
+                    };
+                }
+                (floor, true)
+            }
+            Requested::At(c) => (c.seq, false),
+        };
+        let s = &self.route.settings;
+        match st.ring.read(after, s.max_batch, BATCH_BYTES_MAX) {
+            Read::Ahead => Poll::Ahead,
+            Read::Expired => unreachable!("positions below the floor were handled above"),
+            Read::Empty if !gap => Poll::Empty {
+                at: Cursor {
+                    binding: self.binding,
+                    epoch: self.epoch,
+                    seq: after,
+                },
+            },
+            Read::Empty => Poll::Batch(self.encode(&mut st, after, after, false, true)),
+            Read::Messages { from, to, more } => {
+                Poll::Batch(self.encode(&mut st, from, to, more, gap))
+            }
+        }
+    }
+
+    /// The encoded batch `from+1 ..= to`, from the cache when another reader asked first.
+    fn encode(&self, st: &mut State, from: u64, to: u64, more: bool, gap: bool) -> Arc<Batch> {
+        let head = st.ring.head();
+        if let Some(b) = &st.cache
+            && b.from == from
+            && b.head == head
+            && b.gap == gap
+        {
+            return b.clone();
+        }
+        let cursor = self.cursor(to);
+        let mut body = BytesMut::with_capacity(64 + cursor.len());
+        body.put_slice(b"{\"cursor\":\"");
+        body.put_slice(cursor.as_bytes());
+        body.put_slice(b"\",\"messages\":[");
+        let mut oldest = None;
+        let mut messages = 0;
+        for (i, e) in st.ring.entries(from, to).enumerate() {
+            if i > 0 {
+                body.put_u8(b',');
+            }
+            body.put_slice(&e.json);
+            oldest.get_or_insert(e.arrived);
+            messages += 1;
+        }
+        body.put_slice(if more {
+            b"],\"more\":true"
+        } else {
+            b"],\"more\":false"
+        });
+        if gap {
+            body.put_slice(b",\"gap\":true");
+        }
+        body.put_u8(b'}');
+        let batch = Arc::new(Batch {
+            body: body.freeze(),
+            cursor,
+            messages,
+            oldest: oldest.unwrap_or_else(Instant::now),
+            gap,
+            from,
+            head,
+        });
+        st.cache = Some(batch.clone());
+        batch
+    }
+
+    /// The binding a cursor must carry to belong to this topic.
+    pub fn binding(&self) -> u64 {
+        self.binding
+    }
+
+    /// A future that completes at the next publish or gap. Create it (and `enable` it) before
+    /// polling, so a publish between the poll and the wait is not missed.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+/// A registered reader of a topic; dropping it (however the request ends) unregisters it and
+/// starts the topic's linger.
+pub struct Subscription {
+    topic: Arc<Topic>,
+}
+
+impl Subscription {
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.topic.state().last_active = Instant::now();
+        self.topic.subscribers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Recently seen message ids of one topic, forgotten after [`DEDUPE_WINDOW`].
+#[derive(Default)]
+struct Dedupe {
+    seqs: HashMap<String, u64>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Dedupe {
+    fn seen(&mut self, id: &str, now: Instant) -> Option<u64> {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < DEDUPE_WINDOW && self.order.len() <= DEDUPE_MAX
+            {
+                break;
+            }
+            if let Some((_, old)) = self.order.pop_front() {
+                self.seqs.remove(&old);
+            }
+        }
+        self.seqs.get(id).copied()
+    }
+
+    fn remember(&mut self, id: String, seq: u64, now: Instant) {
+        self.order.push_back((now, id.clone()));
+        self.seqs.insert(id, seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(max_topics: usize, linger_ms: u64, resume: bool) -> Arc<RouteTopics> {
+        let settings = TopicSettings {
+            limits: BufferLimits {
+                messages: 3,
+                bytes: 1 << 20,
+                age: Duration::from_secs(300),
+            },
+            linger: Duration::from_millis(linger_ms),
+            max_batch: 100,
+            resume_on_gap: resume,
+        };
+        let gauge = IntGauge::new("t", "t").unwrap();
+        Arc::new(RouteTopics::new("r", settings, max_topics, gauge))
+    }
+
+    fn msg(text: &str) -> NewMessage {
+        NewMessage {
+            id: None,
+            content_type: Some("text/plain".into()),
+            payload: Bytes::from(text.to_owned()),
+            arrived: Instant::now(),
+        }
+    }
+
+    fn batch(p: Poll) -> Arc<Batch> {
+        match p {
+            Poll::Batch(b) => b,
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn readers_at_one_position_share_one_encoding() {
+        let hub = Hub::new();
+        let r = route(10, 1000, false);
+        let sub = hub.subscribe(&r, "t").unwrap();
+        let start = match sub.topic().poll(Requested::Latest, Instant::now()) {
+            Poll::Empty { at } => Requested::At(at),
+            other => panic!("{other:?}"),
+        };
+        hub.publish(&r, "t", msg("one")).unwrap();
+        let first = batch(sub.topic().poll(start, Instant::now()));
+        for _ in 0..1000 {
+            let again = batch(sub.topic().poll(start, Instant::now()));
+            assert!(Arc::ptr_eq(&first, &again));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
+        assert_eq!(v["messages"][0]["data"], "one");
+        assert_eq!(v["cursor"], first.cursor);
+        assert_eq!(v["messages"][0]["cursor"], first.cursor);
+    }
+
+    #[test]
+    fn expired_and_resumed_readers() {
+        let hub = Hub::new();
+        for resume in [false, true] {
+            let r = route(10, 1000, resume);
+            let sub = hub.subscribe(&r, "t").unwrap();
+            let t = sub.topic();
+            let first = hub.publish(&r, "t", msg("1")).unwrap().cursor;
+            for i in 2..=5 {
+                hub.publish(&r, "t", msg(&i.to_string())).unwrap();
+            }
+            let at = Requested::parse(&first).unwrap();
+            match (resume, t.poll(at, Instant::now())) {
+                (false, Poll::Expired { earliest, latest }) => {
+                    let b = batch(t.poll(Requested::parse(&earliest).unwrap(), Instant::now()));
+                    let v: serde_json::Value = serde_json::from_slice(&b.body).unwrap();
+                    assert_eq!(v["messages"].as_array().unwrap().len(), 3);
+                    assert_eq!(v["messages"][0]["data"], "3");
+                    assert_eq!(b.cursor, latest);
+                }
+                (true, Poll::Batch(b)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&b.body).unwrap();
+                    assert_eq!(v["gap"], true);
+                    assert_eq!(v["messages"][0]["data"], "3");
+                }
+                (_, other) => panic!("resume={resume}: {other:?}"),
+            }
+            drop(sub);
+            hub.sweep(Instant::now() + Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn max_topics_and_sweep() {
+        let hub = Hub::new();
+        let r = route(2, 50, false);
+        let a = hub.subscribe(&r, "a").unwrap();
+        hub.publish(&r, "b", msg("x")).unwrap();
+        assert_eq!(hub.subscribe(&r, "c").err(), Some(TooManyTopics));
+        let now = Instant::now() + Duration::from_secs(1);
+        // "b" has no subscriber and lingered; "a" is held.
+        assert_eq!(hub.sweep(now), 1);
+        assert!(hub.subscribe(&r, "c").is_ok());
+        drop(a);
+        assert_eq!(hub.len(), 2);
+        assert_eq!(hub.sweep(now + Duration::from_secs(1)), 2);
+        assert!(hub.is_empty());
+        assert_eq!(r.gauge.get(), 0);
+    }
+
+    #[test]
+    fn new_incarnation_expires_old_cursors() {
+        let hub = Hub::new();
+        let r = route(10, 0, false);
+        let old = hub.publish(&r, "t", msg("x")).unwrap().cursor;
+        hub.sweep(Instant::now() + Duration::from_millis(1));
+        let sub = hub.subscribe(&r, "t").unwrap();
+        let at = Requested::parse(&old).unwrap();
+        assert!(matches!(
+            sub.topic().poll(at, Instant::now()),
+            Poll::Expired { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicate_ids_publish_once() {
+        let hub = Hub::new();
+        let r = route(10, 1000, false);
+        let mut m = msg("x");
+        m.id = Some("m-1".into());
+        let first = hub.publish(&r, "t", m.clone()).unwrap();
+        let again = hub.publish(&r, "t", m.clone()).unwrap();
+        assert!(!first.duplicate && again.duplicate);
+        assert_eq!(first.cursor, again.cursor);
+        m.arrived += DEDUPE_WINDOW;
+        assert!(!hub.publish(&r, "t", m).unwrap().duplicate);
+    }
+
+    #[tokio::test]
+    async fn publish_wakes_a_waiting_reader() {
+        let hub = Arc::new(Hub::new());
+        let r = route(10, 1000, false);
+        let sub = hub.subscribe(&r, "t").unwrap();
+        let t = sub.topic();
+        let mut changed = std::pin::pin!(t.changed());
+        changed.as_mut().enable();
+        assert!(matches!(
+            t.poll(Requested::Latest, Instant::now()),
+            Poll::Empty { .. }
+        ));
+        let (hub2, r2) = (hub.clone(), r.clone());
+        tokio::spawn(async move { hub2.publish(&r2, "t", msg("wake")).unwrap() });
+        changed.await;
+        assert!(matches!(
+            t.poll(Requested::Earliest, Instant::now()),
+            Poll::Batch(_)
+        ));
+    }
+}
