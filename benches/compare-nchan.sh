@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs the load tool's scenarios against pollmux, then against Nchan, on this machine, and
+# prints pollmux/Nchan ratios. Loopback only. Usage:
+#   benches/compare-nchan.sh                       # full scenarios (needs root to install nginx)
+#   SCALE=0.1 SCENARIOS=fanout_1topic benches/compare-nchan.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SCALE=${SCALE:-1}
+SCENARIOS=${SCENARIOS:-fanout_1topic,fanout_100topics,burst,sustained}
+OUT=${OUT:-target/bench}
+NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+
+if [ ! -e "$NCHAN_MODULE" ] || ! command -v nginx >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light libnginx-mod-nchan >/dev/null
+fi
+# Both servers and the tool's workers inherit the hard descriptor limit.
+ulimit -n "$(ulimit -Hn)"
+
+cargo build --release --bin pollmux --bin pollmux-load
+mkdir -p "$OUT"
+rm -f "$OUT/pollmux.jsonl" "$OUT/nchan.jsonl"
+LOAD=target/release/pollmux-load
+
+wait_http() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r)"
+
+target/release/pollmux run --config benches/pollmux.toml --log-level warn &
+PM=$!
+trap 'kill $PM 2>/dev/null || true' EXIT
+wait_http 19090
+$LOAD run --target pollmux --pid "$PM" --scale "$SCALE" --scenarios "$SCENARIOS" \
+  --sub-url 'http://127.0.0.1:18080/bench/{topic}' \
+  --pub-url 'http://127.0.0.1:19090/publish/bench/{topic}' \
+  --held-url 'http://127.0.0.1:19090/metrics' --held-prefix 'pollmux_polls_active{route="bench"}' \
+  --out "$OUT/pollmux.jsonl"
+kill -TERM "$PM"; wait "$PM" || true
+
+PREFIX=$(mktemp -d)
+mkdir -p "$PREFIX/logs" "$PREFIX/tmp"
+nginx -p "$PREFIX" -c "$PWD/benches/nchan.conf" -g 'daemon off;' &
+NG=$!
+trap 'kill $NG 2>/dev/null || true; rm -rf "$PREFIX"' EXIT
+wait_http 18081
+$LOAD run --target nchan --pid "$NG" --scale "$SCALE" --scenarios "$SCENARIOS" \
+  --sub-url 'http://127.0.0.1:18081/sub/{topic}' \
+  --pub-url 'http://127.0.0.1:18081/pub/{topic}' \
+  --held-url 'http://127.0.0.1:18081/nchan_status' --held-prefix 'subscribers:' \
+  --out "$OUT/nchan.jsonl"
+kill -QUIT "$NG"; wait "$NG" || true
+
+echo
+echo "== pollmux / Nchan"
+$LOAD compare "$OUT/pollmux.jsonl" "$OUT/nchan.jsonl"
