@@ -4,6 +4,7 @@
 //! Bound to loopback by default; never exposed on the public listeners. Off loopback the config
 //! requires a publish token, compared in constant time.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -49,7 +50,18 @@ pub struct Admin {
 }
 
 impl Handler for Admin {
-    async fn call(&self, req: Request<Incoming>, _conn: ConnInfo) -> Response<Body> {
+    fn call(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        _conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
+        let this = self.clone();
+        async move { this.handle(req).await }
+    }
+}
+
+impl Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         if let Some(rest) = req.uri().path().strip_prefix("/publish/") {
             let rest = rest.to_owned();
             return self.publish(req, &rest).await;

@@ -32,17 +32,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use admin::{Admin, Readiness};
 use config::{Config, FD_RESERVE};
-use gateway::{ConnInfo, Gateway};
+use gateway::Gateway;
 use hub::Hub;
 use metrics::Metrics;
-use server::{ConnectionLimit, Handler, Lifecycle, ListenerSettings};
-use upstream::Body;
+use server::{ConnectionLimit, Lifecycle, ListenerSettings};
 
 /// How often lingered topics are looked for: the precision of `linger`.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -67,12 +64,6 @@ pub struct Server {
     admin: TcpListener,
     metrics: Arc<Metrics>,
     max_connections: usize,
-}
-
-impl Handler for Gateway {
-    async fn call(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
-        self.handle(req, &conn).await
-    }
 }
 
 impl Server {

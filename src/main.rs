@@ -10,6 +10,11 @@ use pollmux::config::{Config, DEFAULT_CONFIG};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc keeps far less of hyper's idle per-connection buffers resident than glibc's malloc
+/// (docs/BENCHMARKS.md): memory per held poll is the figure that sizes a deployment.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// `EX_CONFIG` from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 78;
 

@@ -21,7 +21,9 @@ use super::problem::Problem;
 use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
-use crate::hub::{Hub, NewMessage, Poll, Published, RouteTopics, TooManyTopics, TopicSettings};
+use crate::hub::{
+    Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, TopicSettings,
+};
 use crate::metrics::{Outcome, PollMetrics};
 use crate::upstream::Body;
 
@@ -81,73 +83,106 @@ impl PollRoute {
     }
 }
 
-/// What a held poll needs from the server.
-pub struct PollContext<'a> {
-    pub hub: &'a Hub,
-    /// Cancelled when the server drains.
-    pub drain: &'a CancellationToken,
-    /// Held polls are answered at a random moment within this window after the drain starts.
-    pub drain_window: Duration,
+/// A poll that passed every check and holds its subscription: all a parked poll keeps.
+pub struct Held {
+    subscription: Subscription,
+    /// Where the client stands; fixed to a concrete position once the poll waits.
+    at: Requested,
+    deadline: tokio::time::Instant,
+    /// HTTP/1.1 answers to a drain say `Connection: close`.
+    close_on_drain: bool,
+    origin: Option<HeaderValue>,
+    _active: ActiveGauge,
 }
 
-/// Answers one request on a poll route.
-pub async fn serve(
+/// Checks a request on a poll route and joins its topic, synchronously: everything that can
+/// reject a request is decided before the topic is touched, and the request is dropped here,
+/// so the held state is only [`Held`]. `Err` is the answer for a request that does not wait.
+#[expect(
+    clippy::result_large_err,
+    reason = "the answer is returned to hyper at once; boxing it would only add an allocation"
+)]
+pub fn prepare(
     route: &PollRoute,
-    ctx: &PollContext<'_>,
+    hub: &Hub,
     req: Request<Incoming>,
     params: &[(String, String)],
-) -> (Response<Body>, Outcome) {
+) -> Result<Held, (Response<Body>, Outcome)> {
     let origin = match cors::check(req.headers(), &route.config.cors_origins) {
         Ok(origin) => origin,
         Err(cors::OriginNotAllowed) => {
-            return rejected(Problem::OriginNotAllowed, "origin is not allowed", None);
+            return Err(rejected(
+                Problem::OriginNotAllowed,
+                "origin is not allowed",
+                None,
+            ));
         }
     };
-    let (mut resp, outcome) = hold(route, ctx, req, params, origin.as_ref()).await;
-    if let Some(origin) = &origin {
-        cors::apply(&mut resp, origin);
+    let with_cors = |(mut resp, outcome): (Response<Body>, Outcome)| {
+        if let Some(origin) = &origin {
+            cors::apply(&mut resp, origin);
+        }
+        (resp, outcome)
+    };
+    if req.method() == Method::OPTIONS {
+        return Err((cors::preflight(origin.as_ref()), Outcome::Response));
     }
-    (resp, outcome)
+    let checked = check(route, &req, params);
+    let (requested, hold, topic) = checked.map_err(with_cors)?;
+    let close_on_drain = req.version() < Version::HTTP_2;
+    // Nothing of the request is needed from here on.
+    drop(req);
+    let Ok(subscription) = hub.subscribe(&route.topics, &topic) else {
+        let detail = "the route has reached its max_topics";
+        return Err(with_cors(rejected(Problem::TooManyTopics, detail, None)));
+    };
+    Ok(Held {
+        subscription,
+        at: requested,
+        deadline: tokio::time::Instant::now() + hold - jitter(hold),
+        close_on_drain,
+        origin,
+        _active: ActiveGauge::new(route.metrics.polls_active.clone()),
+    })
 }
 
-async fn hold(
+/// Method, body, query and cursor checks; the requested position, the hold and the topic.
+#[expect(
+    clippy::result_large_err,
+    reason = "the answer is returned to hyper at once; boxing it would only add an allocation"
+)]
+fn check(
     route: &PollRoute,
-    ctx: &PollContext<'_>,
-    req: Request<Incoming>,
+    req: &Request<Incoming>,
     params: &[(String, String)],
-    origin: Option<&HeaderValue>,
-) -> (Response<Body>, Outcome) {
-    if req.method() == Method::OPTIONS {
-        return (cors::preflight(origin), Outcome::Response);
-    }
+) -> Result<(Requested, Duration, String), (Response<Body>, Outcome)> {
     if req.method() != Method::GET {
         let (mut resp, outcome) = rejected(Problem::MethodNotAllowed, "use GET", None);
         resp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
-        return (resp, outcome);
+        return Err((resp, outcome));
     }
     if !req.body().is_end_stream() {
-        return rejected(Problem::InvalidRequest, "a poll request has no body", None);
+        return Err(rejected(
+            Problem::InvalidRequest,
+            "a poll request has no body",
+            None,
+        ));
     }
-    let query = match PollQuery::parse(req.uri().query()) {
-        Ok(q) => q,
-        Err(e) => return rejected(Problem::InvalidRequest, &e, None),
-    };
+    let query = PollQuery::parse(req.uri().query())
+        .map_err(|e| rejected(Problem::InvalidRequest, &e, None))?;
     let header_cursor = match req.headers().get(LAST_EVENT_ID).map(|v| v.to_str()) {
         None => None,
         Some(Ok(v)) => Some(v),
         Some(Err(_)) => {
-            return rejected(
-                Problem::InvalidCursor,
-                "Last-Event-ID is not a cursor",
-                None,
-            );
+            let detail = "Last-Event-ID is not a cursor";
+            return Err(rejected(Problem::InvalidCursor, detail, None));
         }
     };
     let cursor_text = match (query.cursor, header_cursor) {
         (Some(a), Some(b)) if a != b => {
             let detail = "cursor and Last-Event-ID differ";
-            return rejected(Problem::InvalidRequest, detail, None);
+            return Err(rejected(Problem::InvalidRequest, detail, None));
         }
         (a, b) => a.or(b),
     };
@@ -159,77 +194,100 @@ async fn hold(
         },
         Some(Ok(Requested::At(c))) if c.binding != cursor::binding(&route.name, &topic) => {
             let detail = "cursor belongs to another route or topic";
-            return rejected(Problem::InvalidCursor, detail, None);
+            return Err(rejected(Problem::InvalidCursor, detail, None));
         }
         Some(Ok(r)) => r,
-        Some(Err(e)) => return rejected(Problem::InvalidCursor, &e.to_string(), None),
+        Some(Err(e)) => return Err(rejected(Problem::InvalidCursor, &e.to_string(), None)),
     };
-    let max_hold = route.config.max_hold;
     let hold = match query.timeout.map(str::parse::<u64>) {
         None => route.config.hold,
-        Some(Ok(secs)) => Duration::from_secs(secs).min(max_hold),
+        Some(Ok(secs)) => Duration::from_secs(secs).min(route.config.max_hold),
         Some(Err(_)) => {
             let detail = "timeout must be whole seconds";
-            return rejected(Problem::InvalidRequest, detail, None);
+            return Err(rejected(Problem::InvalidRequest, detail, None));
         }
     };
-    let http1 = req.version() < Version::HTTP_2;
-    // Nothing of the request is needed from here on; a held poll keeps only what follows.
-    drop(req);
+    Ok((requested, hold, topic))
+}
 
-    let Ok(subscription) = ctx.hub.subscribe(&route.topics, &topic) else {
-        let detail = "the route has reached its max_topics";
-        return rejected(Problem::TooManyTopics, detail, None);
-    };
-    let _active = ActiveGauge::new(&route.metrics.polls_active);
-    let deadline = tokio::time::Instant::now() + hold - jitter(hold);
-    let topic = subscription.topic();
-    let mut at = requested;
-    loop {
-        let changed = topic.changed();
-        let mut changed = std::pin::pin!(changed);
-        changed.as_mut().enable();
-        let position = match topic.poll(at, Instant::now()) {
-            Poll::Batch(batch) => {
-                route.metrics.delivered.inc_by(batch.messages as u64);
-                if batch.gap {
+impl Held {
+    /// Answers now if the topic has something for this position, else waits for a message,
+    /// the hold deadline, or the drain (then answers at a random moment within
+    /// `drain_window`, so clients do not all come back at once).
+    ///
+    /// One timer serves both the hold and the drain: a parked poll keeps one `Sleep`, one
+    /// `Notified` and this struct.
+    pub async fn wait(
+        &mut self,
+        route: &PollRoute,
+        drain: &CancellationToken,
+        drain_window: Duration,
+    ) -> (Response<Body>, Outcome) {
+        let (mut resp, outcome) = self.wait_inner(route, drain, drain_window).await;
+        if let Some(origin) = &self.origin {
+            cors::apply(&mut resp, origin);
+        }
+        (resp, outcome)
+    }
+
+    async fn wait_inner(
+        &mut self,
+        route: &PollRoute,
+        drain: &CancellationToken,
+        drain_window: Duration,
+    ) -> (Response<Body>, Outcome) {
+        let topic = self.subscription.topic();
+        let timer = tokio::time::sleep_until(self.deadline);
+        let mut timer = std::pin::pin!(timer);
+        let mut draining = false;
+        loop {
+            let changed = topic.changed();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let position = match topic.poll(self.at, Instant::now()) {
+                Poll::Batch(batch) => {
+                    route.metrics.delivered.inc_by(batch.messages as u64);
+                    if batch.gap {
+                        route.metrics.cursor_expired.inc();
+                    }
+                    if batch.messages > 0 {
+                        let latency = batch.oldest.elapsed().as_secs_f64();
+                        route.metrics.delivery_latency.observe(latency);
+                    }
+                    let resp = poll_response(batch.body.clone(), &batch.cursor, batch.gap, false);
+                    return (resp, Outcome::Message);
+                }
+                Poll::Expired { earliest, latest } => {
                     route.metrics.cursor_expired.inc();
+                    let extra = [
+                        ("earliest_cursor", earliest.as_str()),
+                        ("latest_cursor", latest.as_str()),
+                    ];
+                    return rejected(Problem::CursorExpired, "cursor expired", Some(&extra));
                 }
-                if batch.messages > 0 {
-                    let latency = batch.oldest.elapsed().as_secs_f64();
-                    route.metrics.delivery_latency.observe(latency);
+                Poll::Ahead => {
+                    let detail = "cursor is ahead of the topic";
+                    return rejected(Problem::InvalidCursor, detail, None);
                 }
-                let resp = poll_response(batch.body.clone(), &batch.cursor, batch.gap, false);
-                return (resp, Outcome::Message);
-            }
-            Poll::Expired { earliest, latest } => {
-                route.metrics.cursor_expired.inc();
-                let extra = [
-                    ("earliest_cursor", earliest.as_str()),
-                    ("latest_cursor", latest.as_str()),
-                ];
-                return rejected(Problem::CursorExpired, "cursor expired", Some(&extra));
-            }
-            Poll::Ahead => {
-                let detail = "cursor is ahead of the topic";
-                return rejected(Problem::InvalidCursor, detail, None);
-            }
-            Poll::Empty { at } => at,
-        };
-        // Wait from a fixed position: `latest` must not move on while we wait.
-        at = Requested::At(position);
-        let drained = async {
-            ctx.drain.cancelled().await;
-            let spread = ctx.drain_window.mul_f64(fastrand::f64());
-            tokio::time::sleep(spread).await;
-        };
-        tokio::select! {
-            () = &mut changed => continue,
-            () = tokio::time::sleep_until(deadline) => {
-                return (empty_response(&position, false), Outcome::Timeout);
-            }
-            () = drained => {
-                return (empty_response(&position, http1), Outcome::Shutdown);
+                Poll::Empty { at } => at,
+            };
+            // Wait from a fixed position: `latest` must not move on while we wait.
+            self.at = Requested::At(position);
+            tokio::select! {
+                () = &mut changed => {}
+                () = timer.as_mut() => {
+                    return if draining {
+                        (empty_response(&position, self.close_on_drain), Outcome::Shutdown)
+                    } else {
+                        (empty_response(&position, false), Outcome::Timeout)
+                    };
+                }
+                () = drain.cancelled(), if !draining => {
+                    draining = true;
+                    let spread = drain_window.mul_f64(fastrand::f64());
+                    let answer_at = (tokio::time::Instant::now() + spread).min(self.deadline);
+                    timer.as_mut().reset(answer_at);
+                }
             }
         }
     }
@@ -307,16 +365,16 @@ impl<'a> PollQuery<'a> {
 }
 
 /// Keeps `pollmux_polls_active` right however the poll ends.
-struct ActiveGauge<'a>(&'a IntGauge);
+struct ActiveGauge(IntGauge);
 
-impl<'a> ActiveGauge<'a> {
-    fn new(gauge: &'a IntGauge) -> ActiveGauge<'a> {
+impl ActiveGauge {
+    fn new(gauge: IntGauge) -> ActiveGauge {
         gauge.inc();
         ActiveGauge(gauge)
     }
 }
 
-impl Drop for ActiveGauge<'_> {
+impl Drop for ActiveGauge {
     fn drop(&mut self) {
         self.0.dec();
     }

@@ -10,7 +10,9 @@ pub mod problem;
 pub mod proxy;
 pub mod router;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
 use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
+use crate::server::Handler;
 use crate::upstream::{Body, Upstream};
-use longpoll::{PollContext, PollRoute};
+use longpoll::{Held, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
 
@@ -41,10 +44,10 @@ pub struct ConnInfo {
 pub struct Gateway {
     routes: Vec<RouteConfig>,
     router: Router,
-    route_metrics: Vec<RouteMetrics>,
+    route_metrics: Vec<Arc<RouteMetrics>>,
     /// Per route, what serves it.
     runtimes: Vec<Runtime>,
-    unmatched: RouteMetrics,
+    unmatched: Arc<RouteMetrics>,
     upstreams: Vec<Upstream>,
     limits: LimitsConfig,
     hub: Arc<Hub>,
@@ -83,7 +86,7 @@ impl Gateway {
             route_metrics: config
                 .routes
                 .iter()
-                .map(|r| RouteMetrics::new(metrics, &r.name, r.kind.label()))
+                .map(|r| Arc::new(RouteMetrics::new(metrics, &r.name, r.kind.label())))
                 .collect(),
             runtimes: config
                 .routes
@@ -97,7 +100,7 @@ impl Gateway {
                     RouteKind::Proxy { upstream } => Runtime::Proxy(*upstream),
                 })
                 .collect(),
-            unmatched: RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none"),
+            unmatched: Arc::new(RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none")),
             upstreams: config
                 .upstreams
                 .iter()
@@ -154,77 +157,154 @@ impl Gateway {
             .map_err(|_| PublishError::TooManyTopics)
     }
 
-    /// Answers one client request. Never fails: every error is a problem+json response.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<Body> {
+    /// Routes and checks a request synchronously, so that the future a held request keeps
+    /// carries only what its wait needs (never the request itself; see `Handler`).
+    fn prepare(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Step {
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.limits.max_uri_bytes {
-            return Record::new(&self.unmatched).reject(Problem::UriTooLong, None);
+            return Step::Done(Record::new(&self.unmatched).reject(Problem::UriTooLong, None));
         }
         let matched = match self.router.resolve(&self.routes, req.uri().path()) {
             Ok(m) => m,
             Err(RouteError::NotFound) => {
-                return Record::new(&self.unmatched).reject(Problem::NotFound, None);
+                return Step::Done(Record::new(&self.unmatched).reject(Problem::NotFound, None));
             }
             Err(RouteError::InvalidParameter { route, name }) => {
                 let detail = format!("path parameter {name:?} is not valid for this route");
-                return Record::new(&self.route_metrics[route])
-                    .reject(Problem::InvalidParameter, Some(&detail));
+                let record = Record::new(&self.route_metrics[route]);
+                return Step::Done(record.reject(Problem::InvalidParameter, Some(&detail)));
             }
         };
-        let metrics = &self.route_metrics[matched.route];
-        let record = Record::new(metrics);
-        let (resp, outcome) = match &self.runtimes[matched.route] {
-            Runtime::Poll(poll) => {
-                let ctx = PollContext {
-                    hub: &self.hub,
-                    drain: &self.drain,
-                    drain_window: self.drain_window,
-                };
-                longpoll::serve(poll, &ctx, req, &matched.params).await
-            }
+        let route = matched.route;
+        let mut record = Record::new(&self.route_metrics[route]);
+        match &self.runtimes[route] {
+            Runtime::Poll(poll) => match longpoll::prepare(poll, &self.hub, req, &matched.params) {
+                Ok(held) => Step::Poll {
+                    route,
+                    held,
+                    record,
+                },
+                Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
+            },
             Runtime::Proxy(upstream) => {
-                let upstream = &self.upstreams[*upstream];
-                let trusted = &self.limits.trusted_proxies;
-                proxy::forward(upstream, metrics, req, conn, trusted).await
+                let this = self.clone();
+                let upstream = *upstream;
+                Step::Proxy(Box::pin(async move {
+                    let upstream = &this.upstreams[upstream];
+                    let trusted = &this.limits.trusted_proxies;
+                    let forwarded =
+                        proxy::forward(upstream, &record.metrics, req, &conn, trusted).await;
+                    record.finish(forwarded.0, forwarded.1)
+                }))
             }
-        };
-        record.finish(resp, outcome)
+        }
     }
+}
+
+impl Handler for Gateway {
+    fn call(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
+        let mut step = self.prepare(req, conn);
+        let this = self.clone();
+        async move {
+            match &mut step {
+                Step::Done(resp) => std::mem::take(resp),
+                Step::Proxy(forward) => forward.await,
+                Step::Poll {
+                    route,
+                    held,
+                    record,
+                } => {
+                    let Runtime::Poll(poll) = &this.runtimes[*route] else {
+                        unreachable!("Step::Poll is only made for poll routes");
+                    };
+                    let (resp, outcome) = held.wait(poll, &this.drain, this.drain_window).await;
+                    record.finish(resp, outcome)
+                }
+            }
+        }
+    }
+}
+
+/// A request after its synchronous part: answered, or what is left to await.
+enum Step {
+    Done(Response<Body>),
+    Proxy(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+    Poll {
+        route: usize,
+        held: Held,
+        record: Record,
+    },
 }
 
 /// Records one client request's metrics exactly once: on `finish`, or as `client_gone` when
 /// dropped unfinished.
-struct Record<'a> {
-    metrics: &'a RouteMetrics,
+struct Record {
+    metrics: Arc<RouteMetrics>,
     started: Instant,
     finished: bool,
 }
 
-impl<'a> Record<'a> {
-    fn new(metrics: &'a RouteMetrics) -> Record<'a> {
+impl Record {
+    fn new(metrics: &Arc<RouteMetrics>) -> Record {
         Record {
-            metrics,
+            metrics: metrics.clone(),
             started: Instant::now(),
             finished: false,
         }
     }
 
-    fn finish(mut self, resp: Response<Body>, outcome: Outcome) -> Response<Body> {
+    fn finish(&mut self, resp: Response<Body>, outcome: Outcome) -> Response<Body> {
         self.finished = true;
         self.metrics
             .answered(resp.status().as_u16(), outcome, self.started.elapsed());
         resp
     }
 
-    fn reject(self, problem: Problem, detail: Option<&str>) -> Response<Body> {
+    fn reject(mut self, problem: Problem, detail: Option<&str>) -> Response<Body> {
         self.finish(problem.response(detail), Outcome::Rejected)
     }
 }
 
-impl Drop for Record<'_> {
+impl Drop for Record {
     fn drop(&mut self) {
         if !self.finished {
             self.metrics.abandoned(self.started.elapsed());
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, F: Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// What hyper keeps per pending request (for a held poll, its whole hold). A regression
+    /// here is memory per held poll; see docs/BENCHMARKS.md.
+    #[test]
+    fn pending_request_state_stays_small() {
+        let config = Config::default_config();
+        let metrics = Arc::new(Metrics::new(&config));
+        let gw = Arc::new(Gateway::new(
+            &config,
+            &metrics,
+            Arc::new(Hub::new()),
+            CancellationToken::new(),
+        ));
+        let conn = ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            tls: false,
+        };
+        let size = future_size(|req: Request<Incoming>| gw.call(req, conn));
+        eprintln!("pending request future: {size} bytes");
+        assert!(size <= PENDING_REQUEST_BYTES_MAX, "{size} bytes");
+    }
+
+    const PENDING_REQUEST_BYTES_MAX: usize = 768;
 }

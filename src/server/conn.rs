@@ -57,12 +57,12 @@ impl Connection {
         };
         let reject = matches!(admission, Admission::Reject(_));
         let service = move |req| {
-            let handler = handler.clone();
+            // Called here, not inside the async block, so the block never holds the request.
+            let call = (!reject).then(|| handler.call(req, info));
             async move {
-                let resp = if reject {
-                    Problem::Overloaded.response(Some("max_connections reached"))
-                } else {
-                    handler.call(req, info).await
+                let resp = match call {
+                    Some(call) => call.await,
+                    None => Problem::Overloaded.response(Some("max_connections reached")),
                 };
                 Ok::<_, Infallible>(resp)
             }
@@ -73,25 +73,13 @@ impl Connection {
             drain: &drain,
             reject,
         };
+        // Every connection task is allocated at the size of its largest state, so the TLS and
+        // HTTP/2 paths (rustls and h2 state are kilobytes) are boxed: a cleartext HTTP/1.1
+        // connection, the held-poll case, pays only for what it uses.
         let serve = async {
             match &settings.tls {
                 Some(acceptor) => {
-                    let handshake = acceptor.accept(stream);
-                    let tls =
-                        match tokio::time::timeout(limits.tls_handshake_timeout, handshake).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        };
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-                    serving.run(TokioIo::new(tls), protocol, service).await;
+                    Box::pin(serving.serve_tls(acceptor, stream, peer, service)).await;
                 }
                 None => {
                     let protocol = if settings.http2 {
@@ -125,6 +113,34 @@ struct Serving<'a> {
 }
 
 impl Serving<'_> {
+    async fn serve_tls<S, F>(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        peer: SocketAddr,
+        service: S,
+    ) where
+        S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
+    {
+        let handshake = acceptor.accept(stream);
+        let timeout = self.settings.limits.tls_handshake_timeout;
+        let tls = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
+        self.run(TokioIo::new(tls), protocol, service).await;
+    }
+
     async fn run<I, S, F>(&self, io: I, protocol: Protocol, service: S)
     where
         I: Read + Write + Unpin + Send + 'static,
@@ -163,7 +179,7 @@ impl Serving<'_> {
                         u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
                     )
                     .serve_connection(io, service);
-                let mut conn = std::pin::pin!(conn);
+                let mut conn = Box::pin(conn);
                 tokio::select! {
                     r = conn.as_mut() => r,
                     () = self.drain.cancelled() => {

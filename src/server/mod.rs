@@ -42,11 +42,14 @@ const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A request handler served on a listener.
 pub trait Handler: Send + Sync + 'static {
+    /// The returned future is what hyper keeps while a request is pending (for a held poll,
+    /// for its whole hold): implementations do their synchronous work before returning it and
+    /// move into it only what the wait needs, never the request.
     fn call(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send;
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<Self>;
 }
 
 /// Per-listener settings the connection tasks read.
