@@ -133,12 +133,7 @@ impl Server {
         let readiness = Arc::new(Readiness::default());
         let lifecycle = Lifecycle::default();
         let hub = Arc::new(Hub::new());
-        let gateway = Arc::new(Gateway::new(
-            &config,
-            &metrics,
-            hub.clone(),
-            lifecycle.drain.clone(),
-        ));
+        let gateway = Arc::new(Gateway::new(&config, &metrics, hub.clone()));
         let limit = Arc::new(ConnectionLimit::new(max_connections));
         tokio::spawn(sweep_task(hub, lifecycle.stop_accepting.clone()));
         for (settings, listener) in public {
@@ -162,7 +157,7 @@ impl Server {
         let admin_handler = Arc::new(Admin {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
-            gateway,
+            gateway: gateway.clone(),
             publish_token: config.admin.publish_token.clone(),
         });
         tokio::spawn(server::accept_loop(
@@ -180,6 +175,7 @@ impl Server {
         metrics.draining.set(1);
         lifecycle.stop_accepting.cancel();
         lifecycle.drain.cancel();
+        gateway.begin_drain();
         lifecycle.tasks.close();
         if tokio::time::timeout(config.shutdown.timeout, lifecycle.tasks.wait())
             .await

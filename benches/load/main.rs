@@ -99,6 +99,10 @@ struct RunArgs {
     /// Messages per second (all topics together) in the sustained scenario.
     #[arg(long, default_value_t = 200)]
     sustained_rate: u64,
+    /// Seconds to pause, after every client is held and before the fan-out publish, with a
+    /// line on stderr: time to attach a profiler to the fan-out alone.
+    #[arg(long, default_value_t = 0)]
+    pause_before_publish: u64,
     /// Append the JSON lines to this file too.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -338,39 +342,42 @@ impl Workers {
                     w.opened += opened;
                     w.failed += failed;
                 }
-                Report::Done { .. } => return Err("worker ended before sending".into()),
+                _ => return Err("worker ended before sending".into()),
             }
         }
         Ok(w)
     }
 
-    /// Waits up to `deadline` for every worker to finish by itself, then stops the rest; the
-    /// connections' records in `paths` order.
-    async fn collect(mut self, deadline: tokio::time::Instant) -> Result<Vec<Seen>, String> {
+    /// Waits up to `deadline` for every worker's one-answer connections to be answered.
+    async fn wait_answered(&mut self, deadline: tokio::time::Instant) -> Result<(), String> {
+        for (_, _, out) in &mut self.procs {
+            match tokio::time::timeout_at(deadline, read_report(out)).await {
+                Ok(Ok(Report::Answered)) | Err(_) => {}
+                Ok(Ok(_)) => return Err("unexpected worker report".into()),
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops every worker; the connections' records in `paths` order.
+    async fn stop(mut self) -> Result<Vec<Seen>, String> {
+        for (_, stdin, _) in &mut self.procs {
+            let _ = stdin.write_all(b"stop\n").await;
+        }
         let mut all = Vec::new();
-        for (child, stdin, out) in &mut self.procs {
-            let report = match tokio::time::timeout_at(deadline, read_report(out)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    let _ = stdin.write_all(b"stop\n").await;
-                    read_report(out).await?
+        for (child, _, out) in &mut self.procs {
+            let seen = loop {
+                match read_report(out).await? {
+                    Report::Done { seen } => break seen,
+                    Report::Answered => continue,
+                    Report::Sent { .. } => return Err("unexpected worker report".into()),
                 }
-            };
-            let Report::Done { seen } = report else {
-                return Err("unexpected worker report".into());
             };
             all.extend(seen);
             let _ = child.wait().await;
         }
         Ok(all)
-    }
-
-    async fn stop(mut self) -> Result<Vec<Seen>, String> {
-        for (_, stdin, _) in &mut self.procs {
-            let _ = stdin.write_all(b"stop\n").await;
-        }
-        self.collect(tokio::time::Instant::now() + ANSWER_TIMEOUT)
-            .await
     }
 }
 
@@ -399,20 +406,29 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
     ctx.wait_held(|n| n == 0).await?;
     let topics = ctx.topics(name, topics);
     let rss0 = sys::rss_kib(ctx.args.pid);
-    let sock0 = sys::tcp_socket_kib();
+    let slab0 = sys::kernel_slab_kib();
     let workers = Workers::start(ctx, paths_for(ctx, &topics, clients), false).await?;
     let opened = workers.opened as u64;
     let held = ctx.wait_held(|n| n >= opened).await?;
     let rss1 = sys::rss_kib(ctx.args.pid);
-    let sock1 = sys::tcp_socket_kib();
+    let slab1 = sys::kernel_slab_kib();
+    if ctx.args.pause_before_publish > 0 {
+        eprintln!(
+            "pollmux-load: {held} held; publishing in {}s",
+            ctx.args.pause_before_publish
+        );
+        tokio::time::sleep(Duration::from_secs(ctx.args.pause_before_publish)).await;
+    }
     let cpu0 = sys::cpu_ms(ctx.args.pid);
     let messages: Vec<(String, u64)> = topics.iter().cloned().zip(1..).collect();
     let id_of_topic: HashMap<String, u64> = messages.iter().cloned().collect();
+    let mut workers = workers;
     let sent = ctx.publish(messages).await?;
-    let seen = workers
-        .collect(tokio::time::Instant::now() + ANSWER_TIMEOUT)
+    workers
+        .wait_answered(tokio::time::Instant::now() + ANSWER_TIMEOUT)
         .await?;
     let cpu1 = sys::cpu_ms(ctx.args.pid);
+    let seen = workers.stop().await?;
     let mut latencies = Vec::new();
     for (i, s) in seen.iter().enumerate() {
         let expected = id_of_topic[&topics[i % topics.len()]];
@@ -433,7 +449,7 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
         "opened": opened,
         "held": held,
         "rss_kib_per_poll": round((rss1 as f64 - rss0 as f64) / opened.max(1) as f64, 2),
-        "kernel_socket_kib_per_conn": round((sock1 as f64 - sock0 as f64) / opened.max(1) as f64, 2),
+        "kernel_slab_kib_per_conn_both_ends": round((slab1 as f64 - slab0 as f64) / opened.max(1) as f64, 2),
         "fanout_p50_ms": round(p50, 2),
         "fanout_p99_ms": round(p99, 2),
         "fanout_max_ms": round(max, 2),

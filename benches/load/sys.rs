@@ -15,24 +15,15 @@ pub fn cpu_ms(pid: u32) -> f64 {
     ticks as f64 * 1000.0 / clock_ticks_per_sec()
 }
 
-/// Kernel memory held by TCP sockets, in KiB (`/proc/net/sockstat`, both ends of loopback
-/// connections together).
-pub fn tcp_socket_kib() -> u64 {
-    let text = fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let pages = text
+/// Kernel slab memory in KiB (`Slab:` of /proc/meminfo): socket structures live there, not in
+/// any process's RSS. Machine-wide, so a delta over N loopback connections counts both ends.
+pub fn kernel_slab_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
         .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| {
-            let mut words = l.split_whitespace();
-            while let Some(w) = words.next() {
-                if w == "mem" {
-                    return words.next()?.parse::<u64>().ok();
-                }
-            }
-            None
-        })
-        .unwrap_or(0);
-    pages * page_kib()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn family(pid: u32) -> Vec<u32> {
@@ -90,10 +81,6 @@ fn clock_ticks_per_sec() -> f64 {
     getconf("CLK_TCK").unwrap_or(100.0)
 }
 
-fn page_kib() -> u64 {
-    getconf("PAGESIZE").map_or(4, |b| b as u64 / 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +91,6 @@ mod tests {
         assert!(rss_kib(me) > 0);
         assert!(cpu_ms(me) >= 0.0);
         assert!(family(me).contains(&me));
+        assert!(kernel_slab_kib() > 0);
     }
 }

@@ -44,8 +44,16 @@ pub struct Seen {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Report {
-    Sent { opened: usize, failed: usize },
-    Done { seen: Vec<Seen> },
+    Sent {
+        opened: usize,
+        failed: usize,
+    },
+    /// Every one-answer connection has its answer (connections stay open until `stop`, so
+    /// their teardown is not measured with the fan-out).
+    Answered,
+    Done {
+        seen: Vec<Seen>,
+    },
 }
 
 pub fn now_ns() -> u64 {
@@ -170,20 +178,22 @@ pub async fn run(plan: Plan) {
             loop {
                 let Ok(reply) = conn.receive().await else {
                     slot.lock().unwrap().errors += 1;
-                    return;
+                    return None;
                 };
                 pos.absorb(target, &reply, &mut slot.lock().unwrap());
                 if !repoll {
-                    return;
+                    return Some(conn);
                 }
                 if conn.send(&pos.request(target, &host, &path)).await.is_err() {
                     slot.lock().unwrap().errors += 1;
-                    return;
+                    return None;
                 }
             }
         });
     }
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let mut answered = Vec::new();
+    let mut all_answered = false;
     loop {
         tokio::select! {
             line = stdin.next_line() => {
@@ -192,10 +202,18 @@ pub async fn run(plan: Plan) {
                     break;
                 }
             }
-            next = tasks.join_next() => if next.is_none() { break },
+            next = tasks.join_next(), if !all_answered => match next {
+                Some(Ok(Some(conn))) => answered.push(conn),
+                Some(_) => {}
+                None => {
+                    all_answered = true;
+                    emit(&Report::Answered);
+                }
+            },
         }
     }
     tasks.abort_all();
+    drop(answered);
     let seen = slots
         .iter()
         .map(|s| std::mem::take(&mut *s.lock().unwrap()))

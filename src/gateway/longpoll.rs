@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use prometheus::IntGauge;
-use tokio_util::sync::CancellationToken;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cors;
 use super::problem::Problem;
@@ -220,10 +220,10 @@ impl Held {
     pub async fn wait(
         &mut self,
         route: &PollRoute,
-        drain: &CancellationToken,
+        draining: &AtomicBool,
         drain_window: Duration,
     ) -> (Response<Body>, Outcome) {
-        let (mut resp, outcome) = self.wait_inner(route, drain, drain_window).await;
+        let (mut resp, outcome) = self.wait_inner(route, draining, drain_window).await;
         if let Some(origin) = &self.origin {
             cors::apply(&mut resp, origin);
         }
@@ -233,7 +233,7 @@ impl Held {
     async fn wait_inner(
         &mut self,
         route: &PollRoute,
-        drain: &CancellationToken,
+        server_draining: &AtomicBool,
         drain_window: Duration,
     ) -> (Response<Body>, Outcome) {
         let topic = self.subscription.topic();
@@ -273,6 +273,14 @@ impl Held {
             };
             // Wait from a fixed position: `latest` must not move on while we wait.
             self.at = Requested::At(position);
+            // The drain wakes every topic after setting the flag, and `changed` was enabled
+            // before this check, so a drain starting now is never missed.
+            if !draining && server_draining.load(Ordering::Acquire) {
+                draining = true;
+                let spread = drain_window.mul_f64(fastrand::f64());
+                let answer_at = (tokio::time::Instant::now() + spread).min(self.deadline);
+                timer.as_mut().reset(answer_at);
+            }
             tokio::select! {
                 () = &mut changed => {}
                 () = timer.as_mut() => {
@@ -281,12 +289,6 @@ impl Held {
                     } else {
                         (empty_response(&position, false), Outcome::Timeout)
                     };
-                }
-                () = drain.cancelled(), if !draining => {
-                    draining = true;
-                    let spread = drain_window.mul_f64(fastrand::f64());
-                    let answer_at = (tokio::time::Instant::now() + spread).min(self.deadline);
-                    timer.as_mut().reset(answer_at);
                 }
             }
         }

@@ -14,13 +14,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
 use crate::hub::{Hub, NewMessage, Published};
@@ -51,7 +51,8 @@ pub struct Gateway {
     upstreams: Vec<Upstream>,
     limits: LimitsConfig,
     hub: Arc<Hub>,
-    drain: CancellationToken,
+    /// Set once the server drains; held polls then answer within `drain_window`.
+    draining: AtomicBool,
     drain_window: Duration,
 }
 
@@ -73,14 +74,7 @@ pub enum PublishError {
 }
 
 impl Gateway {
-    /// `drain` is cancelled when the server starts draining; held polls then answer within
-    /// the config's `drain_window`.
-    pub fn new(
-        config: &Config,
-        metrics: &Arc<Metrics>,
-        hub: Arc<Hub>,
-        drain: CancellationToken,
-    ) -> Gateway {
+    pub fn new(config: &Config, metrics: &Arc<Metrics>, hub: Arc<Hub>) -> Gateway {
         Gateway {
             router: Router::new(&config.routes),
             route_metrics: config
@@ -110,9 +104,17 @@ impl Gateway {
             routes: config.routes.clone(),
             limits: config.limits.clone(),
             hub,
-            drain,
+            draining: AtomicBool::new(false),
             drain_window: config.shutdown.drain_window,
         }
+    }
+
+    /// Starts the drain: every held poll answers at a random moment within `drain_window`, and
+    /// polls arriving from now on do the same. Held polls are woken through their topics, so
+    /// a parked poll registers with nothing but its topic.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.hub.wake_all();
     }
 
     /// Largest message payload accepted (publish bodies above it get 413).
@@ -221,7 +223,7 @@ impl Handler for Gateway {
                     let Runtime::Poll(poll) = &this.runtimes[*route] else {
                         unreachable!("Step::Poll is only made for poll routes");
                     };
-                    let (resp, outcome) = held.wait(poll, &this.drain, this.drain_window).await;
+                    let (resp, outcome) = held.wait(poll, &this.draining, this.drain_window).await;
                     record.finish(resp, outcome)
                 }
             }
@@ -291,12 +293,7 @@ mod tests {
     fn pending_request_state_stays_small() {
         let config = Config::default_config();
         let metrics = Arc::new(Metrics::new(&config));
-        let gw = Arc::new(Gateway::new(
-            &config,
-            &metrics,
-            Arc::new(Hub::new()),
-            CancellationToken::new(),
-        ));
+        let gw = Arc::new(Gateway::new(&config, &metrics, Arc::new(Hub::new())));
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             tls: false,

@@ -176,6 +176,13 @@ impl Hub {
         removed
     }
 
+    /// Wakes every waiting reader of every topic (the server is draining).
+    pub fn wake_all(&self) {
+        for t in self.topics.iter() {
+            t.notify.notify_waiters();
+        }
+    }
+
     /// Live topics over all routes.
     pub fn len(&self) -> usize {
         self.topics.len()

@@ -333,6 +333,8 @@ pub struct RouteMetrics {
     name: String,
     kind: &'static str,
     requests: IntCounterVec,
+    /// `requests_total{status="200"}`, resolved once: the status of nearly every answer.
+    requests_ok: IntCounter,
     durations: [Histogram; Outcome::ALL.len()],
     upstream_results: IntCounterVec,
     upstream_duration: Histogram,
@@ -344,6 +346,7 @@ impl RouteMetrics {
             name: name.to_owned(),
             kind,
             requests: metrics.requests.clone(),
+            requests_ok: metrics.requests.with_label_values(&[name, kind, "200"]),
             durations: Outcome::ALL.map(|o| {
                 metrics
                     .request_duration
@@ -356,10 +359,14 @@ impl RouteMetrics {
 
     /// A client request answered with `status`.
     pub fn answered(&self, status: u16, outcome: Outcome, elapsed: Duration) {
-        let status = status.to_string();
-        self.requests
-            .with_label_values(&[self.name.as_str(), self.kind, status.as_str()])
-            .inc();
+        if status == 200 {
+            self.requests_ok.inc();
+        } else {
+            let status = status.to_string();
+            self.requests
+                .with_label_values(&[self.name.as_str(), self.kind, status.as_str()])
+                .inc();
+        }
         self.durations[outcome as usize].observe(elapsed.as_secs_f64());
     }
 

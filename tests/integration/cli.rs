@@ -232,3 +232,80 @@ async fn second_signal_exits_at_once() {
     // Well before the 60 s shutdown timeout: the second signal does not wait for the drain.
     assert_eq!(child.exit_code().await, Some(1));
 }
+
+/// The load tool's smoke run (docs/BENCHMARKS.md): a few hundred connections over the real
+/// binary, every scenario, and nothing lost, duplicated or reordered.
+#[tokio::test]
+async fn load_tool_smoke_run_loses_nothing() {
+    let config = r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[routes.bench]
+path = "/bench/{topic}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+hold = "30s"
+max_hold = "30s"
+"#;
+    let child = Child::start(config).await;
+    let pid = child.child.id().expect("running").to_string();
+    let sub = format!("http://{}/bench/{{topic}}", child.public);
+    let publish = format!("http://{}/publish/bench/{{topic}}", child.admin);
+    let held = format!("http://{}/metrics", child.admin);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pollmux-load"))
+            .args([
+                "run", "--target", "pollmux", "--pid", &pid, "--scale", "0.02",
+            ])
+            .args([
+                "--burst-messages",
+                "5",
+                "--sustained-secs",
+                "2",
+                "--sustained-rate",
+                "50",
+            ])
+            .args([
+                "--sub-url",
+                &sub,
+                "--pub-url",
+                &publish,
+                "--held-url",
+                &held,
+            ])
+            .args(["--held-prefix", r#"pollmux_polls_active{route="bench"}"#])
+            .output(),
+    )
+    .await
+    .expect("the smoke run ends by itself")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(results.len(), 4, "{stdout}");
+    for r in &results {
+        assert_eq!(r["lost"], 0, "{r}");
+        assert!(r["opened"].as_u64().unwrap() > 0, "{r}");
+        for key in ["duplicated", "out_of_order", "error_answers"] {
+            if let Some(v) = r.get(key) {
+                assert_eq!(v, 0, "{key} in {r}");
+            }
+        }
+        if let Some(received) = r["received"].as_u64()
+            && r["scenario"].as_str().unwrap().starts_with("fanout")
+        {
+            assert_eq!(received, r["opened"].as_u64().unwrap(), "{r}");
+        }
+    }
+}
