@@ -1,0 +1,98 @@
+//! Criterion micro-benchmarks of the hot paths (names carry scenario, scale and payload):
+//! the hub's share of a fan-out, cursor encoding and decoding, and route matching.
+//! Run with `cargo bench --bench micro`; results in docs/BENCHMARKS.md.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use pollmux::config::Config;
+use pollmux::gateway::router::Router;
+use pollmux::hub::cursor::{Cursor, Requested};
+use pollmux::hub::ring::BufferLimits;
+use pollmux::hub::{Hub, NewMessage, Poll, RouteTopics, TopicSettings};
+
+fn route() -> Arc<RouteTopics> {
+    let settings = TopicSettings {
+        limits: BufferLimits {
+            messages: 1000,
+            bytes: 8 << 20,
+            age: Duration::from_secs(300),
+        },
+        linger: Duration::from_secs(60),
+        max_batch: 100,
+        resume_on_gap: false,
+    };
+    let gauge = prometheus::IntGauge::new("topics", "topics").expect("gauge");
+    Arc::new(RouteTopics::new("bench", settings, 100_000, gauge))
+}
+
+/// One publish of a 256-byte JSON message, then every reader at the previous head reads it:
+/// the work the hub does for one message fanned out to `readers` waiters.
+fn fanout(c: &mut Criterion) {
+    let payload = Bytes::from(format!("{{\"v\":\"{}\"}}", "x".repeat(248)));
+    for readers in [10usize, 1_000, 10_000] {
+        let hub = Hub::new();
+        let r = route();
+        let sub = hub.subscribe(&r, "t").expect("topic");
+        c.bench_function(&format!("fanout_hub_1topic_{readers}_readers_256b"), |b| {
+            b.iter(|| {
+                let at = match sub.topic().poll(Requested::Latest, Instant::now()) {
+                    Poll::Empty { at } => Requested::At(at),
+                    other => panic!("{other:?}"),
+                };
+                let message = NewMessage {
+                    id: None,
+                    content_type: Some("application/json".into()),
+                    payload: payload.clone(),
+                    arrived: Instant::now(),
+                };
+                hub.publish(&r, "t", message).expect("publish");
+                for _ in 0..readers {
+                    black_box(sub.topic().poll(at, Instant::now()));
+                }
+            })
+        });
+    }
+}
+
+fn cursors(c: &mut Criterion) {
+    let cursor = Cursor {
+        binding: 0x1234_5678_9abc_def0,
+        epoch: 42,
+        seq: 1_000_000,
+    };
+    let text = cursor.encode();
+    c.bench_function("cursor_encode", |b| b.iter(|| black_box(cursor).encode()));
+    c.bench_function("cursor_decode", |b| {
+        b.iter(|| Cursor::decode(black_box(&text)))
+    });
+}
+
+fn routes(n: usize) -> String {
+    let mut text = String::from("[listeners.p]\naddress = \"127.0.0.1:0\"\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "[routes.r{i}]\npath = \"/api{i}/{{id}}/events\"\nkind = \"poll\"\n\
+             source.type = \"publish\"\nauth = \"public\"\nparams.id = \"[0-9]{{1,20}}\"\n"
+        ));
+    }
+    text
+}
+
+fn router(c: &mut Criterion) {
+    for n in [10usize, 100] {
+        let config = Config::from_toml(&routes(n), Path::new(".")).expect("config");
+        let router = Router::new(&config.routes);
+        let path = format!("/api{}/12345/events", n - 1);
+        c.bench_function(&format!("router_match_{n}_routes"), |b| {
+            b.iter(|| router.resolve(&config.routes, black_box(&path)))
+        });
+    }
+}
+
+criterion_group!(benches, fanout, cursors, router);
+criterion_main!(benches);
