@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -29,14 +30,13 @@ use worker::{Plan, Report, Seen, now_ns};
 
 /// Connections per worker process: well below the 20,000 descriptors a process may open.
 const CLIENTS_PER_WORKER: usize = 5_000;
-/// First loopback source address of the workers (127.0.0.10, .11, …).
+/// Workers connect from 127.0.S.(10 + worker), S counting scenarios, so no scenario meets the
+/// TIME_WAIT ports of an earlier one.
 const SOURCE_BASE: u8 = 10;
 /// Longest wait for every client to be held.
 const HELD_TIMEOUT: Duration = Duration::from_secs(90);
 /// Longest wait for answers after the last publish.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Publisher connections used at once.
-const PUBLISHERS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -156,6 +156,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     }
     let ctx = Ctx {
         args: args.clone(),
+        started: std::sync::atomic::AtomicU8::new(0),
         sub_addr,
         sub_path,
         pub_addr,
@@ -197,6 +198,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
 
 struct Ctx {
     args: RunArgs,
+    /// Scenarios started so far (picks the source address block).
+    started: std::sync::atomic::AtomicU8,
     sub_addr: SocketAddr,
     sub_path: String,
     pub_addr: SocketAddr,
@@ -250,40 +253,36 @@ impl Ctx {
         }
     }
 
-    /// Publishes `(topic, id)` pairs, `PUBLISHERS` at a time; returns each id's send time.
+    /// Publishes `(topic, id)` pairs all at the same moment, one connection each (connected
+    /// beforehand), as many backends publishing at once would; returns each id's send time.
+    /// Latency is measured from each message's own send, for pollmux and Nchan alike.
     async fn publish(&self, messages: Vec<(String, u64)>) -> Result<HashMap<u64, u64>, String> {
-        let chunks: Vec<Vec<(String, u64)>> = {
-            let mut chunks = vec![Vec::new(); PUBLISHERS.min(messages.len()).max(1)];
-            for (i, m) in messages.into_iter().enumerate() {
-                let n = chunks.len();
-                chunks[i % n].push(m);
-            }
-            chunks
-        };
+        let start = Arc::new(tokio::sync::Barrier::new(messages.len() + 1));
         let mut tasks = Vec::new();
-        for chunk in chunks {
-            let (addr, path) = (self.pub_addr, self.pub_path.clone());
+        for (topic, id) in messages {
+            let (addr, start) = (self.pub_addr, start.clone());
+            let request = client::post(
+                "pub",
+                &self.pub_path.replace("{topic}", &topic),
+                &id.to_string(),
+            );
             tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::open(addr, None).await.map_err(|e| e.to_string())?;
-                let mut sent = Vec::new();
-                for (topic, id) in chunk {
-                    let p = path.replace("{topic}", &topic);
-                    let at = now_ns();
-                    let reply = conn
-                        .request(&client::post("pub", &p, &id.to_string()))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if !(200..300).contains(&reply.status) {
-                        return Err(format!("publish answered {}", reply.status));
-                    }
-                    sent.push((id, at));
+                let conn = Conn::open(addr, None).await;
+                start.wait().await;
+                let mut conn = conn.map_err(|e| e.to_string())?;
+                let at = now_ns();
+                let reply = conn.request(&request).await.map_err(|e| e.to_string())?;
+                if !(200..300).contains(&reply.status) {
+                    return Err(format!("publish answered {}", reply.status));
                 }
-                Ok::<_, String>(sent)
+                Ok::<_, String>((id, at))
             }));
         }
+        start.wait().await;
         let mut times = HashMap::new();
         for t in tasks {
-            times.extend(t.await.map_err(|e| e.to_string())??);
+            let (id, at) = t.await.map_err(|e| e.to_string())??;
+            times.insert(id, at);
         }
         Ok(times)
     }
@@ -301,10 +300,20 @@ impl Workers {
     /// sent.
     async fn start(ctx: &Ctx, paths: Vec<String>, repoll: bool) -> Result<Workers, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let block = ctx
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 250
+            + 1;
         let mut procs = Vec::new();
         for (i, chunk) in paths.chunks(CLIENTS_PER_WORKER).enumerate() {
             let source = match ctx.sub_addr.ip() {
-                IpAddr::V4(_) => Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, SOURCE_BASE + i as u8))),
+                IpAddr::V4(_) => Some(IpAddr::V4(Ipv4Addr::new(
+                    127,
+                    0,
+                    block,
+                    SOURCE_BASE + i as u8,
+                ))),
                 IpAddr::V6(_) => None,
             };
             let plan = Plan {
@@ -601,6 +610,13 @@ fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
         let Some(rb) = b.iter().find(|r| r["scenario"] == ra["scenario"]) else {
             continue;
         };
+        if ra["opened"] != rb["opened"] {
+            println!(
+                "| {scenario} | opened (not comparable) | {} | {} | |",
+                ra["opened"], rb["opened"]
+            );
+            continue;
+        }
         for key in COMPARED {
             let (Some(x), Some(y)) = (ra[key].as_f64(), rb[key].as_f64()) else {
                 continue;
