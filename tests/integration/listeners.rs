@@ -304,3 +304,25 @@ fn pollmux_tls_server(cert: &std::path::Path, key: &std::path::Path) -> Arc<rust
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(server)
 }
+
+#[tokio::test]
+async fn silent_tls_clients_are_cut_at_the_handshake_timeout() {
+    let pki = pki();
+    let config = format!("{TLS}[limits]\ntls_handshake_timeout = \"300ms\"\n");
+    let gw = Gateway::start_in(&config, pki.dir.path()).await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    let mut out = Vec::new();
+    // The server closes by itself after 300ms; WAIT only bounds the test if it does not.
+    let n = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("connection closed by the server")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no bytes for a client that never said hello");
+    // The listener still serves a real client.
+    let tcp = TcpStream::connect(gw.addr()).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    client_tls(&pki, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+}
