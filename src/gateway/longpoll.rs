@@ -13,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
-use prometheus::IntGauge;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cors;
@@ -24,7 +23,7 @@ use crate::hub::ring::BufferLimits;
 use crate::hub::{
     Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, TopicSettings,
 };
-use crate::metrics::{Outcome, PollMetrics};
+use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::upstream::Body;
 
 const POLL_CURSOR: &str = "poll-cursor";
@@ -92,7 +91,8 @@ pub struct Held {
     /// HTTP/1.1 answers to a drain say `Connection: close`.
     close_on_drain: bool,
     origin: Option<HeaderValue>,
-    _active: ActiveGauge,
+    /// `pollmux_polls_active`, for as long as the poll is held.
+    _active: GaugeGuard,
 }
 
 /// Checks a request on a poll route and joins its topic, synchronously: everything that can
@@ -142,7 +142,7 @@ pub fn prepare(
         deadline: tokio::time::Instant::now() + hold - jitter(hold),
         close_on_drain,
         origin,
-        _active: ActiveGauge::new(route.metrics.polls_active.clone()),
+        _active: GaugeGuard::new(route.metrics.polls_active.clone()),
     })
 }
 
@@ -363,22 +363,6 @@ impl<'a> PollQuery<'a> {
             }
         }
         Ok(q)
-    }
-}
-
-/// Keeps `pollmux_polls_active` right however the poll ends.
-struct ActiveGauge(IntGauge);
-
-impl ActiveGauge {
-    fn new(gauge: IntGauge) -> ActiveGauge {
-        gauge.inc();
-        ActiveGauge(gauge)
-    }
-}
-
-impl Drop for ActiveGauge {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -409,6 +409,23 @@ impl PollMetrics {
     }
 }
 
+/// Holds a gauge one higher for as long as it lives: keeps "currently open/held" gauges right
+/// however the thing they count ends (a dropped future included).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Content type of [`Metrics::encode`].
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 

@@ -11,14 +11,13 @@ use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use prometheus::IntGauge;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Admission, Handler, ListenerSettings, tune};
 use crate::gateway::ConnInfo;
 use crate::gateway::problem::Problem;
-use crate::metrics::{Metrics, Protocol};
+use crate::metrics::{GaugeGuard, Metrics, Protocol};
 use crate::upstream::Body;
 
 /// The HTTP/2 connection preface (RFC 9113 3.4).
@@ -147,7 +146,7 @@ impl Serving<'_> {
         S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
     {
-        let _open = OpenGauge::new(
+        let _open = GaugeGuard::new(
             self.metrics
                 .connections_open
                 .with_label_values(&[&self.settings.name, protocol.label()]),
@@ -218,20 +217,4 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
         }
     };
     tokio::time::timeout(timeout, decide).await.ok().flatten()
-}
-
-/// Keeps `pollmux_connections_open` right however the connection ends.
-struct OpenGauge(IntGauge);
-
-impl OpenGauge {
-    fn new(gauge: IntGauge) -> OpenGauge {
-        gauge.inc();
-        OpenGauge(gauge)
-    }
-}
-
-impl Drop for OpenGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }

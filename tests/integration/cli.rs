@@ -186,22 +186,36 @@ async fn readyz_status(admin: SocketAddr) -> u16 {
     get(admin, "/readyz").await.status().as_u16()
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+/// A running pollmux with one proxied request held at the upstream, after a SIGTERM that it
+/// has acknowledged (`/readyz` says draining).
+async fn draining_with_a_request_in_flight(
+    shutdown_timeout: &str,
+) -> (
+    Child,
+    tokio::task::JoinHandle<http::Response<hyper::body::Incoming>>,
+    watch::Sender<bool>,
+    Upstream,
+) {
     let (upstream, mut arrived, release) = gated_upstream().await;
-    let mut child = Child::start(&child_config(&upstream, "15s")).await;
+    let child = Child::start(&child_config(&upstream, shutdown_timeout)).await;
     assert_eq!(readyz_status(child.admin).await, 200);
     let public = child.public;
     let in_flight = tokio::spawn(async move { get(public, "/api/slow").await });
     tokio::time::timeout(WAIT, arrived.recv())
         .await
         .expect("request reaches the upstream");
-
     child.signal("-TERM");
     eventually("/readyz to report draining", || async {
         readyz_status(child.admin).await == 503
     })
     .await;
+    (child, in_flight, release, upstream)
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_0() {
+    let (mut child, in_flight, release, _upstream) = draining_with_a_request_in_flight("15s").await;
+    let public = child.public;
     eventually("the public listener to stop accepting", || async {
         tokio::net::TcpStream::connect(public).await.is_err()
     })
@@ -216,18 +230,8 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
 
 #[tokio::test]
 async fn second_signal_exits_at_once() {
-    let (upstream, mut arrived, _release) = gated_upstream().await;
-    let mut child = Child::start(&child_config(&upstream, "60s")).await;
-    let public = child.public;
-    let _in_flight = tokio::spawn(async move { get(public, "/api/stuck").await });
-    tokio::time::timeout(WAIT, arrived.recv())
-        .await
-        .expect("request reaches the upstream");
-    child.signal("-TERM");
-    eventually("/readyz to report draining", || async {
-        readyz_status(child.admin).await == 503
-    })
-    .await;
+    let (mut child, _in_flight, _release, _upstream) =
+        draining_with_a_request_in_flight("60s").await;
     child.signal("-INT");
     // Well before the 60 s shutdown timeout: the second signal does not wait for the drain.
     assert_eq!(child.exit_code().await, Some(1));
