@@ -26,6 +26,7 @@ pub mod gateway;
 pub mod hub;
 pub mod metrics;
 pub mod server;
+pub mod source;
 pub mod upstream;
 
 use std::future::Future;

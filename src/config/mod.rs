@@ -53,6 +53,9 @@ pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 pub const HOLD_DEFAULT: Duration = Duration::from_secs(25);
 /// Longest hold a client may ask for; below the 60 s idle timeout common in load balancers.
 pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(55);
+/// An upstream stream silent this long is reconnected (servers usually send keep-alive
+/// comments every 15 to 30 s).
+pub const SOURCE_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Messages per poll response.
 pub const MAX_BATCH_DEFAULT: usize = 100;
 /// Per-topic retention: messages, bytes and age.
@@ -223,10 +226,18 @@ pub struct PollConfig {
 }
 
 /// What feeds a poll route's topics.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SourceConfig {
     /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
     Publish,
+    /// One `text/event-stream` subscription per topic to `upstreams[upstream]` at `path`.
+    UpstreamSse {
+        upstream: usize,
+        /// Path (and query) template over the topic's parameters.
+        path: TopicTemplate,
+        /// A stream silent this long is treated as dead and reconnected.
+        idle_timeout: Duration,
+    },
 }
 
 /// Where a poll without a cursor starts.
@@ -303,6 +314,37 @@ impl TopicTemplate {
         pattern.push('$');
         let matcher = Regex::new(&pattern).map_err(|e| e.to_string())?;
         Ok(TopicTemplate { parts, matcher })
+    }
+
+    /// The parameter names the template uses.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            TopicPart::Param(name) => Some(name.as_str()),
+            TopicPart::Literal(_) => None,
+        })
+    }
+
+    /// Renders the template as a URL path: parameter values are percent-encoded, so no value
+    /// can add a segment, a query or a fragment.
+    pub fn render_path(&self, params: &[(String, String)]) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                TopicPart::Literal(l) => out.push_str(l),
+                TopicPart::Param(name) => {
+                    if let Some((_, v)) = params.iter().find(|(n, _)| n == name) {
+                        for b in v.bytes() {
+                            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                                out.push(char::from(b));
+                            } else {
+                                out.push_str(&format!("%{b:02X}"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The topic for validated parameter values.
@@ -777,7 +819,7 @@ impl Validator<'_, '_> {
                     );
                 }
                 let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
-                RouteKind::Poll(Box::new(self.poll(n, raw, &names)?))
+                RouteKind::Poll(Box::new(self.poll(n, raw, &names, upstreams)?))
             }
             "proxy" => {
                 let Some(up) = raw.upstream else {
@@ -809,7 +851,89 @@ impl Validator<'_, '_> {
         })
     }
 
-    fn poll(&mut self, n: &str, raw: raw::Route, params: &[String]) -> Option<PollConfig> {
+    fn source(
+        &mut self,
+        n: &str,
+        s: raw::Source,
+        topic: Option<&TopicTemplate>,
+        upstreams: &[UpstreamConfig],
+    ) -> Option<SourceConfig> {
+        let at = |key: &'static str| ["routes", n, "source", key];
+        match s.kind.0.as_str() {
+            "publish" => {
+                for (key, set) in [
+                    ("upstream", s.upstream.is_some()),
+                    ("path", s.path.is_some()),
+                    ("idle_timeout", s.idle_timeout.is_some()),
+                ] {
+                    if set {
+                        self.err(&at(key), "not used by type = \"publish\"");
+                    }
+                }
+                Some(SourceConfig::Publish)
+            }
+            "upstream-sse" => {
+                let upstream = match s.upstream {
+                    None => {
+                        self.err(&at("upstream"), "required for type = \"upstream-sse\"");
+                        None
+                    }
+                    Some(u) => {
+                        let found = upstreams.iter().position(|x| x.name == u.0);
+                        if found.is_none() {
+                            let msg = format!("no upstream named {:?} in [upstreams]", u.0);
+                            self.err(&at("upstream"), msg);
+                        }
+                        found
+                    }
+                };
+                let topic_params: Vec<String> = topic
+                    .map(|t| t.params().map(str::to_owned).collect())
+                    .unwrap_or_default();
+                let path = match s.path {
+                    None => {
+                        self.err(&at("path"), "required for type = \"upstream-sse\"");
+                        None
+                    }
+                    Some(p) if !p.0.starts_with('/') => {
+                        self.err(&at("path"), "must start with /");
+                        None
+                    }
+                    // Only the topic's parameters: two clients of one topic must never ask the
+                    // upstream different things.
+                    Some(p) => match TopicTemplate::parse(&p.0, &topic_params) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            self.err(&at("path"), format!("{e} (the topic's parameters only)"));
+                            None
+                        }
+                    },
+                };
+                Some(SourceConfig::UpstreamSse {
+                    upstream: upstream?,
+                    path: path?,
+                    idle_timeout: s.idle_timeout.map_or(SOURCE_IDLE_TIMEOUT_DEFAULT, |d| d.0),
+                })
+            }
+            other => {
+                self.err(
+                    &at("type"),
+                    format!(
+                        "unknown source type {other:?}; this version supports \"publish\" and \"upstream-sse\""
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn poll(
+        &mut self,
+        n: &str,
+        raw: raw::Route,
+        params: &[String],
+        upstreams: &[UpstreamConfig],
+    ) -> Option<PollConfig> {
         let template = match raw.topic {
             Some(t) => t.0,
             None if params.is_empty() => {
@@ -840,17 +964,7 @@ impl Validator<'_, '_> {
                 );
                 None
             }
-            Some(s) if s.kind.0 == "publish" => Some(SourceConfig::Publish),
-            Some(s) => {
-                self.err(
-                    &["routes", n, "source", "type"],
-                    format!(
-                        "unknown source type {:?}; this version supports \"publish\"",
-                        s.kind.0
-                    ),
-                );
-                None
-            }
+            Some(s) => self.source(n, s, topic.as_ref(), upstreams),
         };
         match &raw.auth {
             None => self.err(

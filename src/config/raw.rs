@@ -184,6 +184,9 @@ impl Route {
 pub struct Source {
     #[serde(rename = "type")]
     pub kind: Str,
+    pub upstream: Option<Str>,
+    pub path: Option<Str>,
+    pub idle_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

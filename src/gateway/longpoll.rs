@@ -21,7 +21,8 @@ use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
 use crate::hub::{
-    Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, TopicSettings,
+    Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, Topic,
+    TopicSettings,
 };
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::upstream::Body;
@@ -211,6 +212,13 @@ fn check(
 }
 
 impl Held {
+    /// The topic, when this poll created it: its source must be started.
+    pub fn new_topic(&self) -> Option<Arc<Topic>> {
+        self.subscription
+            .created()
+            .then(|| self.subscription.topic_arc())
+    }
+
     /// Answers now if the topic has something for this position, else waits for a message,
     /// the hold deadline, or the drain (then answers at a random moment within
     /// `drain_window`, so clients do not all come back at once).

@@ -23,13 +23,17 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
+use crate::hub::Topic;
 use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
 use crate::server::Handler;
+use crate::source::SourceSlots;
+use crate::source::upstream_sse::SseSource;
 use crate::upstream::{Body, Upstream};
 use longpoll::{Held, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
+use tokio::sync::Semaphore;
 
 /// What the gateway knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -48,13 +52,20 @@ pub struct Gateway {
     /// Per route, what serves it.
     runtimes: Vec<Runtime>,
     unmatched: Arc<RouteMetrics>,
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<Arc<Upstream>>,
     limits: LimitsConfig,
     hub: Arc<Hub>,
+    sources: Arc<SourceSlots>,
+    /// Upstream connects in progress over all sources.
+    source_connects: Arc<Semaphore>,
     /// Set once the server drains; held polls then answer within `drain_window`.
     draining: AtomicBool,
     drain_window: Duration,
 }
+
+/// Upstream connects in progress at once over all sources: after an upstream outage, thousands
+/// of topics reconnect through this gate instead of all at once.
+pub const SOURCE_CONNECTS_MAX: usize = 64;
 
 /// What serves one route.
 enum Runtime {
@@ -99,14 +110,53 @@ impl Gateway {
                 .upstreams
                 .iter()
                 .cloned()
-                .map(Upstream::new)
+                .map(|u| Arc::new(Upstream::new(u)))
                 .collect(),
             routes: config.routes.clone(),
             limits: config.limits.clone(),
             hub,
+            sources: Arc::default(),
+            source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
             draining: AtomicBool::new(false),
             drain_window: config.shutdown.drain_window,
         }
+    }
+
+    /// Starts the source of a topic a poll just created (upstream sources only). The source is
+    /// built from config and the validated parameters alone.
+    fn start_source(
+        &self,
+        poll: &PollRoute,
+        route: usize,
+        topic: Arc<Topic>,
+        params: &[(String, String)],
+    ) {
+        let SourceConfig::UpstreamSse {
+            upstream,
+            path,
+            idle_timeout,
+        } = &poll.config.source
+        else {
+            return;
+        };
+        let source = SseSource {
+            upstream: self.upstreams[*upstream].clone(),
+            path: path.render_path(params),
+            idle_timeout: *idle_timeout,
+            max_message_bytes: self.limits.max_message_bytes,
+            topic: topic.clone(),
+            poll_metrics: poll.metrics.clone(),
+            route_metrics: self.route_metrics[route].clone(),
+            connects: self.source_connects.clone(),
+        };
+        let slots = self.sources.clone();
+        let route_name = poll.name.clone();
+        tokio::spawn(async move {
+            let name = topic.name().to_owned();
+            slots
+                .run_exclusive(&route_name, &name, topic.retired(), source.run())
+                .await;
+        });
     }
 
     /// Starts the drain: every held poll answers at a random moment within `drain_window`, and
@@ -138,7 +188,7 @@ impl Gateway {
             return Err(PublishError::NoSuchRoute);
         };
         let config = &poll.config;
-        if config.source != SourceConfig::Publish {
+        if !matches!(config.source, SourceConfig::Publish) {
             return Err(PublishError::NoSuchRoute);
         }
         let params = config
@@ -181,11 +231,16 @@ impl Gateway {
         let mut record = Record::new(&self.route_metrics[route]);
         match &self.runtimes[route] {
             Runtime::Poll(poll) => match longpoll::prepare(poll, &self.hub, req, &matched.params) {
-                Ok(held) => Step::Poll {
-                    route,
-                    held,
-                    record,
-                },
+                Ok(held) => {
+                    if let Some(topic) = held.new_topic() {
+                        self.start_source(poll, route, topic, &matched.params);
+                    }
+                    Step::Poll {
+                        route,
+                        held,
+                        record,
+                    }
+                }
                 Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
             },
             Runtime::Proxy(upstream) => {

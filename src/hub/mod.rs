@@ -29,6 +29,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use cursor::{Cursor, Requested};
 use ring::{BufferLimits, Entry, Read, Ring};
@@ -118,9 +119,12 @@ impl Hub {
         route: &Arc<RouteTopics>,
         topic: &str,
     ) -> Result<Subscription, TooManyTopics> {
-        self.with_topic(route, topic, |t| {
+        self.with_topic(route, topic, |t, created| {
             t.subscribers.fetch_add(1, Ordering::AcqRel);
-            Subscription { topic: t.clone() }
+            Subscription {
+                topic: t.clone(),
+                created,
+            }
         })
     }
 
@@ -131,31 +135,32 @@ impl Hub {
         topic: &str,
         message: NewMessage,
     ) -> Result<Published, TooManyTopics> {
-        self.with_topic(route, topic, |t| t.publish(message))
+        self.with_topic(route, topic, |t, _| t.publish(message))
     }
 
-    /// Runs `f` on the topic while holding its map shard, so a sweep cannot remove it meanwhile.
+    /// Runs `f` on the topic (and whether this call created it) while holding its map shard,
+    /// so a sweep cannot remove it meanwhile.
     fn with_topic<R>(
         &self,
         route: &Arc<RouteTopics>,
         topic: &str,
-        f: impl FnOnce(&Arc<Topic>) -> R,
+        f: impl FnOnce(&Arc<Topic>, bool) -> R,
     ) -> Result<R, TooManyTopics> {
         let key = TopicKey {
             route: route.name.clone(),
             topic: topic.into(),
         };
         if let Some(t) = self.topics.get(&key) {
-            return Ok(f(&t));
+            return Ok(f(&t, false));
         }
         match self.topics.entry(key) {
-            MapEntry::Occupied(o) => Ok(f(o.get())),
+            MapEntry::Occupied(o) => Ok(f(o.get(), false)),
             MapEntry::Vacant(v) => {
                 if !route.try_reserve() {
                     return Err(TooManyTopics);
                 }
                 let t = Arc::new(Topic::new(route.clone(), topic));
-                let r = f(&t);
+                let r = f(&t, true);
                 v.insert(t);
                 Ok(r)
             }
@@ -169,6 +174,7 @@ impl Hub {
             let keep = t.subscribers.load(Ordering::Acquire) > 0 || !t.lingered(now);
             if !keep {
                 t.route.release();
+                t.retired.cancel();
                 removed += 1;
             }
             keep
@@ -253,6 +259,8 @@ pub struct Topic {
     state: Mutex<State>,
     notify: Notify,
     subscribers: AtomicUsize,
+    /// Cancelled when the sweep removes the topic: its source stops.
+    retired: CancellationToken,
 }
 
 struct State {
@@ -278,7 +286,13 @@ impl Topic {
             name: name.into(),
             notify: Notify::new(),
             subscribers: AtomicUsize::new(0),
+            retired: CancellationToken::new(),
         }
+    }
+
+    /// Completes when the topic has been removed; a source feeding it stops then.
+    pub fn retired(&self) -> WaitForCancellationFuture<'_> {
+        self.retired.cancelled()
     }
 
     pub fn name(&self) -> &str {
@@ -453,11 +467,22 @@ impl Topic {
 /// starts the topic's linger.
 pub struct Subscription {
     topic: Arc<Topic>,
+    created: bool,
 }
 
 impl Subscription {
     pub fn topic(&self) -> &Topic {
         &self.topic
+    }
+
+    /// The topic, for a source task that feeds it.
+    pub fn topic_arc(&self) -> Arc<Topic> {
+        self.topic.clone()
+    }
+
+    /// Whether this subscription created the topic (its source must be started).
+    pub fn created(&self) -> bool {
+        self.created
     }
 }
 

@@ -141,6 +141,8 @@ pub struct Metrics {
     pub messages_delivered: IntCounterVec,
     pub cursor_expired: IntCounterVec,
     pub delivery_latency: HistogramVec,
+    pub subscriptions_active: IntGaugeVec,
+    pub upstream_reconnects: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -226,6 +228,17 @@ impl Metrics {
             &["route"],
             DELIVERY_LATENCY_BUCKETS,
         );
+        let subscriptions_active = gauge(
+            "subscriptions_active",
+            "Upstream subscriptions open (one per topic with an upstream source); \
+             polls_active / subscriptions_active is the fan-in ratio.",
+            &["route"],
+        );
+        let upstream_reconnects = counter(
+            "upstream_reconnects_total",
+            "Times a source reconnected to its upstream (after an error, an end or silence).",
+            &["route"],
+        );
         let connections_open = IntGaugeVec::new(
             opts("connections_open", "Client connections currently open."),
             &["listener", "protocol"],
@@ -278,6 +291,8 @@ impl Metrics {
             messages_delivered,
             cursor_expired,
             delivery_latency,
+            subscriptions_active,
+            upstream_reconnects,
             connections_open,
             connections_rejected,
             accept_errors,
@@ -393,6 +408,8 @@ pub struct PollMetrics {
     pub delivered: IntCounter,
     pub cursor_expired: IntCounter,
     pub delivery_latency: Histogram,
+    pub subscriptions_active: IntGauge,
+    pub upstream_reconnects: IntCounter,
 }
 
 impl PollMetrics {
@@ -405,6 +422,8 @@ impl PollMetrics {
             delivered: metrics.messages_delivered.with_label_values(r),
             cursor_expired: metrics.cursor_expired.with_label_values(r),
             delivery_latency: metrics.delivery_latency.with_label_values(r),
+            subscriptions_active: metrics.subscriptions_active.with_label_values(r),
+            upstream_reconnects: metrics.upstream_reconnects.with_label_values(r),
         }
     }
 }

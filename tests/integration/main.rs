@@ -7,3 +7,4 @@ mod listeners;
 mod longpoll;
 mod ops;
 mod proxy;
+mod sources;

@@ -1,0 +1,270 @@
+//! Upstream sources over real sockets: one subscription per topic however many clients,
+//! credential isolation, reconnect with resume, linger.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::watch;
+
+use crate::common::*;
+
+/// A fake SSE upstream: per topic an append-only event log; each connection streams the log
+/// from after its `Last-Event-ID` and then new events; `cut()` ends every open stream.
+#[derive(Default)]
+struct Feed {
+    events: Mutex<HashMap<String, Vec<String>>>,
+    open: Mutex<HashMap<String, usize>>,
+    max_open: Mutex<HashMap<String, usize>>,
+    requests: Mutex<Vec<HeaderMap>>,
+    cuts: AtomicU64,
+    changed: watch::Sender<u64>,
+}
+
+impl Feed {
+    fn append(&self, topic: &str, n: usize) {
+        let mut events = self.events.lock().unwrap();
+        let log = events.entry(topic.to_owned()).or_default();
+        for _ in 0..n {
+            let id = log.len() + 1;
+            log.push(id.to_string());
+        }
+        drop(events);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn cut(&self) {
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn open_total(&self) -> usize {
+        self.open.lock().unwrap().values().sum()
+    }
+}
+
+/// Decrements the topic's open count when the upstream response body is dropped.
+struct OpenGuard(Arc<Feed>, String);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        *self.0.open.lock().unwrap().get_mut(&self.1).unwrap() -= 1;
+    }
+}
+
+async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
+    Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let feed = feed.clone();
+        async move {
+            feed.requests.lock().unwrap().push(req.headers().clone());
+            let topic = req.uri().path().trim_start_matches("/stream/").to_owned();
+            let next: usize = req
+                .headers()
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
+            {
+                let mut open = feed.open.lock().unwrap();
+                let n = open.entry(topic.clone()).or_default();
+                *n += 1;
+                let mut max = feed.max_open.lock().unwrap();
+                let m = max.entry(topic.clone()).or_default();
+                *m = (*m).max(*n);
+            }
+            let guard = OpenGuard(feed.clone(), topic.clone());
+            let cut_at_start = feed.cuts.load(Ordering::SeqCst);
+            let changed = feed.changed.subscribe();
+            let stream = futures_util::stream::unfold(
+                (guard, feed.clone(), changed, next),
+                move |(guard, feed, mut changed, mut next)| {
+                    let topic = topic.clone();
+                    async move {
+                        loop {
+                            if feed.cuts.load(Ordering::SeqCst) != cut_at_start {
+                                return None;
+                            }
+                            let event = feed
+                                .events
+                                .lock()
+                                .unwrap()
+                                .get(&topic)
+                                .and_then(|log| log.get(next).cloned());
+                            if let Some(data) = event {
+                                next += 1;
+                                let text = format!("id: {next}\ndata: {data}\n\n");
+                                let frame = Frame::data(Bytes::from(text));
+                                let item = Ok::<_, pollmux::upstream::BoxError>(frame);
+                                return Some((item, (guard, feed, changed, next)));
+                            }
+                            changed.changed().await.ok()?;
+                        }
+                    }
+                },
+            );
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(stream).boxed())
+                .unwrap()
+        }
+    })
+    .await
+}
+
+fn config(upstream: &Upstream) -> String {
+    format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[upstreams.feed]
+url = "{}"
+headers = {{ X-Pollmux-Token = "own" }}
+[routes.events]
+path = "/events/{{topic}}"
+kind = "poll"
+source = {{ type = "upstream-sse", upstream = "feed", path = "/stream/{{topic}}" }}
+auth = "public"
+hold = "30s"
+max_hold = "30s"
+linger = "300ms"
+"#,
+        upstream.url()
+    )
+}
+
+/// Polls `topic` from `cursor` until `want` messages arrived; returns their data in order.
+async fn client(addr: std::net::SocketAddr, topic: String, want: usize) -> Vec<u64> {
+    let mut c = Conn::open(addr).await;
+    let mut cursor: Option<String> = None;
+    let mut got = Vec::new();
+    while got.len() < want {
+        let path = match &cursor {
+            Some(c) => format!("/events/{topic}?cursor={c}"),
+            None => format!("/events/{topic}"),
+        };
+        let req = Request::get(path)
+            .header("host", "t")
+            .header("authorization", "Bearer client-secret")
+            .header("cookie", "session=client")
+            .body(full(""))
+            .unwrap();
+        let body = body_json(c.send(req).await).await;
+        for m in body["messages"].as_array().expect("a 200 poll answer") {
+            got.push(m["data"].as_str().unwrap().parse().unwrap());
+        }
+        cursor = body["cursor"].as_str().map(str::to_owned);
+    }
+    got
+}
+
+#[tokio::test]
+async fn sse_one_subscription_per_topic_for_500_clients() {
+    const TOPICS: usize = 5;
+    const PER_TOPIC: usize = 100;
+    const EVENTS: usize = 20;
+    let feed = Arc::new(Feed::default());
+    let upstream = sse_upstream(feed.clone()).await;
+    let gw = Gateway::start(&config(&upstream)).await;
+    let addr = gw.addr();
+    let mut clients = Vec::new();
+    for t in 0..TOPICS {
+        for _ in 0..PER_TOPIC {
+            clients.push(tokio::spawn(client(addr, format!("t{t}"), EVENTS)));
+        }
+    }
+    let held = r#"pollmux_polls_active{route="events"}"#;
+    eventually("every client held", || async {
+        gw.metric(held).await == (TOPICS * PER_TOPIC) as f64
+    })
+    .await;
+    eventually("one upstream subscription per topic", || async {
+        feed.open_total() == TOPICS
+    })
+    .await;
+    let subs = r#"pollmux_subscriptions_active{route="events"}"#;
+    assert_eq!(gw.metric(subs).await, TOPICS as f64);
+    for t in 0..TOPICS {
+        feed.append(&format!("t{t}"), EVENTS);
+    }
+    let expected: Vec<u64> = (1..=EVENTS as u64).collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), expected);
+    }
+    for (topic, max) in feed.max_open.lock().unwrap().iter() {
+        assert_eq!(*max, 1, "concurrent subscriptions to {topic}");
+    }
+    for h in feed.requests.lock().unwrap().iter() {
+        assert!(
+            h.get("authorization").is_none() && h.get("cookie").is_none(),
+            "{h:?}"
+        );
+        assert_eq!(h["x-pollmux-token"], "own");
+        assert_eq!(h["accept"], "text/event-stream");
+    }
+    let received = r#"pollmux_messages_received_total{route="events"}"#;
+    assert_eq!(gw.metric(received).await, (TOPICS * EVENTS) as f64);
+
+    // Linger: with every client gone, each subscription is closed within linger (300ms) plus
+    // the sweep interval; WAIT only bounds the test.
+    eventually("subscriptions closed after linger", || async {
+        feed.open_total() == 0
+    })
+    .await;
+    assert_eq!(gw.metric(subs).await, 0.0);
+}
+
+#[tokio::test]
+async fn sse_reconnects_with_last_event_id_and_loses_nothing() {
+    let feed = Arc::new(Feed::default());
+    let upstream = sse_upstream(feed.clone()).await;
+    let gw = Gateway::start(&config(&upstream)).await;
+    let addr = gw.addr();
+    let clients: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(client(addr, "r".into(), 30)))
+        .collect();
+    let received = r#"pollmux_messages_received_total{route="events"}"#;
+    eventually("the subscription", || async { feed.open_total() == 1 }).await;
+    for round in 1..=3u32 {
+        if round > 1 {
+            // The upstream drops the stream mid-way; the source reconnects and resumes.
+            feed.cut();
+            eventually("the reconnected subscription", || async {
+                feed.open_total() == 1 && feed.requests.lock().unwrap().len() == round as usize
+            })
+            .await;
+        }
+        feed.append("r", 10);
+        eventually("the source to take the events", || async {
+            gw.metric(received).await == f64::from(round * 10)
+        })
+        .await;
+    }
+    let expected: Vec<u64> = (1..=30).collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), expected);
+    }
+    let resumed: Vec<String> = feed
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|h| Some(h.get("last-event-id")?.to_str().ok()?.to_owned()))
+        .collect();
+    assert_eq!(
+        resumed,
+        ["10", "20"],
+        "reconnects resume from the last event id"
+    );
+    assert_eq!(gw.metric(received).await, 30.0);
+    assert!(
+        gw.metric(r#"pollmux_upstream_reconnects_total{route="events"}"#)
+            .await
+            >= 2.0
+    );
+    assert_eq!(*feed.max_open.lock().unwrap().get("r").unwrap(), 1);
+}
