@@ -56,6 +56,8 @@ pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(55);
 /// An upstream stream silent this long is reconnected (servers usually send keep-alive
 /// comments every 15 to 30 s).
 pub const SOURCE_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
+/// An upstream outage shorter than this is invisible to clients beyond a delay.
+pub const UPSTREAM_GRACE_DEFAULT: Duration = Duration::from_secs(30);
 /// Messages per poll response.
 pub const MAX_BATCH_DEFAULT: usize = 100;
 /// Per-topic retention: messages, bytes and age.
@@ -221,6 +223,8 @@ pub struct PollConfig {
     pub buffer: BufferConfig,
     pub linger: Duration,
     pub max_topics: usize,
+    /// An upstream source failing for longer than this turns waiting polls into 503.
+    pub upstream_grace: Duration,
     /// Exact origins allowed by CORS; empty: no cross-origin access.
     pub cors_origins: Vec<String>,
 }
@@ -1056,6 +1060,7 @@ impl Validator<'_, '_> {
             buffer,
             linger: raw.linger.map_or(LINGER_DEFAULT, |d| d.0),
             max_topics,
+            upstream_grace: raw.upstream_grace.map_or(UPSTREAM_GRACE_DEFAULT, |d| d.0),
             cors_origins,
         })
     }

@@ -156,12 +156,13 @@ pub struct Route {
     pub buffer: Option<Buffer>,
     pub linger: Option<Dur>,
     pub max_topics: Option<u64>,
+    pub upstream_grace: Option<Dur>,
     pub cors: Option<Cors>,
 }
 
 impl Route {
     /// The keys that only `kind = "poll"` routes take, with whether each is set.
-    pub fn poll_keys(&self) -> [(&'static str, bool); 12] {
+    pub fn poll_keys(&self) -> [(&'static str, bool); 13] {
         [
             ("topic", self.topic.is_some()),
             ("source", self.source.is_some()),
@@ -174,6 +175,7 @@ impl Route {
             ("buffer", self.buffer.is_some()),
             ("linger", self.linger.is_some()),
             ("max_topics", self.max_topics.is_some()),
+            ("upstream_grace", self.upstream_grace.is_some()),
             ("cors", self.cors.is_some()),
         ]
     }

@@ -22,7 +22,7 @@ use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
 use crate::hub::{
     Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, Topic,
-    TopicSettings,
+    TopicSettings, UpstreamProblem,
 };
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::upstream::Body;
@@ -279,6 +279,21 @@ impl Held {
                 }
                 Poll::Empty { at } => at,
             };
+            if let Some(problem) =
+                topic.upstream_problem(route.config.upstream_grace, Instant::now())
+            {
+                let (problem, detail) = match problem {
+                    UpstreamProblem::NotFound => {
+                        (Problem::NotFound, "the upstream has no such topic")
+                    }
+                    UpstreamProblem::Refused => (
+                        Problem::UpstreamRefused,
+                        "the upstream refused pollmux's credential",
+                    ),
+                    UpstreamProblem::Down => (Problem::UpstreamDown, "the upstream is unavailable"),
+                };
+                return rejected(problem, detail, None);
+            }
             // Wait from a fixed position: `latest` must not move on while we wait.
             self.at = Requested::At(position);
             // The drain wakes every topic after setting the flag, and `changed` was enabled

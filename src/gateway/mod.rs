@@ -143,6 +143,7 @@ impl Gateway {
             upstream: self.upstreams[*upstream].clone(),
             path: path.render_path(params),
             idle_timeout: *idle_timeout,
+            upstream_grace: poll.config.upstream_grace,
             max_message_bytes: self.limits.max_message_bytes,
             topic: topic.clone(),
             poll_metrics: poll.metrics.clone(),

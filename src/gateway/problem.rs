@@ -30,6 +30,10 @@ pub enum Problem {
     Draining,
     UpstreamUnavailable,
     UpstreamTimeout,
+    /// A topic's upstream source has been failing for longer than the route's grace.
+    UpstreamDown,
+    /// The upstream refused pollmux's own credential for a topic's source.
+    UpstreamRefused,
 }
 
 impl Problem {
@@ -48,7 +52,8 @@ impl Problem {
             Problem::Overloaded | Problem::Draining | Problem::TooManyTopics => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Problem::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamUnavailable | Problem::UpstreamRefused => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamDown => StatusCode::SERVICE_UNAVAILABLE,
             Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -70,6 +75,8 @@ impl Problem {
             Problem::Draining => "draining",
             Problem::UpstreamUnavailable => "upstream-unavailable",
             Problem::UpstreamTimeout => "upstream-timeout",
+            Problem::UpstreamDown => "upstream-down",
+            Problem::UpstreamRefused => "upstream-refused",
         }
     }
 
@@ -90,6 +97,8 @@ impl Problem {
             Problem::Draining => "server shutting down",
             Problem::UpstreamUnavailable => "upstream unavailable",
             Problem::UpstreamTimeout => "upstream timed out",
+            Problem::UpstreamDown => "upstream down",
+            Problem::UpstreamRefused => "upstream refused pollmux's credential",
         }
     }
 

@@ -269,6 +269,21 @@ struct State {
     cache: Option<Arc<Batch>>,
     dedupe: Dedupe,
     last_active: Instant,
+    /// Since when the topic's upstream source has been failing, if it is.
+    failing_since: Option<Instant>,
+    /// The upstream's last definitive refusal (404, 401, 403) while failing.
+    refused: Option<u16>,
+}
+
+/// What a poll with nothing to read is told about its topic's upstream (PROTOCOL.md 1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProblem {
+    /// The upstream says the topic does not exist: 404 to clients.
+    NotFound,
+    /// The upstream refused pollmux's own credential: 502.
+    Refused,
+    /// Unreachable or failing for longer than the route's `upstream_grace`: 503.
+    Down,
 }
 
 impl Topic {
@@ -281,6 +296,8 @@ impl Topic {
                 cache: None,
                 dedupe: Dedupe::default(),
                 last_active: Instant::now(),
+                failing_since: None,
+                refused: None,
             }),
             route,
             name: name.into(),
@@ -356,6 +373,45 @@ impl Topic {
             cursor,
             duplicate: false,
             stored,
+        }
+    }
+
+    /// The source is connected: upstream problems are over.
+    pub fn upstream_ok(&self) {
+        let mut st = self.state();
+        st.failing_since = None;
+        st.refused = None;
+    }
+
+    /// The source failed to connect; `status` is the upstream's answer, if it gave one.
+    /// Wakes readers so that a definitive refusal reaches them at once.
+    pub fn upstream_failed(&self, status: Option<u16>, now: Instant) {
+        let mut st = self.state();
+        st.failing_since.get_or_insert(now);
+        st.refused = status.filter(|s| matches!(s, 401 | 403 | 404));
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    /// Since when the source has been failing, if it is.
+    pub fn failing_since(&self) -> Option<Instant> {
+        self.state().failing_since
+    }
+
+    /// Wakes every waiting reader (to re-check the upstream's state).
+    pub fn wake(&self) {
+        self.notify.notify_waiters();
+    }
+
+    /// The problem a poll with nothing to read must be told about, if any.
+    pub fn upstream_problem(&self, grace: Duration, now: Instant) -> Option<UpstreamProblem> {
+        let st = self.state();
+        let since = st.failing_since?;
+        match st.refused {
+            Some(404) => Some(UpstreamProblem::NotFound),
+            Some(_) => Some(UpstreamProblem::Refused),
+            None if now.saturating_duration_since(since) >= grace => Some(UpstreamProblem::Down),
+            None => None,
         }
     }
 

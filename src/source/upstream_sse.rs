@@ -31,6 +31,8 @@ pub struct SseSource {
     /// Path and query on the upstream, rendered from the route's template.
     pub path: String,
     pub idle_timeout: Duration,
+    /// Polls learn of an outage once it is this old (503).
+    pub upstream_grace: Duration,
     pub max_message_bytes: usize,
     pub topic: Arc<Topic>,
     pub poll_metrics: PollMetrics,
@@ -60,10 +62,23 @@ impl SseSource {
                 Ended::Reconnect => {}
             }
             self.poll_metrics.upstream_reconnects.inc();
-            let delay = backoff.next(asked_retry);
+            let now = tokio::time::Instant::now();
+            let until = now + backoff.next(asked_retry);
+            // Waiting polls must hear of an outage when it outlasts the grace, not at the next
+            // attempt.
+            let grace_ends = self
+                .topic
+                .failing_since()
+                .map(|since| tokio::time::Instant::from_std(since + self.upstream_grace));
+            if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
+                tokio::select! {
+                    () = self.topic.retired() => return,
+                    () = tokio::time::sleep_until(at) => self.topic.wake(),
+                }
+            }
             tokio::select! {
                 () = self.topic.retired() => return,
-                () = tokio::time::sleep(delay) => {}
+                () = tokio::time::sleep_until(until) => {}
             }
         }
     }
@@ -116,13 +131,17 @@ impl SseSource {
             Ok(r) if r.status() == StatusCode::OK => r,
             Ok(r) => {
                 tracing::warn!(upstream = %self.upstream.config.name, status = %r.status(), "upstream refused the event stream");
+                let status = r.status().as_u16();
+                self.topic.upstream_failed(Some(status), Instant::now());
                 return Ended::Reconnect;
             }
             Err(e) => {
                 tracing::warn!(upstream = %self.upstream.config.name, error = %e, "upstream event stream failed");
+                self.topic.upstream_failed(None, Instant::now());
                 return Ended::Reconnect;
             }
         };
+        self.topic.upstream_ok();
         let _open = GaugeGuard::new(self.poll_metrics.subscriptions_active.clone());
         let mut body = response.into_body();
         let max_line = self.max_message_bytes + LINE_OVERHEAD_BYTES;

@@ -2,7 +2,7 @@
 //! credential isolation, reconnect with resume, linger.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -23,6 +23,8 @@ struct Feed {
     requests: Mutex<Vec<HeaderMap>>,
     cuts: AtomicU64,
     changed: watch::Sender<u64>,
+    /// When not 0, every request is answered with this status instead of a stream.
+    status: AtomicU16,
 }
 
 impl Feed {
@@ -61,6 +63,10 @@ async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
         let feed = feed.clone();
         async move {
             feed.requests.lock().unwrap().push(req.headers().clone());
+            let status = feed.status.load(Ordering::SeqCst);
+            if status != 0 {
+                return text_response(status, "no stream");
+            }
             let topic = req.uri().path().trim_start_matches("/stream/").to_owned();
             let next: usize = req
                 .headers()
@@ -115,6 +121,10 @@ async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
 }
 
 fn config(upstream: &Upstream) -> String {
+    config_with(upstream, "")
+}
+
+fn config_with(upstream: &Upstream, extra: &str) -> String {
     format!(
         r#"
 [listeners.public]
@@ -132,6 +142,7 @@ auth = "public"
 hold = "30s"
 max_hold = "30s"
 linger = "300ms"
+{extra}
 "#,
         upstream.url()
     )
@@ -267,4 +278,58 @@ async fn sse_reconnects_with_last_event_id_and_loses_nothing() {
             >= 2.0
     );
     assert_eq!(*feed.max_open.lock().unwrap().get("r").unwrap(), 1);
+}
+
+async fn poll_once(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (u16, http::HeaderMap, serde_json::Value) {
+    let mut c = Conn::open(addr).await;
+    c.get_json(path).await
+}
+
+#[tokio::test]
+async fn outage_longer_than_grace_is_503_then_recovers() {
+    let feed = Arc::new(Feed::default());
+    feed.status.store(503, Ordering::SeqCst);
+    let upstream = sse_upstream(feed.clone()).await;
+    let gw = Gateway::start(&config_with(&upstream, "upstream_grace = \"300ms\"")).await;
+    // A poll held through the outage is answered 503 once the outage outlasts the grace.
+    let (status, headers, body) = poll_once(gw.addr(), "/events/o?timeout=30").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:pollmux:problem:upstream-down");
+    assert!(headers.contains_key("retry-after"));
+    // The upstream comes back: the source reconnects by itself and polls work again.
+    feed.status.store(0, Ordering::SeqCst);
+    eventually("the source to reconnect", || async {
+        feed.open_total() == 1
+    })
+    .await;
+    let addr = gw.addr();
+    let waiting = tokio::spawn(async move { poll_once(addr, "/events/o?timeout=30").await });
+    eventually("the poll to be held", || async {
+        gw.metric(r#"pollmux_polls_active{route="events"}"#).await == 1.0
+    })
+    .await;
+    feed.append("o", 1);
+    let (status, _, body) = waiting.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["messages"][0]["data"], "1");
+}
+
+#[tokio::test]
+async fn upstream_404_passes_on_and_401_is_502() {
+    for (upstream_status, client_status, kind) in [
+        (404, 404, "not-found"),
+        (401, 502, "upstream-refused"),
+        (403, 502, "upstream-refused"),
+    ] {
+        let feed = Arc::new(Feed::default());
+        feed.status.store(upstream_status, Ordering::SeqCst);
+        let upstream = sse_upstream(feed.clone()).await;
+        let gw = Gateway::start(&config(&upstream)).await;
+        let (status, _, body) = poll_once(gw.addr(), "/events/missing?timeout=30").await;
+        assert_eq!(status, client_status, "upstream {upstream_status}: {body}");
+        assert_eq!(body["type"], format!("urn:pollmux:problem:{kind}"));
+    }
 }
