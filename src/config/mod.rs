@@ -234,8 +234,9 @@ pub struct PollConfig {
 pub enum SourceConfig {
     /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
     Publish,
-    /// One `text/event-stream` subscription per topic to `upstreams[upstream]` at `path`.
-    UpstreamSse {
+    /// One streaming subscription per topic to `upstreams[upstream]` at `path`.
+    UpstreamStream {
+        format: StreamFormat,
         upstream: usize,
         /// Path (and query) template over the topic's parameters.
         path: TopicTemplate,
@@ -243,6 +244,23 @@ pub enum SourceConfig {
         idle_timeout: Duration,
     },
 }
+
+/// The wire format of a streaming source and how it resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFormat {
+    /// `text/event-stream`; resumes with `Last-Event-ID`.
+    Sse,
+    /// One JSON value per line; the id at `id_pointer`; resumes with `?<resume_param>=<id>`.
+    Ndjson {
+        id_pointer: String,
+        resume_param: String,
+    },
+}
+
+/// JSON pointer of an NDJSON message's upstream id, unless the route names one.
+pub const ID_POINTER_DEFAULT: &str = "/id";
+/// Query parameter carrying the last upstream id on an NDJSON reconnect, unless named.
+pub const RESUME_PARAM_DEFAULT: &str = "last_id";
 
 /// Where a poll without a cursor starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,13 +355,7 @@ impl TopicTemplate {
                 TopicPart::Literal(l) => out.push_str(l),
                 TopicPart::Param(name) => {
                     if let Some((_, v)) = params.iter().find(|(n, _)| n == name) {
-                        for b in v.bytes() {
-                            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                                out.push(char::from(b));
-                            } else {
-                                out.push_str(&format!("%{b:02X}"));
-                            }
-                        }
+                        out.push_str(&percent_encode(v));
                     }
                 }
             }
@@ -869,6 +881,8 @@ impl Validator<'_, '_> {
                     ("upstream", s.upstream.is_some()),
                     ("path", s.path.is_some()),
                     ("idle_timeout", s.idle_timeout.is_some()),
+                    ("id_pointer", s.id_pointer.is_some()),
+                    ("resume_param", s.resume_param.is_some()),
                 ] {
                     if set {
                         self.err(&at(key), "not used by type = \"publish\"");
@@ -876,10 +890,38 @@ impl Validator<'_, '_> {
                 }
                 Some(SourceConfig::Publish)
             }
-            "upstream-sse" => {
+            kind @ ("upstream-sse" | "upstream-ndjson") => {
+                let format = if kind == "upstream-sse" {
+                    for (key, set) in [
+                        ("id_pointer", s.id_pointer.is_some()),
+                        ("resume_param", s.resume_param.is_some()),
+                    ] {
+                        if set {
+                            let msg = "not used by type = \"upstream-sse\" (ids come from id:)";
+                            self.err(&at(key), msg);
+                        }
+                    }
+                    StreamFormat::Sse
+                } else {
+                    let id_pointer = s.id_pointer.map_or(ID_POINTER_DEFAULT.to_owned(), |p| p.0);
+                    if !(id_pointer.is_empty() || id_pointer.starts_with('/')) {
+                        self.err(&at("id_pointer"), "a JSON pointer starts with /");
+                    }
+                    let resume_param = s
+                        .resume_param
+                        .map_or(RESUME_PARAM_DEFAULT.to_owned(), |p| p.0);
+                    let plain = |c: char| c.is_ascii_alphanumeric() || "-._~".contains(c);
+                    if resume_param.is_empty() || !resume_param.chars().all(plain) {
+                        self.err(&at("resume_param"), "use letters, digits and -._~ only");
+                    }
+                    StreamFormat::Ndjson {
+                        id_pointer,
+                        resume_param,
+                    }
+                };
                 let upstream = match s.upstream {
                     None => {
-                        self.err(&at("upstream"), "required for type = \"upstream-sse\"");
+                        self.err(&at("upstream"), format!("required for type = {kind:?}"));
                         None
                     }
                     Some(u) => {
@@ -896,7 +938,7 @@ impl Validator<'_, '_> {
                     .unwrap_or_default();
                 let path = match s.path {
                     None => {
-                        self.err(&at("path"), "required for type = \"upstream-sse\"");
+                        self.err(&at("path"), format!("required for type = {kind:?}"));
                         None
                     }
                     Some(p) if !p.0.starts_with('/') => {
@@ -913,7 +955,8 @@ impl Validator<'_, '_> {
                         }
                     },
                 };
-                Some(SourceConfig::UpstreamSse {
+                Some(SourceConfig::UpstreamStream {
+                    format,
                     upstream: upstream?,
                     path: path?,
                     idle_timeout: s.idle_timeout.map_or(SOURCE_IDLE_TIMEOUT_DEFAULT, |d| d.0),
@@ -923,7 +966,7 @@ impl Validator<'_, '_> {
                 self.err(
                     &at("type"),
                     format!(
-                        "unknown source type {other:?}; this version supports \"publish\" and \"upstream-sse\""
+                        "unknown source type {other:?}; this version supports \"publish\", \"upstream-sse\" and \"upstream-ndjson\""
                     ),
                 );
                 None
@@ -1077,6 +1120,20 @@ impl Validator<'_, '_> {
             }
         }
     }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986), for a value placed in a
+/// URL path segment or query.
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Route, listener and upstream names become metric labels: keep them short and plain.

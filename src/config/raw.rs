@@ -189,6 +189,8 @@ pub struct Source {
     pub upstream: Option<Str>,
     pub path: Option<Str>,
     pub idle_timeout: Option<Dur>,
+    pub id_pointer: Option<Str>,
+    pub resume_param: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -28,7 +28,7 @@ use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
 use crate::server::Handler;
 use crate::source::SourceSlots;
-use crate::source::upstream_sse::SseSource;
+use crate::source::upstream_stream::StreamSource;
 use crate::upstream::{Body, Upstream};
 use longpoll::{Held, PollRoute};
 use problem::Problem;
@@ -131,7 +131,8 @@ impl Gateway {
         topic: Arc<Topic>,
         params: &[(String, String)],
     ) {
-        let SourceConfig::UpstreamSse {
+        let SourceConfig::UpstreamStream {
+            format,
             upstream,
             path,
             idle_timeout,
@@ -139,7 +140,8 @@ impl Gateway {
         else {
             return;
         };
-        let source = SseSource {
+        let source = StreamSource {
+            format: format.clone(),
             upstream: self.upstreams[*upstream].clone(),
             path: path.render_path(params),
             idle_timeout: *idle_timeout,

@@ -7,8 +7,9 @@
 //! previous one to have closed its upstream request.
 
 pub mod backoff;
+pub mod ndjson;
 pub mod sse;
-pub mod upstream_sse;
+pub mod upstream_stream;
 
 use std::sync::Arc;
 

@@ -20,7 +20,8 @@ struct Feed {
     events: Mutex<HashMap<String, Vec<String>>>,
     open: Mutex<HashMap<String, usize>>,
     max_open: Mutex<HashMap<String, usize>>,
-    requests: Mutex<Vec<HeaderMap>>,
+    /// Every request's target and headers.
+    requests: Mutex<Vec<(String, HeaderMap)>>,
     cuts: AtomicU64,
     changed: watch::Sender<u64>,
     /// When not 0, every request is answered with this status instead of a stream.
@@ -58,21 +59,42 @@ impl Drop for OpenGuard {
     }
 }
 
+/// The wire format the fake upstream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Sse,
+    Ndjson,
+}
+
 async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
+    stream_upstream(feed, Format::Sse).await
+}
+
+async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
     Upstream::start(move |req: Request<hyper::body::Incoming>| {
         let feed = feed.clone();
         async move {
-            feed.requests.lock().unwrap().push(req.headers().clone());
+            let target = req.uri().to_string();
+            feed.requests
+                .lock()
+                .unwrap()
+                .push((target, req.headers().clone()));
             let status = feed.status.load(Ordering::SeqCst);
             if status != 0 {
                 return text_response(status, "no stream");
             }
             let topic = req.uri().path().trim_start_matches("/stream/").to_owned();
-            let next: usize = req
-                .headers()
-                .get("last-event-id")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(0);
+            let resume = match format {
+                Format::Sse => req
+                    .headers()
+                    .get("last-event-id")
+                    .and_then(|v| v.to_str().ok().map(str::to_owned)),
+                Format::Ndjson => req.uri().query().and_then(|q| {
+                    q.split('&')
+                        .find_map(|kv| kv.strip_prefix("last_id=").map(str::to_owned))
+                }),
+            };
+            let next: usize = resume.and_then(|v| v.parse().ok()).unwrap_or(0);
             {
                 let mut open = feed.open.lock().unwrap();
                 let n = open.entry(topic.clone()).or_default();
@@ -101,7 +123,10 @@ async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
                                 .and_then(|log| log.get(next).cloned());
                             if let Some(data) = event {
                                 next += 1;
-                                let text = format!("id: {next}\ndata: {data}\n\n");
+                                let text = match format {
+                                    Format::Sse => format!("id: {next}\ndata: {data}\n\n"),
+                                    Format::Ndjson => format!("{{\"id\":{next},\"n\":{data}}}\n"),
+                                };
                                 let frame = Frame::data(Bytes::from(text));
                                 let item = Ok::<_, pollmux::upstream::BoxError>(frame);
                                 return Some((item, (guard, feed, changed, next)));
@@ -125,6 +150,14 @@ fn config(upstream: &Upstream) -> String {
 }
 
 fn config_with(upstream: &Upstream, extra: &str) -> String {
+    config_for(upstream, Format::Sse, extra)
+}
+
+fn config_for(upstream: &Upstream, format: Format, extra: &str) -> String {
+    let kind = match format {
+        Format::Sse => "upstream-sse",
+        Format::Ndjson => "upstream-ndjson",
+    };
     format!(
         r#"
 [listeners.public]
@@ -137,7 +170,7 @@ headers = {{ X-Pollmux-Token = "own" }}
 [routes.events]
 path = "/events/{{topic}}"
 kind = "poll"
-source = {{ type = "upstream-sse", upstream = "feed", path = "/stream/{{topic}}" }}
+source = {{ type = "{kind}", upstream = "feed", path = "/stream/{{topic}}" }}
 auth = "public"
 hold = "30s"
 max_hold = "30s"
@@ -166,7 +199,12 @@ async fn client(addr: std::net::SocketAddr, topic: String, want: usize) -> Vec<u
             .unwrap();
         let body = body_json(c.send(req).await).await;
         for m in body["messages"].as_array().expect("a 200 poll answer") {
-            got.push(m["data"].as_str().unwrap().parse().unwrap());
+            // SSE events arrive as text, NDJSON lines as JSON objects.
+            let n = match &m["data"] {
+                serde_json::Value::String(s) => s.parse().unwrap(),
+                object => object["n"].as_u64().unwrap(),
+            };
+            got.push(n);
         }
         cursor = body["cursor"].as_str().map(str::to_owned);
     }
@@ -175,12 +213,21 @@ async fn client(addr: std::net::SocketAddr, topic: String, want: usize) -> Vec<u
 
 #[tokio::test]
 async fn sse_one_subscription_per_topic_for_500_clients() {
+    one_subscription_per_topic_for_500_clients(Format::Sse).await;
+}
+
+#[tokio::test]
+async fn ndjson_one_subscription_per_topic_for_500_clients() {
+    one_subscription_per_topic_for_500_clients(Format::Ndjson).await;
+}
+
+async fn one_subscription_per_topic_for_500_clients(format: Format) {
     const TOPICS: usize = 5;
     const PER_TOPIC: usize = 100;
     const EVENTS: usize = 20;
     let feed = Arc::new(Feed::default());
-    let upstream = sse_upstream(feed.clone()).await;
-    let gw = Gateway::start(&config(&upstream)).await;
+    let upstream = stream_upstream(feed.clone(), format).await;
+    let gw = Gateway::start(&config_for(&upstream, format, "")).await;
     let addr = gw.addr();
     let mut clients = Vec::new();
     for t in 0..TOPICS {
@@ -209,13 +256,17 @@ async fn sse_one_subscription_per_topic_for_500_clients() {
     for (topic, max) in feed.max_open.lock().unwrap().iter() {
         assert_eq!(*max, 1, "concurrent subscriptions to {topic}");
     }
-    for h in feed.requests.lock().unwrap().iter() {
+    for (_, h) in feed.requests.lock().unwrap().iter() {
         assert!(
             h.get("authorization").is_none() && h.get("cookie").is_none(),
             "{h:?}"
         );
         assert_eq!(h["x-pollmux-token"], "own");
-        assert_eq!(h["accept"], "text/event-stream");
+        let accept = match format {
+            Format::Sse => "text/event-stream",
+            Format::Ndjson => "application/x-ndjson",
+        };
+        assert_eq!(h["accept"], accept);
     }
     let received = r#"pollmux_messages_received_total{route="events"}"#;
     assert_eq!(gw.metric(received).await, (TOPICS * EVENTS) as f64);
@@ -231,9 +282,18 @@ async fn sse_one_subscription_per_topic_for_500_clients() {
 
 #[tokio::test]
 async fn sse_reconnects_with_last_event_id_and_loses_nothing() {
+    reconnects_resume_and_lose_nothing(Format::Sse).await;
+}
+
+#[tokio::test]
+async fn ndjson_reconnects_with_the_resume_parameter_and_loses_nothing() {
+    reconnects_resume_and_lose_nothing(Format::Ndjson).await;
+}
+
+async fn reconnects_resume_and_lose_nothing(format: Format) {
     let feed = Arc::new(Feed::default());
-    let upstream = sse_upstream(feed.clone()).await;
-    let gw = Gateway::start(&config(&upstream)).await;
+    let upstream = stream_upstream(feed.clone(), format).await;
+    let gw = Gateway::start(&config_for(&upstream, format, "")).await;
     let addr = gw.addr();
     let clients: Vec<_> = (0..20)
         .map(|_| tokio::spawn(client(addr, "r".into(), 30)))
@@ -264,7 +324,10 @@ async fn sse_reconnects_with_last_event_id_and_loses_nothing() {
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|h| Some(h.get("last-event-id")?.to_str().ok()?.to_owned()))
+        .filter_map(|(target, h)| match format {
+            Format::Sse => Some(h.get("last-event-id")?.to_str().ok()?.to_owned()),
+            Format::Ndjson => Some(target.split_once("last_id=")?.1.to_owned()),
+        })
         .collect();
     assert_eq!(
         resumed,

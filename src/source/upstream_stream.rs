@@ -1,11 +1,14 @@
-//! The `upstream-sse` source: one `GET` with `Accept: text/event-stream` per topic; each event
-//! is a message (its `id:` the upstream id). Reconnects send `Last-Event-ID` and wait a
-//! full-jitter backoff (honouring `retry:`); a stream silent for `idle_timeout` is reconnected.
+//! The streaming upstream sources, one long `GET` per topic:
+//! - `upstream-sse`: `Accept: text/event-stream`; each event is a message (its `id:` the
+//!   upstream id); reconnects send `Last-Event-ID`.
+//! - `upstream-ndjson`: each line is a JSON message, its upstream id read by JSON pointer;
+//!   reconnects pass the last id as the route's resume query parameter.
 //!
-//! The request is built from the route's config and the topic's validated parameters only
-//! ([`SseSource`] has no access to any client request); the upstream's own configured headers
-//! are added by [`Upstream::send`]. The task ends when the topic is retired (no poll for
-//! `linger`), closing the upstream request.
+//! Reconnects wait a full-jitter backoff (honouring SSE `retry:`); a stream silent for
+//! `idle_timeout` is reconnected. The request is built from the route's config and the topic's
+//! validated parameters only ([`StreamSource`] has no access to any client request); the
+//! upstream's own configured headers are added by [`Upstream::send`]. The task ends when the
+//! topic is retired (no poll for `linger`), closing the upstream request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,8 +18,11 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use tokio::sync::Semaphore;
 
+use bytes::Bytes;
+
 use super::backoff::Backoff;
-use super::sse::{Decoder, Event};
+use super::{ndjson, sse};
+use crate::config::{StreamFormat, percent_encode};
 use crate::hub::{NewMessage, Topic};
 use crate::metrics::{GaugeGuard, PollMetrics, RouteMetrics, UpstreamResult};
 use crate::upstream::{BoxError, Upstream};
@@ -26,7 +32,8 @@ use crate::upstream::{BoxError, Upstream};
 pub const LINE_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// Everything one topic's source needs; nothing from any client.
-pub struct SseSource {
+pub struct StreamSource {
+    pub format: StreamFormat,
     pub upstream: Arc<Upstream>,
     /// Path and query on the upstream, rendered from the route's template.
     pub path: String,
@@ -47,7 +54,7 @@ enum Ended {
     Reconnect,
 }
 
-impl SseSource {
+impl StreamSource {
     /// Runs until the topic is retired.
     pub async fn run(self) {
         let mut backoff = Backoff::default();
@@ -89,21 +96,35 @@ impl SseSource {
         asked_retry: &mut Option<Duration>,
         backoff: &mut Backoff,
     ) -> Ended {
-        let Ok(path) = self.path.parse() else {
-            tracing::error!(path = %self.path, "source path is not a valid URI path");
-            return Ended::Retired;
-        };
+        let mut path = self.path.clone();
         let mut req = Request::builder()
             .method(Method::GET)
-            .uri(self.upstream.uri_for(&path))
-            .header(header::ACCEPT, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache");
-        if let Some(id) = last_id
-            .as_deref()
-            .and_then(|i| HeaderValue::from_str(i).ok())
-        {
-            req = req.header("last-event-id", id);
+        match &self.format {
+            StreamFormat::Sse => {
+                req = req.header(header::ACCEPT, "text/event-stream");
+                if let Some(id) = last_id
+                    .as_deref()
+                    .and_then(|i| HeaderValue::from_str(i).ok())
+                {
+                    req = req.header("last-event-id", id);
+                }
+            }
+            StreamFormat::Ndjson { resume_param, .. } => {
+                req = req.header(header::ACCEPT, "application/x-ndjson");
+                if let Some(id) = last_id.as_deref() {
+                    path.push(if path.contains('?') { '&' } else { '?' });
+                    path.push_str(resume_param);
+                    path.push('=');
+                    path.push_str(&percent_encode(id));
+                }
+            }
         }
+        let Ok(path) = path.parse() else {
+            tracing::error!(%path, "source path is not a valid URI path");
+            return Ended::Retired;
+        };
+        let req = req.uri(self.upstream.uri_for(&path));
         let body = Empty::new().map_err(|never| match never {}).boxed();
         let Ok(req) = req.body(body) else {
             return Ended::Reconnect;
@@ -145,8 +166,13 @@ impl SseSource {
         let _open = GaugeGuard::new(self.poll_metrics.subscriptions_active.clone());
         let mut body = response.into_body();
         let max_line = self.max_message_bytes + LINE_OVERHEAD_BYTES;
-        let mut decoder = Decoder::new(max_line, self.max_message_bytes);
-        let mut events = Vec::new();
+        let mut decoder = match &self.format {
+            StreamFormat::Sse => Decoder::Sse(sse::Decoder::new(max_line, self.max_message_bytes)),
+            StreamFormat::Ndjson { id_pointer, .. } => {
+                Decoder::Ndjson(ndjson::Decoder::new(self.max_message_bytes, id_pointer))
+            }
+        };
+        let mut items = Vec::new();
         let ended = loop {
             let frame = tokio::select! {
                 () = self.topic.retired() => break Ended::Retired,
@@ -168,38 +194,93 @@ impl SseSource {
                     Err(_) => continue,
                 },
             };
-            if let Err(e) = decoder.feed(&data, &mut events) {
-                tracing::warn!(error = %e, path = %self.path, "malformed event stream; reconnecting");
-                break Ended::Reconnect;
-            }
-            for event in events.drain(..) {
-                self.deliver(event);
+            let well_formed = decoder.feed(&data, &mut items);
+            for item in items.drain(..) {
+                self.deliver(item);
                 backoff.reset();
+            }
+            if !well_formed {
+                tracing::warn!(path = %self.path, "malformed upstream stream; reconnecting");
+                break Ended::Reconnect;
             }
         };
         *last_id = decoder.last_id().map(str::to_owned).or(last_id.take());
-        *asked_retry = decoder
-            .retry_ms()
-            .map(Duration::from_millis)
-            .or(*asked_retry);
+        *asked_retry = decoder.retry().or(*asked_retry);
         ended
     }
 
-    fn deliver(&self, event: Event) {
-        let Some(data) = event.data else {
+    fn deliver(&self, item: Item) {
+        let Some(payload) = item.payload else {
             // Over max_message_bytes: dropped, and readers are told they missed something.
-            tracing::warn!(path = %self.path, id = ?event.id, "oversized event skipped; gap recorded");
+            tracing::warn!(path = %self.path, id = ?item.id, "oversized message skipped; gap recorded");
             self.topic.record_gap();
             return;
         };
         let message = NewMessage {
-            id: event.id,
-            content_type: Some("text/plain; charset=utf-8".into()),
-            payload: data.into(),
+            id: item.id,
+            content_type: Some(item.content_type.into()),
+            payload,
             arrived: Instant::now(),
         };
         if !self.topic.publish(message).duplicate {
             self.poll_metrics.received.inc();
+        }
+    }
+}
+
+/// One message out of a stream, whatever its format.
+struct Item {
+    id: Option<String>,
+    /// `None`: over the size limit, skipped.
+    payload: Option<Bytes>,
+    content_type: &'static str,
+}
+
+enum Decoder {
+    Sse(sse::Decoder),
+    Ndjson(ndjson::Decoder),
+}
+
+impl Decoder {
+    /// Decodes a chunk into `out` (what came before a malformed part included); false when
+    /// the stream is malformed.
+    fn feed(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> bool {
+        match self {
+            Decoder::Sse(d) => {
+                let mut events = Vec::new();
+                let ok = d.feed(chunk, &mut events).is_ok();
+                out.extend(events.into_iter().map(|e| Item {
+                    id: e.id,
+                    payload: e.data.map(Bytes::from),
+                    content_type: "text/plain; charset=utf-8",
+                }));
+                ok
+            }
+            Decoder::Ndjson(d) => {
+                let mut lines = Vec::new();
+                let ok = d.feed(chunk, &mut lines).is_ok();
+                out.extend(lines.into_iter().map(|l| Item {
+                    id: l.id,
+                    payload: l.json,
+                    content_type: "application/json",
+                }));
+                ok
+            }
+        }
+    }
+
+    fn last_id(&self) -> Option<&str> {
+        match self {
+            Decoder::Sse(d) => d.last_id(),
+            Decoder::Ndjson(d) => d.last_id(),
+        }
+    }
+
+    /// The reconnection delay the stream asked for (SSE `retry:`).
+    fn retry(&self) -> Option<Duration> {
+        match self {
+            Decoder::Sse(d) => d.retry_ms().map(Duration::from_millis),
+            Decoder::Ndjson(_) => None,
         }
     }
 }
