@@ -234,6 +234,15 @@ pub struct PollConfig {
 pub enum SourceConfig {
     /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
     Publish,
+    /// One long-poll in flight per topic to `upstreams[upstream]` at `path` (which may use
+    /// `{cursor}`, the upstream's position).
+    UpstreamPoll {
+        upstream: usize,
+        path: TopicTemplate,
+        id_pointer: String,
+        /// Where the array of messages is in an object answer; `None`: the answer is the array.
+        items_pointer: Option<String>,
+    },
     /// One streaming subscription per topic to `upstreams[upstream]` at `path`.
     UpstreamStream {
         format: StreamFormat,
@@ -883,6 +892,7 @@ impl Validator<'_, '_> {
                     ("idle_timeout", s.idle_timeout.is_some()),
                     ("id_pointer", s.id_pointer.is_some()),
                     ("resume_param", s.resume_param.is_some()),
+                    ("items_pointer", s.items_pointer.is_some()),
                 ] {
                     if set {
                         self.err(&at(key), "not used by type = \"publish\"");
@@ -890,11 +900,38 @@ impl Validator<'_, '_> {
                 }
                 Some(SourceConfig::Publish)
             }
+            "upstream-poll" => {
+                for (key, set) in [
+                    ("resume_param", s.resume_param.is_some()),
+                    ("idle_timeout", s.idle_timeout.is_some()),
+                ] {
+                    if set {
+                        let msg = "not used by type = \"upstream-poll\" (its path takes {cursor})";
+                        self.err(&at(key), msg);
+                    }
+                }
+                let upstream = self.source_upstream(n, "upstream-poll", s.upstream, upstreams);
+                let mut allowed = topic_param_names(topic);
+                allowed.push("cursor".to_owned());
+                let path = self.source_path(n, "upstream-poll", s.path, &allowed);
+                let id_pointer = self.pointer(n, "id_pointer", s.id_pointer)?;
+                let items_pointer = match s.items_pointer {
+                    None => None,
+                    Some(p) => Some(self.pointer(n, "items_pointer", Some(p))?),
+                };
+                Some(SourceConfig::UpstreamPoll {
+                    upstream: upstream?,
+                    path: path?,
+                    id_pointer,
+                    items_pointer,
+                })
+            }
             kind @ ("upstream-sse" | "upstream-ndjson") => {
                 let format = if kind == "upstream-sse" {
                     for (key, set) in [
                         ("id_pointer", s.id_pointer.is_some()),
                         ("resume_param", s.resume_param.is_some()),
+                        ("items_pointer", s.items_pointer.is_some()),
                     ] {
                         if set {
                             let msg = "not used by type = \"upstream-sse\" (ids come from id:)";
@@ -903,10 +940,7 @@ impl Validator<'_, '_> {
                     }
                     StreamFormat::Sse
                 } else {
-                    let id_pointer = s.id_pointer.map_or(ID_POINTER_DEFAULT.to_owned(), |p| p.0);
-                    if !(id_pointer.is_empty() || id_pointer.starts_with('/')) {
-                        self.err(&at("id_pointer"), "a JSON pointer starts with /");
-                    }
+                    let id_pointer = self.pointer(n, "id_pointer", s.id_pointer)?;
                     let resume_param = s
                         .resume_param
                         .map_or(RESUME_PARAM_DEFAULT.to_owned(), |p| p.0);
@@ -919,42 +953,8 @@ impl Validator<'_, '_> {
                         resume_param,
                     }
                 };
-                let upstream = match s.upstream {
-                    None => {
-                        self.err(&at("upstream"), format!("required for type = {kind:?}"));
-                        None
-                    }
-                    Some(u) => {
-                        let found = upstreams.iter().position(|x| x.name == u.0);
-                        if found.is_none() {
-                            let msg = format!("no upstream named {:?} in [upstreams]", u.0);
-                            self.err(&at("upstream"), msg);
-                        }
-                        found
-                    }
-                };
-                let topic_params: Vec<String> = topic
-                    .map(|t| t.params().map(str::to_owned).collect())
-                    .unwrap_or_default();
-                let path = match s.path {
-                    None => {
-                        self.err(&at("path"), format!("required for type = {kind:?}"));
-                        None
-                    }
-                    Some(p) if !p.0.starts_with('/') => {
-                        self.err(&at("path"), "must start with /");
-                        None
-                    }
-                    // Only the topic's parameters: two clients of one topic must never ask the
-                    // upstream different things.
-                    Some(p) => match TopicTemplate::parse(&p.0, &topic_params) {
-                        Ok(t) => Some(t),
-                        Err(e) => {
-                            self.err(&at("path"), format!("{e} (the topic's parameters only)"));
-                            None
-                        }
-                    },
-                };
+                let upstream = self.source_upstream(n, kind, s.upstream, upstreams);
+                let path = self.source_path(n, kind, s.path, &topic_param_names(topic));
                 Some(SourceConfig::UpstreamStream {
                     format,
                     upstream: upstream?,
@@ -966,11 +966,76 @@ impl Validator<'_, '_> {
                 self.err(
                     &at("type"),
                     format!(
-                        "unknown source type {other:?}; this version supports \"publish\", \"upstream-sse\" and \"upstream-ndjson\""
+                        "unknown source type {other:?}: use \"publish\", \"upstream-poll\", \"upstream-sse\" or \"upstream-ndjson\""
                     ),
                 );
                 None
             }
+        }
+    }
+
+    /// The upstream a source names.
+    fn source_upstream(
+        &mut self,
+        n: &str,
+        kind: &str,
+        name: Option<raw::Str>,
+        upstreams: &[UpstreamConfig],
+    ) -> Option<usize> {
+        let at = ["routes", n, "source", "upstream"];
+        let Some(name) = name else {
+            self.err(&at, format!("required for type = {kind:?}"));
+            return None;
+        };
+        let found = upstreams.iter().position(|u| u.name == name.0);
+        if found.is_none() {
+            self.err(
+                &at,
+                format!("no upstream named {:?} in [upstreams]", name.0),
+            );
+        }
+        found
+    }
+
+    /// A source's path template. It may use only `allowed` parameters (the topic's, and
+    /// `cursor` for upstream-poll): two clients of one topic must never ask the upstream
+    /// different things.
+    fn source_path(
+        &mut self,
+        n: &str,
+        kind: &str,
+        path: Option<raw::Str>,
+        allowed: &[String],
+    ) -> Option<TopicTemplate> {
+        let at = ["routes", n, "source", "path"];
+        let Some(path) = path else {
+            self.err(&at, format!("required for type = {kind:?}"));
+            return None;
+        };
+        if !path.0.starts_with('/') {
+            self.err(&at, "must start with /");
+            return None;
+        }
+        match TopicTemplate::parse(&path.0, allowed) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err(&at, format!("{e} (the topic's parameters only)"));
+                None
+            }
+        }
+    }
+
+    /// A JSON pointer key of a source (`/id` when absent for `id_pointer`).
+    fn pointer(&mut self, n: &str, key: &str, value: Option<raw::Str>) -> Option<String> {
+        let pointer = value.map_or(ID_POINTER_DEFAULT.to_owned(), |p| p.0);
+        if pointer.is_empty() || pointer.starts_with('/') {
+            Some(pointer)
+        } else {
+            self.err(
+                &["routes", n, "source", key],
+                "a JSON pointer starts with / (e.g. \"/id\")",
+            );
+            None
         }
     }
 
@@ -1134,6 +1199,13 @@ pub fn percent_encode(value: &str) -> String {
         }
     }
     out
+}
+
+/// The parameter names a topic template uses (none when the template was invalid).
+fn topic_param_names(topic: Option<&TopicTemplate>) -> Vec<String> {
+    topic
+        .map(|t| t.params().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// Route, listener and upstream names become metric labels: keep them short and plain.

@@ -191,6 +191,7 @@ pub struct Source {
     pub idle_timeout: Option<Dur>,
     pub id_pointer: Option<Str>,
     pub resume_param: Option<Str>,
+    pub items_pointer: Option<Str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

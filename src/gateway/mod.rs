@@ -28,6 +28,8 @@ use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
 use crate::server::Handler;
 use crate::source::SourceSlots;
+use crate::source::feed::Feed;
+use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
 use crate::upstream::{Body, Upstream};
 use longpoll::{Held, PollRoute};
@@ -131,33 +133,53 @@ impl Gateway {
         topic: Arc<Topic>,
         params: &[(String, String)],
     ) {
-        let SourceConfig::UpstreamStream {
-            format,
-            upstream,
-            path,
-            idle_timeout,
-        } = &poll.config.source
-        else {
-            return;
-        };
-        let source = StreamSource {
-            format: format.clone(),
-            upstream: self.upstreams[*upstream].clone(),
-            path: path.render_path(params),
-            idle_timeout: *idle_timeout,
+        let feed = |upstream: usize| Feed {
+            upstream: self.upstreams[upstream].clone(),
+            topic: topic.clone(),
             upstream_grace: poll.config.upstream_grace,
             max_message_bytes: self.limits.max_message_bytes,
-            topic: topic.clone(),
             poll_metrics: poll.metrics.clone(),
             route_metrics: self.route_metrics[route].clone(),
             connects: self.source_connects.clone(),
+        };
+        let source: Pin<Box<dyn Future<Output = ()> + Send>> = match &poll.config.source {
+            SourceConfig::Publish => return,
+            SourceConfig::UpstreamStream {
+                format,
+                upstream,
+                path,
+                idle_timeout,
+            } => Box::pin(
+                StreamSource {
+                    format: format.clone(),
+                    path: path.render_path(params),
+                    idle_timeout: *idle_timeout,
+                    feed: feed(*upstream),
+                }
+                .run(),
+            ),
+            SourceConfig::UpstreamPoll {
+                upstream,
+                path,
+                id_pointer,
+                items_pointer,
+            } => Box::pin(
+                PollSource {
+                    path: path.clone(),
+                    params: params.to_vec(),
+                    id_pointer: id_pointer.clone(),
+                    items_pointer: items_pointer.clone(),
+                    feed: feed(*upstream),
+                }
+                .run(),
+            ),
         };
         let slots = self.sources.clone();
         let route_name = poll.name.clone();
         tokio::spawn(async move {
             let name = topic.name().to_owned();
             slots
-                .run_exclusive(&route_name, &name, topic.retired(), source.run())
+                .run_exclusive(&route_name, &name, topic.retired(), source)
                 .await;
         });
     }

@@ -7,8 +7,10 @@
 //! previous one to have closed its upstream request.
 
 pub mod backoff;
+pub mod feed;
 pub mod ndjson;
 pub mod sse;
+pub mod upstream_poll;
 pub mod upstream_stream;
 
 use std::sync::Arc;

@@ -10,48 +10,32 @@
 //! upstream's own configured headers are added by [`Upstream::send`]. The task ends when the
 //! topic is retired (no poll for `linger`), closing the upstream request.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use tokio::sync::Semaphore;
 
 use bytes::Bytes;
 
 use super::backoff::Backoff;
+use super::feed::{Ended, Feed};
 use super::{ndjson, sse};
 use crate::config::{StreamFormat, percent_encode};
-use crate::hub::{NewMessage, Topic};
-use crate::metrics::{GaugeGuard, PollMetrics, RouteMetrics, UpstreamResult};
-use crate::upstream::{BoxError, Upstream};
+use crate::metrics::GaugeGuard;
+use crate::upstream::BoxError;
 
 /// Room for field names, ids and comments on top of the largest message a line may carry;
 /// a longer line makes its event oversized.
 pub const LINE_OVERHEAD_BYTES: usize = 64 * 1024;
 
-/// Everything one topic's source needs; nothing from any client.
+/// Everything one topic's streaming source needs; nothing from any client.
 pub struct StreamSource {
     pub format: StreamFormat,
-    pub upstream: Arc<Upstream>,
     /// Path and query on the upstream, rendered from the route's template.
     pub path: String,
     pub idle_timeout: Duration,
-    /// Polls learn of an outage once it is this old (503).
-    pub upstream_grace: Duration,
-    pub max_message_bytes: usize,
-    pub topic: Arc<Topic>,
-    pub poll_metrics: PollMetrics,
-    pub route_metrics: Arc<RouteMetrics>,
-    /// Process-wide cap on upstream connects in progress, so an outage's reconnects queue.
-    pub connects: Arc<Semaphore>,
-}
-
-/// How one connection ended.
-enum Ended {
-    Retired,
-    Reconnect,
+    pub feed: Feed,
 }
 
 impl StreamSource {
@@ -68,24 +52,8 @@ impl StreamSource {
                 Ended::Retired => return,
                 Ended::Reconnect => {}
             }
-            self.poll_metrics.upstream_reconnects.inc();
-            let now = tokio::time::Instant::now();
-            let until = now + backoff.next(asked_retry);
-            // Waiting polls must hear of an outage when it outlasts the grace, not at the next
-            // attempt.
-            let grace_ends = self
-                .topic
-                .failing_since()
-                .map(|since| tokio::time::Instant::from_std(since + self.upstream_grace));
-            if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
-                tokio::select! {
-                    () = self.topic.retired() => return,
-                    () = tokio::time::sleep_until(at) => self.topic.wake(),
-                }
-            }
-            tokio::select! {
-                () = self.topic.retired() => return,
-                () = tokio::time::sleep_until(until) => {}
+            if !self.feed.pause(backoff.next(asked_retry)).await {
+                return;
             }
         }
     }
@@ -124,58 +92,31 @@ impl StreamSource {
             tracing::error!(%path, "source path is not a valid URI path");
             return Ended::Retired;
         };
-        let req = req.uri(self.upstream.uri_for(&path));
+        let req = req.uri(self.feed.upstream.uri_for(&path));
         let body = Empty::new().map_err(|never| match never {}).boxed();
         let Ok(req) = req.body(body) else {
             return Ended::Reconnect;
         };
-        let started = Instant::now();
-        let response = {
-            let permit = tokio::select! {
-                () = self.topic.retired() => return Ended::Retired,
-                p = self.connects.acquire() => p,
-            };
-            let sent = tokio::select! {
-                () = self.topic.retired() => return Ended::Retired,
-                r = self.upstream.send(req) => r,
-            };
-            drop(permit);
-            sent
+        let response = match self.feed.request(req, |s| s == StatusCode::OK).await {
+            Ok(r) => r,
+            Err(ended) => return ended,
         };
-        let class = match &response {
-            Ok(r) => UpstreamResult::Status(r.status().as_u16()),
-            Err(crate::upstream::UpstreamError::Timeout) => UpstreamResult::Timeout,
-            Err(_) => UpstreamResult::Error,
-        };
-        self.route_metrics.upstream(class, started.elapsed());
-        let response = match response {
-            Ok(r) if r.status() == StatusCode::OK => r,
-            Ok(r) => {
-                tracing::warn!(upstream = %self.upstream.config.name, status = %r.status(), "upstream refused the event stream");
-                let status = r.status().as_u16();
-                self.topic.upstream_failed(Some(status), Instant::now());
-                return Ended::Reconnect;
-            }
-            Err(e) => {
-                tracing::warn!(upstream = %self.upstream.config.name, error = %e, "upstream event stream failed");
-                self.topic.upstream_failed(None, Instant::now());
-                return Ended::Reconnect;
-            }
-        };
-        self.topic.upstream_ok();
-        let _open = GaugeGuard::new(self.poll_metrics.subscriptions_active.clone());
+        let _open = GaugeGuard::new(self.feed.poll_metrics.subscriptions_active.clone());
         let mut body = response.into_body();
-        let max_line = self.max_message_bytes + LINE_OVERHEAD_BYTES;
+        let max_bytes = self.feed.max_message_bytes;
         let mut decoder = match &self.format {
-            StreamFormat::Sse => Decoder::Sse(sse::Decoder::new(max_line, self.max_message_bytes)),
+            StreamFormat::Sse => Decoder::Sse(sse::Decoder::new(
+                max_bytes + LINE_OVERHEAD_BYTES,
+                max_bytes,
+            )),
             StreamFormat::Ndjson { id_pointer, .. } => {
-                Decoder::Ndjson(ndjson::Decoder::new(self.max_message_bytes, id_pointer))
+                Decoder::Ndjson(ndjson::Decoder::new(max_bytes, id_pointer))
             }
         };
         let mut items = Vec::new();
         let ended = loop {
             let frame = tokio::select! {
-                () = self.topic.retired() => break Ended::Retired,
+                () = self.feed.topic.retired() => break Ended::Retired,
                 f = tokio::time::timeout(self.idle_timeout, body.frame()) => f,
             };
             let data = match frame {
@@ -196,7 +137,7 @@ impl StreamSource {
             };
             let well_formed = decoder.feed(&data, &mut items);
             for item in items.drain(..) {
-                self.deliver(item);
+                self.feed.deliver(item.id, item.payload, item.content_type);
                 backoff.reset();
             }
             if !well_formed {
@@ -207,24 +148,6 @@ impl StreamSource {
         *last_id = decoder.last_id().map(str::to_owned).or(last_id.take());
         *asked_retry = decoder.retry().or(*asked_retry);
         ended
-    }
-
-    fn deliver(&self, item: Item) {
-        let Some(payload) = item.payload else {
-            // Over max_message_bytes: dropped, and readers are told they missed something.
-            tracing::warn!(path = %self.path, id = ?item.id, "oversized message skipped; gap recorded");
-            self.topic.record_gap();
-            return;
-        };
-        let message = NewMessage {
-            id: item.id,
-            content_type: Some(item.content_type.into()),
-            payload,
-            arrived: Instant::now(),
-        };
-        if !self.topic.publish(message).duplicate {
-            self.poll_metrics.received.inc();
-        }
     }
 }
 

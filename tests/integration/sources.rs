@@ -64,6 +64,8 @@ impl Drop for OpenGuard {
 enum Format {
     Sse,
     Ndjson,
+    /// A long-poll API: `?cursor=N` answers the events after N as a JSON array, or 204.
+    Poll,
 }
 
 async fn sse_upstream(feed: Arc<Feed>) -> Upstream {
@@ -89,9 +91,12 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
                     .headers()
                     .get("last-event-id")
                     .and_then(|v| v.to_str().ok().map(str::to_owned)),
-                Format::Ndjson => req.uri().query().and_then(|q| {
-                    q.split('&')
-                        .find_map(|kv| kv.strip_prefix("last_id=").map(str::to_owned))
+                Format::Ndjson | Format::Poll => req.uri().query().and_then(|q| {
+                    q.split('&').find_map(|kv| {
+                        kv.strip_prefix("last_id=")
+                            .or_else(|| kv.strip_prefix("cursor="))
+                            .map(str::to_owned)
+                    })
                 }),
             };
             let next: usize = resume.and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -104,6 +109,9 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
                 *m = (*m).max(*n);
             }
             let guard = OpenGuard(feed.clone(), topic.clone());
+            if format == Format::Poll {
+                return long_poll_answer(&feed, &topic, next, guard).await;
+            }
             let cut_at_start = feed.cuts.load(Ordering::SeqCst);
             let changed = feed.changed.subscribe();
             let stream = futures_util::stream::unfold(
@@ -125,7 +133,9 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
                                 next += 1;
                                 let text = match format {
                                     Format::Sse => format!("id: {next}\ndata: {data}\n\n"),
-                                    Format::Ndjson => format!("{{\"id\":{next},\"n\":{data}}}\n"),
+                                    Format::Ndjson | Format::Poll => {
+                                        format!("{{\"id\":{next},\"n\":{data}}}\n")
+                                    }
                                 };
                                 let frame = Frame::data(Bytes::from(text));
                                 let item = Ok::<_, pollmux::upstream::BoxError>(frame);
@@ -145,6 +155,48 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
     .await
 }
 
+/// The long-poll API of the fake: the events after `after` as a JSON array, at once if there are
+/// any, else when one arrives, else 204 after a second (the API's own hold).
+async fn long_poll_answer(
+    feed: &Arc<Feed>,
+    topic: &str,
+    after: usize,
+    guard: OpenGuard,
+) -> Response<pollmux::upstream::Body> {
+    let mut changed = feed.changed.subscribe();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let events: Vec<serde_json::Value> = feed
+            .events
+            .lock()
+            .unwrap()
+            .get(topic)
+            .map(|log| {
+                log.iter()
+                    .enumerate()
+                    .skip(after)
+                    .take(10)
+                    .map(|(i, n)| serde_json::json!({"id": i + 1, "n": n.parse::<u64>().unwrap()}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !events.is_empty() {
+            drop(guard);
+            return Response::builder()
+                .header("content-type", "application/json")
+                .body(full(serde_json::Value::Array(events).to_string()))
+                .unwrap();
+        }
+        if tokio::time::timeout_at(deadline, changed.changed())
+            .await
+            .is_err()
+        {
+            drop(guard);
+            return text_response(204, "");
+        }
+    }
+}
+
 fn config(upstream: &Upstream) -> String {
     config_with(upstream, "")
 }
@@ -154,9 +206,10 @@ fn config_with(upstream: &Upstream, extra: &str) -> String {
 }
 
 fn config_for(upstream: &Upstream, format: Format, extra: &str) -> String {
-    let kind = match format {
-        Format::Sse => "upstream-sse",
-        Format::Ndjson => "upstream-ndjson",
+    let (kind, path) = match format {
+        Format::Sse => ("upstream-sse", "/stream/{topic}"),
+        Format::Ndjson => ("upstream-ndjson", "/stream/{topic}"),
+        Format::Poll => ("upstream-poll", "/stream/{topic}?cursor={cursor}"),
     };
     format!(
         r#"
@@ -170,7 +223,7 @@ headers = {{ X-Pollmux-Token = "own" }}
 [routes.events]
 path = "/events/{{topic}}"
 kind = "poll"
-source = {{ type = "{kind}", upstream = "feed", path = "/stream/{{topic}}" }}
+source = {{ type = "{kind}", upstream = "feed", path = "{path}" }}
 auth = "public"
 hold = "30s"
 max_hold = "30s"
@@ -265,6 +318,7 @@ async fn one_subscription_per_topic_for_500_clients(format: Format) {
         let accept = match format {
             Format::Sse => "text/event-stream",
             Format::Ndjson => "application/x-ndjson",
+            Format::Poll => "application/json",
         };
         assert_eq!(h["accept"], accept);
     }
@@ -278,6 +332,11 @@ async fn one_subscription_per_topic_for_500_clients(format: Format) {
     })
     .await;
     assert_eq!(gw.metric(subs).await, 0.0);
+}
+
+#[tokio::test]
+async fn poll_one_request_in_flight_per_topic_for_500_clients() {
+    one_subscription_per_topic_for_500_clients(Format::Poll).await;
 }
 
 #[tokio::test]
@@ -327,6 +386,7 @@ async fn reconnects_resume_and_lose_nothing(format: Format) {
         .filter_map(|(target, h)| match format {
             Format::Sse => Some(h.get("last-event-id")?.to_str().ok()?.to_owned()),
             Format::Ndjson => Some(target.split_once("last_id=")?.1.to_owned()),
+            Format::Poll => unreachable!("the poll API has no stream to cut"),
         })
         .collect();
     assert_eq!(
