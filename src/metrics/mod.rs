@@ -143,6 +143,7 @@ pub struct Metrics {
     pub delivery_latency: HistogramVec,
     pub subscriptions_active: IntGaugeVec,
     pub upstream_reconnects: IntCounterVec,
+    pub gaps: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -239,6 +240,12 @@ impl Metrics {
             "Times a source reconnected to its upstream (after an error, an end or silence).",
             &["route"],
         );
+        let gaps = counter(
+            "gaps_total",
+            "Gaps recorded in topics (messages lost upstream), by cause: oversized (a message \
+             over max_message_bytes) or unresumable (the upstream could not resume).",
+            &["route", "cause"],
+        );
         let connections_open = IntGaugeVec::new(
             opts("connections_open", "Client connections currently open."),
             &["listener", "protocol"],
@@ -293,6 +300,7 @@ impl Metrics {
             delivery_latency,
             subscriptions_active,
             upstream_reconnects,
+            gaps,
             connections_open,
             connections_rejected,
             accept_errors,
@@ -410,6 +418,8 @@ pub struct PollMetrics {
     pub delivery_latency: Histogram,
     pub subscriptions_active: IntGauge,
     pub upstream_reconnects: IntCounter,
+    pub gaps_oversized: IntCounter,
+    pub gaps_unresumable: IntCounter,
 }
 
 impl PollMetrics {
@@ -424,6 +434,8 @@ impl PollMetrics {
             delivery_latency: metrics.delivery_latency.with_label_values(r),
             subscriptions_active: metrics.subscriptions_active.with_label_values(r),
             upstream_reconnects: metrics.upstream_reconnects.with_label_values(r),
+            gaps_oversized: metrics.gaps.with_label_values(&[route, "oversized"]),
+            gaps_unresumable: metrics.gaps.with_label_values(&[route, "unresumable"]),
         }
     }
 }

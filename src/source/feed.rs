@@ -81,6 +81,14 @@ impl Feed {
         }
     }
 
+    /// The upstream answered 410 to a resume: messages after the last id are lost to us.
+    /// Readers behind this point get 410 (or `gap: true`); the source starts afresh.
+    pub fn unresumable(&self) {
+        tracing::warn!(upstream = %self.upstream.config.name, "upstream cannot resume; gap recorded");
+        self.poll_metrics.gaps_unresumable.inc();
+        self.topic.record_gap();
+    }
+
     /// Waits `delay` before the next attempt, waking waiting polls if the outage outlasts the
     /// grace meanwhile (so they answer 503 then, not at the next attempt). False when the
     /// topic was retired.
@@ -108,6 +116,7 @@ impl Feed {
     pub fn deliver(&self, id: Option<String>, payload: Option<Bytes>, content_type: &str) {
         let Some(payload) = payload else {
             tracing::warn!(id = ?id, "oversized upstream message skipped; gap recorded");
+            self.poll_metrics.gaps_oversized.inc();
             self.topic.record_gap();
             return;
         };

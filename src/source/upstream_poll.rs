@@ -64,10 +64,22 @@ impl PollSource {
             .header(header::ACCEPT, HeaderValue::from_static("application/json"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .map_err(|_| Ended::Reconnect)?;
-        let usable = |s: StatusCode| s == StatusCode::OK || s == StatusCode::NO_CONTENT;
+        let resuming = !cursor.is_empty();
+        let usable = |s: StatusCode| {
+            s == StatusCode::OK
+                || s == StatusCode::NO_CONTENT
+                || (resuming && s == StatusCode::GONE)
+        };
         let response = self.feed.request(req, usable).await?;
-        if response.status() == StatusCode::NO_CONTENT {
-            return Ok(());
+        match response.status() {
+            StatusCode::NO_CONTENT => return Ok(()),
+            StatusCode::GONE => {
+                // The upstream no longer knows our cursor: start afresh after a gap.
+                self.feed.unresumable();
+                cursor.clear();
+                return Ok(());
+            }
+            _ => {}
         }
         let limit = self
             .feed

@@ -97,10 +97,18 @@ impl StreamSource {
         let Ok(req) = req.body(body) else {
             return Ended::Reconnect;
         };
-        let response = match self.feed.request(req, |s| s == StatusCode::OK).await {
+        let resuming = last_id.is_some();
+        let usable = |s| s == StatusCode::OK || (resuming && s == StatusCode::GONE);
+        let response = match self.feed.request(req, usable).await {
             Ok(r) => r,
             Err(ended) => return ended,
         };
+        if response.status() == StatusCode::GONE {
+            // 410 to a resume: the upstream no longer has what followed our last id.
+            self.feed.unresumable();
+            *last_id = None;
+            return Ended::Reconnect;
+        }
         let _open = GaugeGuard::new(self.feed.poll_metrics.subscriptions_active.clone());
         let mut body = response.into_body();
         let max_bytes = self.feed.max_message_bytes;

@@ -26,6 +26,8 @@ struct Feed {
     changed: watch::Sender<u64>,
     /// When not 0, every request is answered with this status instead of a stream.
     status: AtomicU16,
+    /// Answer 410 to any request that tries to resume.
+    gone_on_resume: std::sync::atomic::AtomicBool,
 }
 
 impl Feed {
@@ -100,6 +102,9 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
                 }),
             };
             let next: usize = resume.and_then(|v| v.parse().ok()).unwrap_or(0);
+            if next > 0 && feed.gone_on_resume.load(Ordering::SeqCst) {
+                return text_response(410, "cannot resume");
+            }
             {
                 let mut open = feed.open.lock().unwrap();
                 let n = open.entry(topic.clone()).or_default();
@@ -455,4 +460,41 @@ async fn upstream_404_passes_on_and_401_is_502() {
         assert_eq!(status, client_status, "upstream {upstream_status}: {body}");
         assert_eq!(body["type"], format!("urn:pollmux:problem:{kind}"));
     }
+}
+
+#[tokio::test]
+async fn an_upstream_that_cannot_resume_leaves_a_gap_not_a_hole() {
+    let feed = Arc::new(Feed::default());
+    let upstream = sse_upstream(feed.clone()).await;
+    let gw = Gateway::start(&config(&upstream)).await;
+    let mut c = Conn::open(gw.addr()).await;
+    let addr = gw.addr();
+    // Hold a poll so the topic and its source exist, then let 10 events through.
+    let first = tokio::spawn(async move { poll_once(addr, "/events/g?timeout=30").await });
+    eventually("the subscription", || async { feed.open_total() == 1 }).await;
+    feed.append("g", 10);
+    let (_, _, body) = first.await.unwrap();
+    let mut cursor = body["cursor"].as_str().unwrap().to_owned();
+    loop {
+        let (_, _, body) = c
+            .get_json(&format!("/events/g?cursor={cursor}&timeout=0"))
+            .await;
+        cursor = body["cursor"].as_str().unwrap().to_owned();
+        if body["messages"].as_array().unwrap().is_empty() {
+            break;
+        }
+    }
+    // The stream breaks and the upstream cannot resume after event 10.
+    feed.gone_on_resume.store(true, Ordering::SeqCst);
+    feed.cut();
+    let gaps = r#"pollmux_gaps_total{cause="unresumable",route="events"}"#;
+    eventually("the gap to be recorded", || async {
+        gw.metric(gaps).await == 1.0
+    })
+    .await;
+    let (status, _, body) = c
+        .get_json(&format!("/events/g?cursor={cursor}&timeout=0"))
+        .await;
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(body["type"], "urn:pollmux:problem:cursor-expired");
 }
