@@ -141,6 +141,7 @@ impl Gateway {
             poll_metrics: poll.metrics.clone(),
             route_metrics: self.route_metrics[route].clone(),
             connects: self.source_connects.clone(),
+            retry_after: Default::default(),
         };
         let source: Pin<Box<dyn Future<Output = ()> + Send>> = match &poll.config.source {
             SourceConfig::Publish => return,

@@ -1,7 +1,7 @@
 //! What every upstream source of a topic shares: the upstream and the topic it feeds, the
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,7 +31,12 @@ pub struct Feed {
     pub route_metrics: Arc<RouteMetrics>,
     /// Process-wide cap on upstream connects in progress, so an outage's reconnects queue.
     pub connects: Arc<Semaphore>,
+    /// The upstream's last `Retry-After`: the next attempt waits at least this long.
+    pub retry_after: Mutex<Option<Duration>>,
 }
+
+/// A `Retry-After` longer than this is taken as this: a source must keep trying.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 impl Feed {
     /// Sends `req` through the connect gate. An answer whose status `usable` accepts clears
@@ -69,6 +74,12 @@ impl Feed {
             }
             Ok(r) => {
                 tracing::warn!(%upstream, status = %r.status(), "upstream refused the source's request");
+                let asked = r
+                    .headers()
+                    .get(http::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                    .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_MAX));
+                *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) = asked;
                 self.topic
                     .upstream_failed(Some(r.status().as_u16()), Instant::now());
                 Err(Ended::Reconnect)
@@ -89,11 +100,17 @@ impl Feed {
         self.topic.record_gap();
     }
 
-    /// Waits `delay` before the next attempt, waking waiting polls if the outage outlasts the
+    /// Waits `delay` (or the upstream's `Retry-After`, if longer) before the next attempt, waking waiting polls if the outage outlasts the
     /// grace meanwhile (so they answer 503 then, not at the next attempt). False when the
     /// topic was retired.
     pub async fn pause(&self, delay: Duration) -> bool {
         self.poll_metrics.upstream_reconnects.inc();
+        let asked = self
+            .retry_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let delay = delay.max(asked.unwrap_or_default());
         let now = tokio::time::Instant::now();
         let until = now + delay;
         let grace_ends = self

@@ -498,3 +498,33 @@ async fn an_upstream_that_cannot_resume_leaves_a_gap_not_a_hole() {
     assert_eq!(status, 410, "{body}");
     assert_eq!(body["type"], "urn:pollmux:problem:cursor-expired");
 }
+
+#[tokio::test]
+async fn sources_honour_retry_after() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let record = times.clone();
+    let upstream = Upstream::start(move |_req| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(std::time::Instant::now());
+            Response::builder()
+                .status(503)
+                .header("retry-after", "1")
+                .body(full("busy"))
+                .unwrap()
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&upstream)).await;
+    let addr = gw.addr();
+    let _held = tokio::spawn(async move { poll_once(addr, "/events/busy?timeout=30").await });
+    eventually("a retry", || async { times.lock().unwrap().len() >= 2 }).await;
+    let times = times.lock().unwrap().clone();
+    // Without Retry-After the first retry comes within 250 ms (full jitter); asked for 1 s, it
+    // waits at least that.
+    let waited = times[1] - times[0];
+    assert!(
+        waited >= std::time::Duration::from_millis(950),
+        "{waited:?}"
+    );
+}
