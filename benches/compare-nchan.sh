@@ -31,17 +31,21 @@ wait_http() {
   return 1
 }
 
+# measure TARGET PID SUB_URL PUB_URL HELD_URL HELD_PREFIX: every scenario against one server.
+measure() {
+  $LOAD run --target "$1" --pid "$2" --scale "$SCALE" --scenarios "$SCENARIOS" \
+    --sub-url "$3" --pub-url "$4" --held-url "$5" --held-prefix "$6" --out "$OUT/$1.jsonl"
+}
+
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r)"
 
 target/release/pollmux run --config benches/pollmux.toml --log-level warn &
 PM=$!
 trap 'kill $PM 2>/dev/null || true' EXIT
 wait_http 19090
-$LOAD run --target pollmux --pid "$PM" --scale "$SCALE" --scenarios "$SCENARIOS" \
-  --sub-url 'http://127.0.0.1:18080/bench/{topic}' \
-  --pub-url 'http://127.0.0.1:19090/publish/bench/{topic}' \
-  --held-url 'http://127.0.0.1:19090/metrics' --held-prefix 'pollmux_polls_active{route="bench"}' \
-  --out "$OUT/pollmux.jsonl"
+measure pollmux "$PM" 'http://127.0.0.1:18080/bench/{topic}' \
+  'http://127.0.0.1:19090/publish/bench/{topic}' \
+  'http://127.0.0.1:19090/metrics' 'pollmux_polls_active{route="bench"}'
 kill -TERM "$PM"; wait "$PM" || true
 
 PREFIX=$(mktemp -d)
@@ -50,11 +54,9 @@ nginx -p "$PREFIX" -c "$PWD/benches/nchan.conf" -g 'daemon off;' &
 NG=$!
 trap 'kill $NG 2>/dev/null || true; rm -rf "$PREFIX"' EXIT
 wait_http 18081
-$LOAD run --target nchan --pid "$NG" --scale "$SCALE" --scenarios "$SCENARIOS" \
-  --sub-url 'http://127.0.0.1:18081/sub/{topic}' \
-  --pub-url 'http://127.0.0.1:18081/pub/{topic}' \
-  --held-url 'http://127.0.0.1:18081/nchan_status' --held-prefix 'subscribers:' \
-  --out "$OUT/nchan.jsonl"
+measure nchan "$NG" 'http://127.0.0.1:18081/sub/{topic}' \
+  'http://127.0.0.1:18081/pub/{topic}' \
+  'http://127.0.0.1:18081/nchan_status' 'subscribers:'
 kill -QUIT "$NG"; wait "$NG" || true
 
 echo

@@ -58,3 +58,18 @@ impl SourceSlots {
         self.slots.is_empty()
     }
 }
+
+/// `bytes` cut at arbitrary points: decoders must give the same result for any chunking.
+#[cfg(test)]
+pub(crate) fn chunks_at<'a>(bytes: &'a [u8], cuts: &[proptest::sample::Index]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+    points.sort_unstable();
+    let mut chunks = Vec::with_capacity(points.len() + 1);
+    let mut start = 0;
+    for p in points {
+        chunks.push(&bytes[start..p]);
+        start = p;
+    }
+    chunks.push(&bytes[start..]);
+    chunks
+}

@@ -244,15 +244,7 @@ mod tests {
         #[test]
         fn any_chunking_gives_the_same_events(bytes in stream(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10)) {
             let whole = decode(&[&bytes]).unwrap();
-            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
-            points.sort_unstable();
-            let mut chunks = Vec::new();
-            let mut start = 0;
-            for p in points {
-                chunks.push(&bytes[start..p]);
-                start = p;
-            }
-            chunks.push(&bytes[start..]);
+            let chunks = crate::source::chunks_at(&bytes, &cuts);
             prop_assert_eq!(decode(&chunks).unwrap(), whole);
         }
 

@@ -528,3 +528,29 @@ async fn sources_honour_retry_after() {
         "{waited:?}"
     );
 }
+
+#[tokio::test]
+async fn a_silent_stream_is_reconnected_after_idle_timeout() {
+    let feed = Arc::new(Feed::default());
+    let upstream = sse_upstream(feed.clone()).await;
+    let text = config(&upstream).replace(
+        r#"path = "/stream/{topic}" }"#,
+        r#"path = "/stream/{topic}", idle_timeout = "300ms" }"#,
+    );
+    let gw = Gateway::start(&text).await;
+    let addr = gw.addr();
+    let first = tokio::spawn(async move { poll_once(addr, "/events/quiet?timeout=30").await });
+    eventually("the subscription", || async { feed.open_total() == 1 }).await;
+    feed.append("quiet", 1);
+    let (status, _, _) = first.await.unwrap();
+    assert_eq!(status, 200);
+    // The stream stays open but says nothing: after 300 ms pollmux gives up on it and resumes.
+    eventually("a resumed request", || async {
+        feed.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, h)| h.get("last-event-id").is_some_and(|v| v == "1"))
+    })
+    .await;
+}
