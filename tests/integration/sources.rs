@@ -408,6 +408,12 @@ async fn reconnects_resume_and_lose_nothing(format: Format) {
     assert_eq!(*feed.max_open.lock().unwrap().get("r").unwrap(), 1);
 }
 
+/// The config with a linger long enough that a topic and its source outlive the gaps between
+/// a test's polls, however slow the machine.
+fn long_linger(config: String) -> String {
+    config.replace(r#"linger = "300ms""#, r#"linger = "30s""#)
+}
+
 async fn poll_once(
     addr: std::net::SocketAddr,
     path: &str,
@@ -421,7 +427,8 @@ async fn outage_longer_than_grace_is_503_then_recovers() {
     let feed = Arc::new(Feed::default());
     feed.status.store(503, Ordering::SeqCst);
     let upstream = sse_upstream(feed.clone()).await;
-    let gw = Gateway::start(&config_with(&upstream, "upstream_grace = \"300ms\"")).await;
+    let text = config_with(&upstream, "upstream_grace = \"300ms\"");
+    let gw = Gateway::start(&long_linger(text)).await;
     // A poll held through the outage is answered 503 once the outage outlasts the grace.
     let (status, headers, body) = poll_once(gw.addr(), "/events/o?timeout=30").await;
     assert_eq!(status, 503, "{body}");
@@ -466,7 +473,7 @@ async fn upstream_404_passes_on_and_401_is_502() {
 async fn an_upstream_that_cannot_resume_leaves_a_gap_not_a_hole() {
     let feed = Arc::new(Feed::default());
     let upstream = sse_upstream(feed.clone()).await;
-    let gw = Gateway::start(&config(&upstream)).await;
+    let gw = Gateway::start(&long_linger(config(&upstream))).await;
     let mut c = Conn::open(gw.addr()).await;
     let addr = gw.addr();
     // Hold a poll so the topic and its source exist, then let 10 events through.
@@ -533,10 +540,10 @@ async fn sources_honour_retry_after() {
 async fn a_silent_stream_is_reconnected_after_idle_timeout() {
     let feed = Arc::new(Feed::default());
     let upstream = sse_upstream(feed.clone()).await;
-    let text = config(&upstream).replace(
+    let text = long_linger(config(&upstream).replace(
         r#"path = "/stream/{topic}" }"#,
         r#"path = "/stream/{topic}", idle_timeout = "300ms" }"#,
-    );
+    ));
     let gw = Gateway::start(&text).await;
     let addr = gw.addr();
     let first = tokio::spawn(async move { poll_once(addr, "/events/quiet?timeout=30").await });
