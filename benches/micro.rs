@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths (names carry scenario, scale and payload):
-//! the hub's share of a fan-out, cursor encoding and decoding, and route matching.
+//! the hub's share of a fan-out, cursor encoding and decoding, route matching, and the SSE and
+//! NDJSON decoders of the upstream sources.
 //! Run with `cargo bench --bench micro`; results in docs/BENCHMARKS.md.
 
 use std::hint::black_box;
@@ -94,5 +95,36 @@ fn router(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, fanout, cursors, router);
+/// 1,000 messages of 256 bytes, fed in 4 KiB chunks as they come off a socket.
+fn decoders(c: &mut Criterion) {
+    let payload = "x".repeat(240);
+    let mut sse = String::new();
+    let mut ndjson = String::new();
+    for i in 0..1_000 {
+        sse.push_str(&format!("id: {i}\ndata: {payload}\n\n"));
+        ndjson.push_str(&format!("{{\"id\":{i},\"v\":\"{payload}\"}}\n"));
+    }
+    c.bench_function("decode_sse_1000_events_256b_4k_chunks", |b| {
+        b.iter(|| {
+            let mut d = pollmux::source::sse::Decoder::new(1 << 20, 1 << 20);
+            let mut out = Vec::with_capacity(1_000);
+            for chunk in sse.as_bytes().chunks(4096) {
+                d.feed(chunk, &mut out).expect("valid stream");
+            }
+            black_box(out)
+        })
+    });
+    c.bench_function("decode_ndjson_1000_lines_256b_4k_chunks", |b| {
+        b.iter(|| {
+            let mut d = pollmux::source::ndjson::Decoder::new(1 << 20, "/id");
+            let mut out = Vec::with_capacity(1_000);
+            for chunk in ndjson.as_bytes().chunks(4096) {
+                d.feed(chunk, &mut out).expect("valid stream");
+            }
+            black_box(out)
+        })
+    });
+}
+
+criterion_group!(benches, fanout, cursors, router, decoders);
 criterion_main!(benches);
