@@ -73,3 +73,91 @@ pub(crate) fn chunks_at<'a>(bytes: &'a [u8], cuts: &[proptest::sample::Index]) -
     chunks.push(&bytes[start..]);
     chunks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn one_source_per_topic_at_a_time_and_slots_are_forgotten() {
+        let slots = Arc::new(SourceSlots::default());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (release_first, first_may_end) = oneshot::channel::<()>();
+        let (first_started_tx, first_started) = oneshot::channel::<()>();
+        let source = |gate: Option<oneshot::Receiver<()>>, started: Option<oneshot::Sender<()>>| {
+            let (running, most) = (running.clone(), most.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                if let Some(s) = started {
+                    let _ = s.send(());
+                }
+                if let Some(g) = gate {
+                    let _ = g.await;
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        let first = {
+            let (slots, s) = (
+                slots.clone(),
+                source(Some(first_may_end), Some(first_started_tx)),
+            );
+            tokio::spawn(async move {
+                slots
+                    .run_exclusive("r", "t", std::future::pending(), s)
+                    .await
+            })
+        };
+        first_started.await.unwrap();
+        let second = {
+            let (slots, s) = (slots.clone(), source(None, None));
+            tokio::spawn(async move {
+                slots
+                    .run_exclusive("r", "t", std::future::pending(), s)
+                    .await
+            })
+        };
+        // A source of another topic runs at once, beside the first.
+        slots
+            .run_exclusive("r", "other", std::future::pending(), source(None, None))
+            .await;
+        assert_eq!(most.load(Ordering::SeqCst), 2);
+        assert!(!second.is_finished());
+        release_first.send(()).unwrap();
+        first.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(
+            most.load(Ordering::SeqCst),
+            2,
+            "never two sources of one topic"
+        );
+        assert!(slots.is_empty(), "{} slots left", slots.len());
+        // A source whose topic is retired while it waits for the slot never runs.
+        let (release, may_end) = oneshot::channel::<()>();
+        let (started_tx, started) = oneshot::channel::<()>();
+        let holder = {
+            let (slots, s) = (slots.clone(), source(Some(may_end), Some(started_tx)));
+            tokio::spawn(async move {
+                slots
+                    .run_exclusive("r", "t", std::future::pending(), s)
+                    .await
+            })
+        };
+        started.await.unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r2 = ran.clone();
+        slots
+            .run_exclusive("r", "t", async {}, async move {
+                r2.fetch_add(1, Ordering::SeqCst);
+            })
+            .await;
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        assert!(slots.is_empty());
+    }
+}
