@@ -262,7 +262,8 @@ impl Held {
                         let latency = batch.oldest.elapsed().as_secs_f64();
                         route.metrics.delivery_latency.observe(latency);
                     }
-                    let resp = poll_response(batch.body.clone(), &batch.cursor, batch.gap, false);
+                    let cursor = batch.cursor_header.clone();
+                    let resp = poll_response(batch.body.clone(), cursor, batch.gap, false);
                     return (resp, Outcome::Message);
                 }
                 Poll::Expired { earliest, latest } => {
@@ -335,10 +336,11 @@ fn rejected(
 fn empty_response(at: &Cursor, close: bool) -> Response<Body> {
     let cursor = at.encode();
     let body = format!("{{\"cursor\":\"{cursor}\",\"messages\":[],\"more\":false}}");
-    poll_response(Bytes::from(body), &cursor, false, close)
+    let header = HeaderValue::from_str(&cursor).expect("cursors are URL-safe ASCII");
+    poll_response(Bytes::from(body), header, false, close)
 }
 
-fn poll_response(body: Bytes, cursor: &str, gap: bool, close: bool) -> Response<Body> {
+fn poll_response(body: Bytes, cursor: HeaderValue, gap: bool, close: bool) -> Response<Body> {
     let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
@@ -347,10 +349,7 @@ fn poll_response(body: Bytes, cursor: &str, gap: bool, close: bool) -> Response<
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        POLL_CURSOR,
-        HeaderValue::from_str(cursor).expect("cursors are URL-safe ASCII"),
-    );
+    h.insert(POLL_CURSOR, cursor);
     if gap {
         h.insert(POLL_GAP, HeaderValue::from_static("1"));
     }

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
+use http::HeaderValue;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -223,8 +224,10 @@ pub struct Published {
 #[derive(Debug)]
 pub struct Batch {
     pub body: Bytes,
-    /// The cursor the body names (`Poll-Cursor`).
+    /// The cursor the body names.
     pub cursor: String,
+    /// The same cursor as a `Poll-Cursor` header value, built once for every reader.
+    pub cursor_header: HeaderValue,
     pub messages: usize,
     /// Arrival of the oldest message in the batch (delivery latency).
     pub oldest: Instant,
@@ -496,6 +499,7 @@ impl Topic {
         body.put_u8(b'}');
         let batch = Arc::new(Batch {
             body: body.freeze(),
+            cursor_header: HeaderValue::from_str(&cursor).expect("cursors are URL-safe ASCII"),
             cursor,
             messages,
             oldest: oldest.unwrap_or_else(Instant::now),
