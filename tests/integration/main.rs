@@ -3,6 +3,7 @@
 
 mod cli;
 mod common;
+mod hostile;
 mod listeners;
 mod longpoll;
 mod ops;

@@ -1,0 +1,115 @@
+//! Hostile input against what exists so far: request smuggling attempts on a proxy route, and
+//! garbage on the wire. Each gets a clear answer (or a closed connection), nothing smuggled
+//! reaches the upstream, and the gateway keeps serving.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+async fn setup() -> (Gateway, Arc<Mutex<Vec<String>>>, Upstream) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = seen.clone();
+    let upstream = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(req.uri().path().to_owned());
+            text_response(200, "upstream")
+        }
+    })
+    .await;
+    let config = format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[limits]
+header_read_timeout = "1s"
+[upstreams.api]
+url = "{}"
+[routes.api]
+path = "/api/{{*rest}}"
+kind = "proxy"
+upstream = "api"
+"#,
+        upstream.url()
+    );
+    (Gateway::start(&config).await, seen, upstream)
+}
+
+/// Sends raw bytes; returns everything the server sent until it closed (or WAIT).
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const SMUGGLING: &[(&str, &str)] = &[
+    (
+        "CL.TE",
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ),
+    (
+        "TE.CL",
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ),
+    (
+        "two differing Content-Length",
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ),
+    (
+        "obfuscated Transfer-Encoding",
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\nContent-Length: 0\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ),
+    (
+        "malformed chunk",
+        "POST /api/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    ),
+];
+
+#[tokio::test]
+async fn smuggled_requests_never_reach_the_upstream() {
+    let (gw, seen, _upstream) = setup().await;
+    for (name, attempt) in SMUGGLING {
+        let answer = raw(gw.addr(), attempt.as_bytes()).await;
+        let statuses: Vec<&str> = answer.lines().filter(|l| l.starts_with("HTTP/")).collect();
+        // One answer, then the connection ends: the smuggled request is never read as a
+        // request of its own (hyper closes after a message with both Content-Length and
+        // Transfer-Encoding, and refuses ambiguous framing with 400).
+        assert_eq!(statuses.len(), 1, "{name}: {answer}");
+        assert!(
+            !seen.lock().unwrap().iter().any(|p| p.contains("smuggled")),
+            "{name}: the smuggled request reached the upstream ({:?}); answer: {answer}",
+            seen.lock().unwrap()
+        );
+    }
+    // Still serving.
+    assert_eq!(get(gw.addr(), "/api/ok").await.status(), 200);
+}
+
+#[tokio::test]
+async fn garbage_gets_400_or_a_close_and_serving_goes_on() {
+    let (gw, _seen, _upstream) = setup().await;
+    for garbage in [
+        &b"\x00\x01\x02\x03 not http at all\r\n\r\n"[..],
+        b"GET /api/x HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /api/x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /api/\x7fx HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/x HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+    ] {
+        let answer = raw(gw.addr(), garbage).await;
+        assert!(
+            answer.is_empty()
+                || answer.starts_with("HTTP/1.1 4")
+                || answer.starts_with("HTTP/1.1 505"),
+            "{:?}: {answer}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+    assert_eq!(get(gw.addr(), "/api/ok").await.status(), 200);
+}
