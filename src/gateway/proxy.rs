@@ -4,6 +4,8 @@
 //! [`Upstream::send`].
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -62,7 +64,15 @@ pub async fn forward(
     parts.uri = upstream.uri_for(&pq);
     // The upstream connection negotiates its own protocol.
     parts.version = Version::HTTP_11;
-    let req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+    // A client whose body breaks (a malformed chunk, a connection cut mid-body) fails the
+    // upstream request; the flag tells that apart from an upstream failure.
+    let client_body_failed = Arc::new(AtomicBool::new(false));
+    let flag = client_body_failed.clone();
+    let body = body.map_err(move |e| {
+        flag.store(true, Ordering::Release);
+        BoxError::from(e)
+    });
+    let req = Request::from_parts(parts, body.boxed());
 
     let started = Instant::now();
     let result = upstream.send(req).await;
@@ -78,6 +88,14 @@ pub async fn forward(
             remove_hop_by_hop(&mut parts.headers);
             let body = body.map_err(BoxError::from).boxed();
             (Response::from_parts(parts, body), Outcome::Response)
+        }
+        Err(e) if client_body_failed.load(Ordering::Acquire) => {
+            tracing::debug!(error = %e, "client request body broke while proxying");
+            let detail = "the request body could not be read";
+            (
+                Problem::InvalidRequest.response(Some(detail)),
+                Outcome::Rejected,
+            )
         }
         Err(e) => {
             tracing::debug!(upstream = %upstream.config.name, error = %e, "proxy request failed");

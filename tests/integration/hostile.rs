@@ -82,6 +82,10 @@ async fn smuggled_requests_never_reach_the_upstream() {
         // request of its own (hyper closes after a message with both Content-Length and
         // Transfer-Encoding, and refuses ambiguous framing with 400).
         assert_eq!(statuses.len(), 1, "{name}: {answer}");
+        if *name == "malformed chunk" {
+            // The client's broken body is the client's fault, not the upstream's.
+            assert!(statuses[0].starts_with("HTTP/1.1 400"), "{answer}");
+        }
         assert!(
             !seen.lock().unwrap().iter().any(|p| p.contains("smuggled")),
             "{name}: the smuggled request reached the upstream ({:?}); answer: {answer}",
