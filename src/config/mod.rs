@@ -47,6 +47,9 @@ const MAX_HEADER_BYTES_MIN: usize = 8 * 1024;
 pub const MAX_HEADERS_DEFAULT: usize = 64;
 /// Request-target limit; pollmux answers 414 above it.
 pub const MAX_URI_BYTES_DEFAULT: usize = 8 * 1024;
+/// Polls one credential may hold on one topic at once: the protocol asks for one; a few more
+/// absorb retries racing a poll that has not ended yet.
+pub const MAX_POLLS_PER_CLIENT_DEFAULT: usize = 4;
 /// Largest message payload: publishes above it get 413, source messages above it become gaps.
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Poll hold when the client gives no `timeout`.
@@ -146,6 +149,8 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     pub max_uri_bytes: usize,
     pub max_message_bytes: usize,
+    /// Polls one credential (`Authorization` value) may hold on one topic at once.
+    pub max_polls_per_client: usize,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -625,6 +630,12 @@ impl Validator<'_, '_> {
             MAX_MESSAGE_BYTES_DEFAULT,
             1,
         );
+        let max_polls_per_client = size(
+            "max_polls_per_client",
+            raw.max_polls_per_client,
+            MAX_POLLS_PER_CLIENT_DEFAULT,
+            1,
+        );
         if raw.max_connections == Some(0) {
             self.err(&["limits", "max_connections"], "must be at least 1");
         }
@@ -654,6 +665,7 @@ impl Validator<'_, '_> {
             max_headers,
             max_uri_bytes,
             max_message_bytes,
+            max_polls_per_client,
             trusted_proxies,
         }
     }

@@ -114,6 +114,7 @@ pub struct Limits {
     pub max_headers: Option<u64>,
     pub max_uri_bytes: Option<u64>,
     pub max_message_bytes: Option<u64>,
+    pub max_polls_per_client: Option<u64>,
     pub trusted_proxies: Option<Vec<Str>>,
 }
 

@@ -5,8 +5,11 @@
 //! request is dropped: a held poll keeps only its subscription, a position and its timers, so
 //! hyper can reuse the connection's read buffer (see the memory notes in docs/BENCHMARKS.md).
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -83,8 +86,65 @@ impl PollRoute {
     }
 }
 
+/// Polls held per (route, topic, credential), so one client cannot hold a topic's waiters
+/// hostage (PROTOCOL.md 1.3: 429). A credential is the request's `Authorization` value;
+/// requests without one are not counted (many clients share an address behind NAT).
+pub struct ClientPolls {
+    held: DashMap<u64, usize>,
+    keys: RandomState,
+    max: usize,
+}
+
+impl ClientPolls {
+    pub fn new(max: usize) -> ClientPolls {
+        ClientPolls {
+            held: DashMap::new(),
+            keys: RandomState::new(),
+            max,
+        }
+    }
+
+    fn acquire(self: &Arc<Self>, route: &str, topic: &str, client: &[u8]) -> Option<ClientPoll> {
+        let key = self.keys.hash_one((route, topic, client));
+        let mut n = self.held.entry(key).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientPoll {
+            polls: self.clone(),
+            key,
+        })
+    }
+
+    /// Clients with polls held now (tests: entries do not accumulate).
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+/// One held poll's place in [`ClientPolls`], given back on drop.
+struct ClientPoll {
+    polls: Arc<ClientPolls>,
+    key: u64,
+}
+
+impl Drop for ClientPoll {
+    fn drop(&mut self) {
+        if let Some(mut n) = self.polls.held.get_mut(&self.key) {
+            *n -= 1;
+        }
+        self.polls.held.remove_if(&self.key, |_, n| *n == 0);
+    }
+}
+
 /// A poll that passed every check and holds its subscription: all a parked poll keeps.
 pub struct Held {
+    _client: Option<ClientPoll>,
     subscription: Subscription,
     /// Where the client stands; fixed to a concrete position once the poll waits.
     at: Requested,
@@ -106,6 +166,7 @@ pub struct Held {
 pub fn prepare(
     route: &PollRoute,
     hub: &Hub,
+    clients: &Arc<ClientPolls>,
     req: Request<Incoming>,
     params: &[(String, String)],
 ) -> Result<Held, (Response<Body>, Outcome)> {
@@ -131,6 +192,16 @@ pub fn prepare(
     let checked = check(route, &req, params);
     let (requested, hold, topic) = checked.map_err(with_cors)?;
     let close_on_drain = req.version() < Version::HTTP_2;
+    let client = match req.headers().get(header::AUTHORIZATION) {
+        None => None,
+        Some(credential) => {
+            let Some(slot) = clients.acquire(&route.name, &topic, credential.as_bytes()) else {
+                let detail = "this credential already holds the most polls allowed on this topic";
+                return Err(with_cors(rejected(Problem::TooManyPolls, detail, None)));
+            };
+            Some(slot)
+        }
+    };
     // Nothing of the request is needed from here on.
     drop(req);
     let Ok(subscription) = hub.subscribe(&route.topics, &topic) else {
@@ -138,6 +209,7 @@ pub fn prepare(
         return Err(with_cors(rejected(Problem::TooManyTopics, detail, None)));
     };
     Ok(Held {
+        _client: client,
         subscription,
         at: requested,
         deadline: tokio::time::Instant::now() + hold - jitter(hold),
@@ -400,6 +472,21 @@ mod tests {
         assert!(PollQuery::parse(Some("cursor=a&cursor=b")).is_err());
         assert_eq!(PollQuery::parse(None).unwrap(), PollQuery::default());
         assert_eq!(PollQuery::parse(Some("timeout")).unwrap().timeout, Some(""));
+    }
+
+    #[test]
+    fn client_polls_are_bounded_per_topic_and_client() {
+        let polls = Arc::new(ClientPolls::new(2));
+        let a = polls.acquire("r", "t", b"alice").unwrap();
+        let b = polls.acquire("r", "t", b"alice").unwrap();
+        assert!(polls.acquire("r", "t", b"alice").is_none());
+        let other_client = polls.acquire("r", "t", b"bob").unwrap();
+        let other_topic = polls.acquire("r", "u", b"alice").unwrap();
+        drop(a);
+        let again = polls.acquire("r", "t", b"alice").unwrap();
+        assert_eq!(polls.len(), 3);
+        drop((b, again, other_client, other_topic));
+        assert!(polls.is_empty());
     }
 
     #[test]

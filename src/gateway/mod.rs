@@ -32,7 +32,7 @@ use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
 use crate::upstream::{Body, Upstream};
-use longpoll::{Held, PollRoute};
+use longpoll::{ClientPolls, Held, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
 use tokio::sync::Semaphore;
@@ -58,6 +58,7 @@ pub struct Gateway {
     limits: LimitsConfig,
     hub: Arc<Hub>,
     sources: Arc<SourceSlots>,
+    client_polls: Arc<ClientPolls>,
     /// Upstream connects in progress over all sources.
     source_connects: Arc<Semaphore>,
     /// Set once the server drains; held polls then answer within `drain_window`.
@@ -118,6 +119,7 @@ impl Gateway {
             limits: config.limits.clone(),
             hub,
             sources: Arc::default(),
+            client_polls: Arc::new(ClientPolls::new(config.limits.max_polls_per_client)),
             source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
             draining: AtomicBool::new(false),
             drain_window: config.shutdown.drain_window,
@@ -256,19 +258,21 @@ impl Gateway {
         let route = matched.route;
         let mut record = Record::new(&self.route_metrics[route]);
         match &self.runtimes[route] {
-            Runtime::Poll(poll) => match longpoll::prepare(poll, &self.hub, req, &matched.params) {
-                Ok(held) => {
-                    if let Some(topic) = held.new_topic() {
-                        self.start_source(poll, route, topic, &matched.params);
+            Runtime::Poll(poll) => {
+                match longpoll::prepare(poll, &self.hub, &self.client_polls, req, &matched.params) {
+                    Ok(held) => {
+                        if let Some(topic) = held.new_topic() {
+                            self.start_source(poll, route, topic, &matched.params);
+                        }
+                        Step::Poll {
+                            route,
+                            held,
+                            record,
+                        }
                     }
-                    Step::Poll {
-                        route,
-                        held,
-                        record,
-                    }
+                    Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
                 }
-                Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
-            },
+            }
             Runtime::Proxy(upstream) => {
                 let this = self.clone();
                 let upstream = *upstream;

@@ -27,6 +27,7 @@ pub enum Problem {
     UriTooLong,
     Overloaded,
     TooManyTopics,
+    TooManyPolls,
     Draining,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -52,6 +53,7 @@ impl Problem {
             Problem::Overloaded | Problem::Draining | Problem::TooManyTopics => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            Problem::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
             Problem::UpstreamUnavailable | Problem::UpstreamRefused => StatusCode::BAD_GATEWAY,
             Problem::UpstreamDown => StatusCode::SERVICE_UNAVAILABLE,
             Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -72,6 +74,7 @@ impl Problem {
             Problem::UriTooLong => "uri-too-long",
             Problem::Overloaded => "overloaded",
             Problem::TooManyTopics => "too-many-topics",
+            Problem::TooManyPolls => "too-many-polls",
             Problem::Draining => "draining",
             Problem::UpstreamUnavailable => "upstream-unavailable",
             Problem::UpstreamTimeout => "upstream-timeout",
@@ -94,6 +97,7 @@ impl Problem {
             Problem::UriTooLong => "URI too long",
             Problem::Overloaded => "server at capacity",
             Problem::TooManyTopics => "too many topics",
+            Problem::TooManyPolls => "too many polls",
             Problem::Draining => "server shutting down",
             Problem::UpstreamUnavailable => "upstream unavailable",
             Problem::UpstreamTimeout => "upstream timed out",
@@ -127,7 +131,7 @@ impl Problem {
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         if status == StatusCode::UNAUTHORIZED {

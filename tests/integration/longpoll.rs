@@ -552,3 +552,62 @@ async fn no_loss_2000_clients_20_topics_under_fast_publishing() {
         .await;
     assert_eq!(delivered, (TOPICS * CLIENTS_PER_TOPIC * MESSAGES) as f64);
 }
+
+#[tokio::test]
+async fn one_client_cannot_hold_a_topic_hostage() {
+    let gw = Gateway::start(&config("", "[limits]\nmax_polls_per_client = 2")).await;
+    let addr = gw.addr();
+    let hold = |credential: &'static str, topic: &'static str| {
+        tokio::spawn(async move {
+            let mut c = Conn::open(addr).await;
+            let req = Request::get(format!("/news/{topic}?timeout=2"))
+                .header("host", "t")
+                .header("authorization", credential)
+                .body(full(""))
+                .unwrap();
+            c.send(req).await.status()
+        })
+    };
+    let held = r#"pollmux_polls_active{route="news"}"#;
+    let first = [hold("Bearer alice", "t"), hold("Bearer alice", "t")];
+    eventually("two polls held", || async { gw.metric(held).await == 2.0 }).await;
+    let mut c = Conn::open(addr).await;
+    let req = Request::get("/news/t?timeout=2")
+        .header("host", "t")
+        .header("authorization", "Bearer alice")
+        .body(full(""))
+        .unwrap();
+    let resp = c.send(req).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(
+        body_json(resp).await["type"],
+        "urn:pollmux:problem:too-many-polls"
+    );
+    // Another credential, the same one on another topic, or requests without one (many
+    // clients behind one address) are not affected.
+    let others = [hold("Bearer bob", "t"), hold("Bearer alice", "u")];
+    let anonymous = [
+        hold_anonymous(addr),
+        hold_anonymous(addr),
+        hold_anonymous(addr),
+    ];
+    eventually("the other polls held", || async {
+        gw.metric(held).await == 7.0
+    })
+    .await;
+    for p in first.into_iter().chain(others).chain(anonymous) {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+}
+
+fn hold_anonymous(addr: std::net::SocketAddr) -> tokio::task::JoinHandle<http::StatusCode> {
+    tokio::spawn(async move {
+        let mut c = Conn::open(addr).await;
+        let req = Request::get("/news/t?timeout=2")
+            .header("host", "t")
+            .body(full(""))
+            .unwrap();
+        c.send(req).await.status()
+    })
+}

@@ -241,6 +241,9 @@ linger = "300ms"
 
 /// Polls `topic` from `cursor` until `want` messages arrived; returns their data in order.
 async fn client(addr: std::net::SocketAddr, topic: String, want: usize) -> Vec<u64> {
+    // Each client has a credential of its own, as users do.
+    static CLIENTS: AtomicU64 = AtomicU64::new(0);
+    let me = CLIENTS.fetch_add(1, Ordering::Relaxed);
     let mut c = Conn::open(addr).await;
     let mut cursor: Option<String> = None;
     let mut got = Vec::new();
@@ -251,7 +254,7 @@ async fn client(addr: std::net::SocketAddr, topic: String, want: usize) -> Vec<u
         };
         let req = Request::get(path)
             .header("host", "t")
-            .header("authorization", "Bearer client-secret")
+            .header("authorization", format!("Bearer client-secret-{me}"))
             .header("cookie", "session=client")
             .body(full(""))
             .unwrap();
