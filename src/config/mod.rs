@@ -859,17 +859,8 @@ impl Validator<'_, '_> {
                 RouteKind::Poll(Box::new(self.poll(n, raw, &names, upstreams)?))
             }
             "proxy" => {
-                let Some(up) = raw.upstream else {
-                    self.err(&["routes", n, "upstream"], "required for kind = \"proxy\"");
-                    return None;
-                };
-                let Some(index) = upstreams.iter().position(|u| u.name == up.0) else {
-                    self.err(
-                        &["routes", n, "upstream"],
-                        format!("no upstream named {:?} in [upstreams]", up.0),
-                    );
-                    return None;
-                };
+                let at = ["routes", n, "upstream"];
+                let index = self.upstream_ref(&at, "kind = \"proxy\"", raw.upstream, upstreams)?;
                 RouteKind::Proxy { upstream: index }
             }
             other => {
@@ -922,7 +913,12 @@ impl Validator<'_, '_> {
                         self.err(&at(key), msg);
                     }
                 }
-                let upstream = self.source_upstream(n, "upstream-poll", s.upstream, upstreams);
+                let upstream = self.upstream_ref(
+                    &at("upstream"),
+                    "type = \"upstream-poll\"",
+                    s.upstream,
+                    upstreams,
+                );
                 let mut allowed = topic_param_names(topic);
                 allowed.push("cursor".to_owned());
                 let path = self.source_path(n, "upstream-poll", s.path, &allowed);
@@ -965,7 +961,12 @@ impl Validator<'_, '_> {
                         resume_param,
                     }
                 };
-                let upstream = self.source_upstream(n, kind, s.upstream, upstreams);
+                let upstream = self.upstream_ref(
+                    &at("upstream"),
+                    &format!("type = {kind:?}"),
+                    s.upstream,
+                    upstreams,
+                );
                 let path = self.source_path(n, kind, s.path, &topic_param_names(topic));
                 Some(SourceConfig::UpstreamStream {
                     format,
@@ -986,25 +987,21 @@ impl Validator<'_, '_> {
         }
     }
 
-    /// The upstream a source names.
-    fn source_upstream(
+    /// The index of the upstream a route or source names at `at` (required for `what`).
+    fn upstream_ref(
         &mut self,
-        n: &str,
-        kind: &str,
+        at: &[&str],
+        what: &str,
         name: Option<raw::Str>,
         upstreams: &[UpstreamConfig],
     ) -> Option<usize> {
-        let at = ["routes", n, "source", "upstream"];
         let Some(name) = name else {
-            self.err(&at, format!("required for type = {kind:?}"));
+            self.err(at, format!("required for {what}"));
             return None;
         };
         let found = upstreams.iter().position(|u| u.name == name.0);
         if found.is_none() {
-            self.err(
-                &at,
-                format!("no upstream named {:?} in [upstreams]", name.0),
-            );
+            self.err(at, format!("no upstream named {:?} in [upstreams]", name.0));
         }
         found
     }

@@ -273,3 +273,16 @@ pub async fn publish(
     let status = resp.status().as_u16();
     (status, body_json(resp).await)
 }
+
+/// Writes raw bytes on a fresh connection; everything the server sent until it closed.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("server answers and closes")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -4,9 +4,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::common::*;
 
 async fn setup() -> (Gateway, Arc<Mutex<Vec<String>>>, Upstream) {
@@ -40,15 +37,6 @@ upstream = "api"
     (Gateway::start(&config).await, seen, upstream)
 }
 
-/// Sends raw bytes; returns everything the server sent until it closed (or WAIT).
-async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 const SMUGGLING: &[(&str, &str)] = &[
     (
         "CL.TE",
@@ -76,7 +64,7 @@ const SMUGGLING: &[(&str, &str)] = &[
 async fn smuggled_requests_never_reach_the_upstream() {
     let (gw, seen, _upstream) = setup().await;
     for (name, attempt) in SMUGGLING {
-        let answer = raw(gw.addr(), attempt.as_bytes()).await;
+        let answer = raw_exchange(gw.addr(), attempt.as_bytes()).await;
         let statuses: Vec<&str> = answer.lines().filter(|l| l.starts_with("HTTP/")).collect();
         // One answer, then the connection ends: the smuggled request is never read as a
         // request of its own (hyper closes after a message with both Content-Length and
@@ -106,7 +94,7 @@ async fn garbage_gets_400_or_a_close_and_serving_goes_on() {
         b"GET /api/\x7fx HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /api/x HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
     ] {
-        let answer = raw(gw.addr(), garbage).await;
+        let answer = raw_exchange(gw.addr(), garbage).await;
         assert!(
             answer.is_empty()
                 || answer.starts_with("HTTP/1.1 4")

@@ -23,17 +23,6 @@ address = "127.0.0.1:0"
 header_read_timeout = "500ms"
 "#;
 
-async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .expect("server answers and closes")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn h2c_prior_knowledge_and_http1_share_a_listener() {
     let gw = Gateway::start(PLAIN).await;
@@ -325,4 +314,23 @@ async fn silent_tls_clients_are_cut_at_the_handshake_timeout() {
         .connect(name, tcp)
         .await
         .expect("TLS handshake");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
+    let gw = Gateway::start(PLAIN).await;
+    let mut s = TcpStream::connect(gw.addr_of("public")).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    // After its answer the connection idles; the server closes it by itself (500 ms here);
+    // WAIT only bounds the test if it does not.
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("idle connection closed by the server")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
 }
