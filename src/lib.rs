@@ -136,7 +136,10 @@ impl Server {
         let hub = Arc::new(Hub::new());
         let gateway = Arc::new(Gateway::new(&config, &metrics, hub.clone()));
         let limit = Arc::new(ConnectionLimit::new(max_connections));
-        tokio::spawn(sweep_task(hub, lifecycle.stop_accepting.clone()));
+        tokio::spawn(sweep_task(
+            gateway.clone(),
+            lifecycle.stop_accepting.clone(),
+        ));
         for (settings, listener) in public {
             tokio::spawn(server::accept_loop(
                 listener,
@@ -242,16 +245,16 @@ where
 }
 
 /// Removes lingered topics until the server stops accepting.
-async fn sweep_task(hub: Arc<Hub>, stop: tokio_util::sync::CancellationToken) {
+async fn sweep_task(gateway: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
-                let removed = hub.sweep(std::time::Instant::now());
+                let removed = gateway.sweep(std::time::Instant::now());
                 if removed > 0 {
-                    tracing::debug!(removed, live = hub.len(), "swept lingered topics");
+                    tracing::debug!(removed, "swept lingered topics");
                 }
             }
         }

@@ -203,6 +203,8 @@ pub enum RouteKind {
     Proxy { upstream: usize },
     /// Managed long-poll (PROTOCOL.md section 1).
     Poll(Box<PollConfig>),
+    /// Transparent fan-in of an existing long-poll API (PROTOCOL.md section 2).
+    Collapse(Box<CollapseConfig>),
 }
 
 impl RouteKind {
@@ -211,8 +213,40 @@ impl RouteKind {
         match self {
             RouteKind::Proxy { .. } => "proxy",
             RouteKind::Poll(_) => "poll",
+            RouteKind::Collapse(_) => "collapse",
         }
     }
+}
+
+/// A `kind = "collapse"` route's settings.
+#[derive(Debug, Clone)]
+pub struct CollapseConfig {
+    /// `upstreams[upstream]` answers the shared requests.
+    pub upstream: usize,
+    /// Groups a route's requests for `linger`, chaining and `max_topics`.
+    pub topic: TopicTemplate,
+    /// The query parameter carrying the client's cursor; `None`: requests are only collapsed
+    /// while identical ones are in flight.
+    pub cursor: Option<String>,
+    /// Where an upstream answer carries the next cursor; `None`: no chaining, no stored answers.
+    pub next_cursor: Option<NextCursor>,
+    /// `share = "public"`: the upstream's answer does not depend on who asks.
+    pub share_public: bool,
+    /// Request headers whose values are part of the key and sent upstream (lowercase names).
+    pub vary: Vec<HeaderName>,
+    /// Upstream response headers written to clients beside the standard ones.
+    pub expose_headers: Vec<HeaderName>,
+    pub linger: Duration,
+    pub max_topics: usize,
+}
+
+/// Where an upstream answer of a collapse route carries the next cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextCursor {
+    /// A JSON pointer into the response body (a string or number there).
+    Json(String),
+    /// A response header.
+    Header(HeaderName),
 }
 
 /// A `kind = "poll"` route's settings.
@@ -457,6 +491,35 @@ struct Validator<'a, 'i> {
     base_dir: &'a Path,
     errors: Vec<ConfigError>,
 }
+
+/// The optional route keys each kind takes (`upstream` alone for proxy routes).
+const POLL_KEYS: &[&str] = &[
+    "topic",
+    "source",
+    "auth",
+    "hold",
+    "max_hold",
+    "max_batch",
+    "start",
+    "on_gap",
+    "buffer",
+    "linger",
+    "max_topics",
+    "upstream_grace",
+    "cors",
+];
+const COLLAPSE_KEYS: &[&str] = &[
+    "upstream",
+    "topic",
+    "auth",
+    "linger",
+    "max_topics",
+    "cursor",
+    "next_cursor",
+    "share",
+    "vary",
+    "expose_headers",
+];
 
 const SECTIONS: &[&str] = &[
     "listeners",
@@ -837,27 +900,28 @@ impl Validator<'_, '_> {
             }
         }
         let kind_name = raw.kind.0.clone();
-        if kind_name != "poll" {
-            for (key, set) in raw.poll_keys() {
-                if set {
-                    self.err(
-                        &["routes", n, key],
-                        format!("not used by kind = {kind_name:?} (only by kind = \"poll\")"),
-                    );
-                }
+        let used: &[&str] = match kind_name.as_str() {
+            "poll" => POLL_KEYS,
+            "collapse" => COLLAPSE_KEYS,
+            _ => &["upstream"],
+        };
+        for (key, set) in raw.optional_keys() {
+            if set && !used.contains(&key) {
+                let hint = if key == "upstream" && kind_name == "poll" {
+                    " (its source names the upstream)"
+                } else {
+                    ""
+                };
+                self.err(
+                    &["routes", n, key],
+                    format!("not used by kind = {kind_name:?}{hint}"),
+                );
             }
         }
+        let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
         let kind = match raw.kind.0.as_str() {
-            "poll" => {
-                if raw.upstream.is_some() {
-                    self.err(
-                        &["routes", n, "upstream"],
-                        "not used by kind = \"poll\" (its source names the upstream)",
-                    );
-                }
-                let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
-                RouteKind::Poll(Box::new(self.poll(n, raw, &names, upstreams)?))
-            }
+            "poll" => RouteKind::Poll(Box::new(self.poll(n, raw, &names, upstreams)?)),
+            "collapse" => RouteKind::Collapse(Box::new(self.collapse(n, raw, &names, upstreams)?)),
             "proxy" => {
                 let at = ["routes", n, "upstream"];
                 let index = self.upstream_ref(&at, "kind = \"proxy\"", raw.upstream, upstreams)?;
@@ -866,7 +930,7 @@ impl Validator<'_, '_> {
             other => {
                 self.err(
                     &["routes", n, "kind"],
-                    format!("unknown kind {other:?}, expected \"proxy\" or \"poll\""),
+                    format!("unknown kind {other:?}, expected \"proxy\", \"poll\" or \"collapse\""),
                 );
                 return None;
             }
@@ -952,8 +1016,7 @@ impl Validator<'_, '_> {
                     let resume_param = s
                         .resume_param
                         .map_or(RESUME_PARAM_DEFAULT.to_owned(), |p| p.0);
-                    let plain = |c: char| c.is_ascii_alphanumeric() || "-._~".contains(c);
-                    if resume_param.is_empty() || !resume_param.chars().all(plain) {
+                    if !plain_name(&resume_param) {
                         self.err(&at("resume_param"), "use letters, digits and -._~ only");
                     }
                     StreamFormat::Ndjson {
@@ -1055,28 +1118,7 @@ impl Validator<'_, '_> {
         params: &[String],
         upstreams: &[UpstreamConfig],
     ) -> Option<PollConfig> {
-        let template = match raw.topic {
-            Some(t) => t.0,
-            None if params.is_empty() => {
-                self.err(
-                    &["routes", n, "topic"],
-                    "required when the path has no parameters",
-                );
-                return None;
-            }
-            None => params
-                .iter()
-                .map(|p| format!("{{{p}}}"))
-                .collect::<Vec<_>>()
-                .join("/"),
-        };
-        let topic = match TopicTemplate::parse(&template, params) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.err(&["routes", n, "topic"], e);
-                None
-            }
-        };
+        let topic = self.topic(n, raw.topic.clone(), params);
         let source = match raw.source {
             None => {
                 self.err(
@@ -1087,17 +1129,7 @@ impl Validator<'_, '_> {
             }
             Some(s) => self.source(n, s, topic.as_ref(), upstreams),
         };
-        match &raw.auth {
-            None => self.err(
-                &["routes", n, "auth"],
-                "required for kind = \"poll\"; \"public\" lets anyone read",
-            ),
-            Some(toml::Value::String(s)) if s == "public" => {}
-            Some(_) => self.err(
-                &["routes", n, "auth"],
-                "this version supports auth = \"public\" only",
-            ),
-        }
+        self.auth(n, "poll", raw.auth.as_ref());
         let hold = raw.hold.map_or(HOLD_DEFAULT, |d| d.0);
         let max_hold = raw.max_hold.map_or(MAX_HOLD_DEFAULT, |d| d.0);
         if hold > max_hold {
@@ -1141,10 +1173,7 @@ impl Validator<'_, '_> {
                 "messages, bytes and age must all be above zero",
             );
         }
-        let max_topics = raw.max_topics.map_or(MAX_TOPICS_DEFAULT, |v| v as usize);
-        if max_topics == 0 {
-            self.err(&["routes", n, "max_topics"], "must be at least 1");
-        }
+        let max_topics = self.max_topics(n, raw.max_topics);
         let mut cors_origins = Vec::new();
         for origin in raw.cors.map(|c| c.origins).unwrap_or_default() {
             let ok = origin.0.parse::<Uri>().is_ok_and(|u| {
@@ -1182,6 +1211,181 @@ impl Validator<'_, '_> {
         })
     }
 
+    /// A route's topic template; without `topic`, the path parameters joined by `/`.
+    fn topic(
+        &mut self,
+        n: &str,
+        topic: Option<raw::Str>,
+        params: &[String],
+    ) -> Option<TopicTemplate> {
+        let template = match topic {
+            Some(t) => t.0,
+            None if params.is_empty() => {
+                self.err(
+                    &["routes", n, "topic"],
+                    "required when the path has no parameters",
+                );
+                return None;
+            }
+            None => params
+                .iter()
+                .map(|p| format!("{{{p}}}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+        };
+        match TopicTemplate::parse(&template, params) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.err(&["routes", n, "topic"], e);
+                None
+            }
+        }
+    }
+
+    /// Checks a route's `auth`; returns whether it is `"public"`.
+    fn auth(&mut self, n: &str, kind: &str, auth: Option<&toml::Value>) -> bool {
+        match auth {
+            None => self.err(
+                &["routes", n, "auth"],
+                format!("required for kind = {kind:?}; \"public\" lets anyone read"),
+            ),
+            Some(toml::Value::String(s)) if s == "public" => return true,
+            Some(_) => self.err(
+                &["routes", n, "auth"],
+                "this version supports auth = \"public\" only",
+            ),
+        }
+        false
+    }
+
+    fn max_topics(&mut self, n: &str, value: Option<u64>) -> usize {
+        let max_topics = value.map_or(MAX_TOPICS_DEFAULT, |v| v as usize);
+        if max_topics == 0 {
+            self.err(&["routes", n, "max_topics"], "must be at least 1");
+        }
+        max_topics
+    }
+
+    fn collapse(
+        &mut self,
+        n: &str,
+        raw: raw::Route,
+        params: &[String],
+        upstreams: &[UpstreamConfig],
+    ) -> Option<CollapseConfig> {
+        let at = |key: &'static str| ["routes", n, key];
+        let upstream = self.upstream_ref(
+            &at("upstream"),
+            "kind = \"collapse\"",
+            raw.upstream.clone(),
+            upstreams,
+        );
+        let topic = self.topic(n, raw.topic.clone(), params);
+        self.auth(n, "collapse", raw.auth.as_ref());
+        let cursor = raw.cursor.map(|c| c.query.0);
+        if cursor.as_deref().is_some_and(|c| !plain_name(c)) {
+            self.err(
+                &["routes", n, "cursor", "query"],
+                "use letters, digits and -._~ only",
+            );
+        }
+        let next_cursor = match raw.next_cursor {
+            None => None,
+            Some(next) => match (next.json, next.header) {
+                (Some(p), None) if p.0.starts_with('/') => Some(NextCursor::Json(p.0)),
+                (Some(_), None) => {
+                    self.err(
+                        &["routes", n, "next_cursor", "json"],
+                        "a JSON pointer starts with / (e.g. \"/version\")",
+                    );
+                    None
+                }
+                (None, Some(h)) => self
+                    .header_name(&["routes", n, "next_cursor", "header"], &h.0)
+                    .map(NextCursor::Header),
+                _ => {
+                    self.err(
+                        &["routes", n, "next_cursor"],
+                        "give exactly one of json (a JSON pointer) or header",
+                    );
+                    None
+                }
+            },
+        };
+        if next_cursor.is_some() && cursor.is_none() {
+            self.err(
+                &at("next_cursor"),
+                "needs cursor.query: the parameter the next cursor goes into",
+            );
+        }
+        let share_public = match raw.share.as_ref().map(|s| s.0.as_str()) {
+            None => false,
+            Some("public") => true,
+            Some(other) => {
+                self.err(&at("share"), format!("{other:?} is not \"public\""));
+                false
+            }
+        };
+        let mut vary = Vec::new();
+        for name in raw.vary.unwrap_or_default() {
+            let Some(h) = self.header_name(&["routes", n, "vary"], &name.0) else {
+                continue;
+            };
+            let set_by_upstream = upstream
+                .is_some_and(|u: usize| upstreams[u].headers.iter().any(|(name, _)| *name == h));
+            if set_by_upstream {
+                self.err(
+                    &["routes", n, "vary"],
+                    format!("{h} is set by the upstream's headers, so it cannot vary"),
+                );
+            }
+            vary.push(h);
+        }
+        if !share_public && vary.is_empty() {
+            self.err(
+                &at("share"),
+                "a collapse route shares upstream answers between clients: say share = \"public\" \
+                 (the answer does not depend on who asks) or list the headers it depends on in vary \
+                 (e.g. vary = [\"authorization\"])",
+            );
+        }
+        let mut expose_headers = Vec::new();
+        for name in raw.expose_headers.unwrap_or_default() {
+            let Some(h) = self.header_name(&["routes", n, "expose_headers"], &name.0) else {
+                continue;
+            };
+            if h == http::header::SET_COOKIE {
+                self.err(
+                    &["routes", n, "expose_headers"],
+                    "set-cookie is never shared between clients",
+                );
+            }
+            expose_headers.push(h);
+        }
+        let max_topics = self.max_topics(n, raw.max_topics);
+        Some(CollapseConfig {
+            upstream: upstream?,
+            topic: topic?,
+            cursor,
+            next_cursor,
+            share_public,
+            vary,
+            expose_headers,
+            linger: raw.linger.map_or(LINGER_DEFAULT, |d| d.0),
+            max_topics,
+        })
+    }
+
+    fn header_name(&mut self, at: &[&str], name: &str) -> Option<HeaderName> {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => Some(h),
+            Err(_) => {
+                self.err(at, format!("{name:?} is not a header name"));
+                None
+            }
+        }
+    }
+
     /// Two templates that could match the same request are rejected (matchit's own rule).
     fn distinct_templates(&mut self, routes: &[RouteConfig]) {
         let mut router = matchit::Router::new();
@@ -1208,6 +1412,14 @@ pub fn percent_encode(value: &str) -> String {
         }
     }
     out
+}
+
+/// A query parameter name that needs no encoding: unreserved characters only.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._~".contains(c))
 }
 
 /// The parameter names a topic template uses (none when the template was invalid).
@@ -1401,6 +1613,81 @@ bogus = 1
             "routes.p.hold",
         ] {
             assert!(errs.contains(e), "missing {e} in {errs}");
+        }
+    }
+
+    const COLLAPSE: &str = "[listeners.p]\naddress = \"127.0.0.1:1\"\n\
+                            [upstreams.api]\nurl = \"http://x\"\nheaders = { Authorization = \"Bearer own\" }\n\
+                            [routes.status]\npath = \"/status/{id}\"\nkind = \"collapse\"\n\
+                            upstream = \"api\"\nauth = \"public\"\n";
+
+    #[test]
+    fn collapse_route_settings() {
+        let text = format!(
+            "{COLLAPSE}topic = \"status:{{id}}\"\ncursor.query = \"version\"\n\
+             next_cursor.json = \"/version\"\nvary = [\"X-Tenant\"]\nexpose_headers = [\"x-trace\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let RouteKind::Collapse(r) = &c.routes[0].kind else {
+            panic!("collapse route")
+        };
+        assert_eq!(r.cursor.as_deref(), Some("version"));
+        assert_eq!(r.next_cursor, Some(NextCursor::Json("/version".into())));
+        assert_eq!(r.vary, [HeaderName::from_static("x-tenant")]);
+        assert!(!r.share_public);
+        assert_eq!(r.linger, LINGER_DEFAULT);
+        assert_eq!(r.topic.render(&[("id".into(), "42".into())]), "status:42");
+        let text = format!(
+            "{COLLAPSE}share = \"public\"\nnext_cursor.header = \"X-Version\"\ncursor.query = \"v\"\n"
+        );
+        let c = parse(&text).unwrap();
+        let RouteKind::Collapse(r) = &c.routes[0].kind else {
+            panic!("collapse route")
+        };
+        assert!(r.share_public);
+        assert_eq!(
+            r.next_cursor,
+            Some(NextCursor::Header(HeaderName::from_static("x-version")))
+        );
+    }
+
+    #[test]
+    fn collapse_route_errors() {
+        let cases = [
+            ("", "routes.status.share"),
+            ("share = \"everyone\"\n", "routes.status.share"),
+            (
+                "share = \"public\"\nnext_cursor.json = \"/v\"\n",
+                "routes.status.next_cursor",
+            ),
+            (
+                "share = \"public\"\ncursor.query = \"v\"\nnext_cursor = { json = \"/v\", header = \"x-v\" }\n",
+                "routes.status.next_cursor",
+            ),
+            (
+                "share = \"public\"\ncursor.query = \"a&b\"\n",
+                "routes.status.cursor.query",
+            ),
+            ("vary = [\"authorization\"]\n", "routes.status.vary"),
+            (
+                "share = \"public\"\nexpose_headers = [\"Set-Cookie\"]\n",
+                "routes.status.expose_headers",
+            ),
+            (
+                "share = \"public\"\nvary = [\"bad header\"]\n",
+                "routes.status.vary",
+            ),
+            ("share = \"public\"\nhold = \"1s\"\n", "routes.status.hold"),
+            (
+                "share = \"public\"\nsource.type = \"publish\"\n",
+                "routes.status.source",
+            ),
+        ];
+        for (extra, path) in cases {
+            let errs = parse(&format!("{COLLAPSE}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(errs.contains(path), "{extra:?}: missing {path} in {errs}");
         }
     }
 

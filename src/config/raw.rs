@@ -159,12 +159,18 @@ pub struct Route {
     pub max_topics: Option<u64>,
     pub upstream_grace: Option<Dur>,
     pub cors: Option<Cors>,
+    pub cursor: Option<Cursor>,
+    pub next_cursor: Option<NextCursor>,
+    pub share: Option<Str>,
+    pub vary: Option<Vec<Str>>,
+    pub expose_headers: Option<Vec<Str>>,
 }
 
 impl Route {
-    /// The keys that only `kind = "poll"` routes take, with whether each is set.
-    pub fn poll_keys(&self) -> [(&'static str, bool); 13] {
+    /// Every key beside `path`, `kind` and `params`, with whether it is set.
+    pub fn optional_keys(&self) -> [(&'static str, bool); 19] {
         [
+            ("upstream", self.upstream.is_some()),
             ("topic", self.topic.is_some()),
             ("source", self.source.is_some()),
             ("auth", self.auth.is_some()),
@@ -178,8 +184,28 @@ impl Route {
             ("max_topics", self.max_topics.is_some()),
             ("upstream_grace", self.upstream_grace.is_some()),
             ("cors", self.cors.is_some()),
+            ("cursor", self.cursor.is_some()),
+            ("next_cursor", self.next_cursor.is_some()),
+            ("share", self.share.is_some()),
+            ("vary", self.vary.is_some()),
+            ("expose_headers", self.expose_headers.is_some()),
         ]
     }
+}
+
+/// Where a collapse route's clients carry their cursor.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cursor {
+    pub query: Str,
+}
+
+/// Where a collapse route's upstream answer carries the next cursor: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NextCursor {
+    pub json: Option<Str>,
+    pub header: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -4,6 +4,7 @@
 //! Metrics are recorded by a [`Record`] guard, so a request whose client disconnects (hyper then
 //! drops this future at whatever `.await` it is parked on) is still counted.
 
+pub mod collapse;
 pub mod cors;
 pub mod longpoll;
 pub mod problem;
@@ -19,23 +20,28 @@ use std::time::Instant;
 
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
 use crate::hub::Topic;
 use crate::hub::{Hub, NewMessage, Published};
-use crate::metrics::{Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics};
+use crate::metrics::{
+    CollapseMetrics, Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics,
+};
 use crate::server::Handler;
 use crate::source::SourceSlots;
 use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
 use crate::upstream::{Body, Upstream};
+use collapse::{CollapseRoute, Join};
 use longpoll::{ClientPolls, Held, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 /// What the gateway knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +69,8 @@ pub struct Gateway {
     source_connects: Arc<Semaphore>,
     /// Set once the server drains; held polls then answer within `drain_window`.
     draining: AtomicBool,
+    /// Cancelled when the server drains (collapse routes wait on it).
+    drain: CancellationToken,
     drain_window: Duration,
 }
 
@@ -75,6 +83,7 @@ enum Runtime {
     /// Reverse proxy to `upstreams[index]`.
     Proxy(usize),
     Poll(Box<PollRoute>),
+    Collapse(Arc<CollapseRoute>),
 }
 
 /// Why a publish was refused.
@@ -89,32 +98,46 @@ pub enum PublishError {
 
 impl Gateway {
     pub fn new(config: &Config, metrics: &Arc<Metrics>, hub: Arc<Hub>) -> Gateway {
+        let route_metrics: Vec<_> = config
+            .routes
+            .iter()
+            .map(|r| Arc::new(RouteMetrics::new(metrics, &r.name, r.kind.label())))
+            .collect();
+        let upstreams: Vec<_> = config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(|u| Arc::new(Upstream::new(u)))
+            .collect();
+        let drain = CancellationToken::new();
+        let runtimes = config
+            .routes
+            .iter()
+            .zip(&route_metrics)
+            .map(|(r, route_metrics)| match &r.kind {
+                RouteKind::Poll(p) => Runtime::Poll(Box::new(PollRoute::new(
+                    &r.name,
+                    p,
+                    PollMetrics::new(metrics, &r.name),
+                ))),
+                RouteKind::Collapse(c) => Runtime::Collapse(Arc::new(CollapseRoute::new(
+                    (**c).clone(),
+                    CollapseMetrics::new(metrics, &r.name),
+                    route_metrics.clone(),
+                    upstreams[c.upstream].clone(),
+                    config.limits.max_message_bytes,
+                    drain.clone(),
+                    config.shutdown.drain_window,
+                ))),
+                RouteKind::Proxy { upstream } => Runtime::Proxy(*upstream),
+            })
+            .collect();
         Gateway {
             router: Router::new(&config.routes),
-            route_metrics: config
-                .routes
-                .iter()
-                .map(|r| Arc::new(RouteMetrics::new(metrics, &r.name, r.kind.label())))
-                .collect(),
-            runtimes: config
-                .routes
-                .iter()
-                .map(|r| match &r.kind {
-                    RouteKind::Poll(p) => Runtime::Poll(Box::new(PollRoute::new(
-                        &r.name,
-                        p,
-                        PollMetrics::new(metrics, &r.name),
-                    ))),
-                    RouteKind::Proxy { upstream } => Runtime::Proxy(*upstream),
-                })
-                .collect(),
+            route_metrics,
+            runtimes,
             unmatched: Arc::new(RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none")),
-            upstreams: config
-                .upstreams
-                .iter()
-                .cloned()
-                .map(|u| Arc::new(Upstream::new(u)))
-                .collect(),
+            upstreams,
             routes: config.routes.clone(),
             limits: config.limits.clone(),
             hub,
@@ -122,6 +145,7 @@ impl Gateway {
             client_polls: Arc::new(ClientPolls::new(config.limits.max_polls_per_client)),
             source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
             draining: AtomicBool::new(false),
+            drain,
             drain_window: config.shutdown.drain_window,
         }
     }
@@ -192,7 +216,21 @@ impl Gateway {
     /// a parked poll registers with nothing but its topic.
     pub fn begin_drain(&self) {
         self.draining.store(true, Ordering::Release);
+        self.drain.cancel();
         self.hub.wake_all();
+    }
+
+    /// Removes lingered topics (poll and collapse routes); returns how many.
+    pub fn sweep(&self, now: std::time::Instant) -> usize {
+        let collapse: usize = self
+            .runtimes
+            .iter()
+            .map(|r| match r {
+                Runtime::Collapse(c) => c.sweep(now),
+                _ => 0,
+            })
+            .sum();
+        collapse + self.hub.sweep(now)
     }
 
     /// Largest message payload accepted (publish bodies above it get 413).
@@ -273,18 +311,41 @@ impl Gateway {
                     Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
                 }
             }
-            Runtime::Proxy(upstream) => {
-                let this = self.clone();
-                let upstream = *upstream;
-                Step::Proxy(Box::pin(async move {
-                    let upstream = &this.upstreams[upstream];
-                    let trusted = &this.limits.trusted_proxies;
-                    let forwarded =
-                        proxy::forward(upstream, &record.metrics, req, &conn, trusted).await;
-                    record.finish(forwarded.0, forwarded.1)
-                }))
+            Runtime::Proxy(upstream) => self.forward(*upstream, req, conn, record),
+            Runtime::Collapse(route) => {
+                // Only GET without a body is collapsed; anything else is proxied as is.
+                if req.method() != Method::GET || !req.body().is_end_stream() {
+                    return self.forward(route.config.upstream, req, conn, record);
+                }
+                match route.join(&req, &matched.params) {
+                    Join::Now(resp, outcome) => Step::Done(record.finish(resp, outcome)),
+                    Join::Wait(waiter) => {
+                        let route = route.clone();
+                        Step::Pending(Box::pin(async move {
+                            let (resp, outcome) = waiter.wait(&route).await;
+                            record.finish(resp, outcome)
+                        }))
+                    }
+                }
             }
         }
+    }
+
+    /// Proxies `req` to `upstreams[upstream]`.
+    fn forward(
+        self: &Arc<Self>,
+        upstream: usize,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+        mut record: Record,
+    ) -> Step {
+        let this = self.clone();
+        Step::Pending(Box::pin(async move {
+            let upstream = &this.upstreams[upstream];
+            let trusted = &this.limits.trusted_proxies;
+            let forwarded = proxy::forward(upstream, &record.metrics, req, &conn, trusted).await;
+            record.finish(forwarded.0, forwarded.1)
+        }))
     }
 }
 
@@ -299,7 +360,7 @@ impl Handler for Gateway {
         async move {
             match &mut step {
                 Step::Done(resp) => std::mem::take(resp),
-                Step::Proxy(forward) => forward.await,
+                Step::Pending(pending) => pending.await,
                 Step::Poll {
                     route,
                     held,
@@ -319,7 +380,8 @@ impl Handler for Gateway {
 /// A request after its synchronous part: answered, or what is left to await.
 enum Step {
     Done(Response<Body>),
-    Proxy(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
+    /// A proxied request or a collapse waiter.
+    Pending(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
     Poll {
         route: usize,
         held: Held,

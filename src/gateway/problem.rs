@@ -2,7 +2,7 @@
 //! stable `type` URN per cause so clients can branch on it.
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
 use crate::upstream::Body;
@@ -113,6 +113,15 @@ impl Problem {
 
     /// The problem response with extension members (e.g. `earliest_cursor`).
     pub fn response_with(self, detail: Option<&str>, extra: &[(&str, &str)]) -> Response<Body> {
+        let (headers, body) = self.render(detail, extra);
+        let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *resp.status_mut() = self.status();
+        *resp.headers_mut() = headers;
+        resp
+    }
+
+    /// The problem's headers and problem+json body.
+    pub fn render(self, detail: Option<&str>, extra: &[(&str, &str)]) -> (HeaderMap, Bytes) {
         let status = self.status();
         let mut body = serde_json::json!({
             "type": format!("urn:pollmux:problem:{}", self.slug()),
@@ -125,10 +134,7 @@ impl Problem {
         for (k, v) in extra {
             body[*k] = (*v).into();
         }
-        let bytes = Bytes::from(body.to_string());
-        let mut resp = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
-        *resp.status_mut() = status;
-        let headers = resp.headers_mut();
+        let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
@@ -137,7 +143,7 @@ impl Problem {
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        resp
+        (headers, Bytes::from(body.to_string()))
     }
 }
 

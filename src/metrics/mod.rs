@@ -144,6 +144,9 @@ pub struct Metrics {
     pub subscriptions_active: IntGaugeVec,
     pub upstream_reconnects: IntCounterVec,
     pub gaps: IntCounterVec,
+    pub collapsed_requests: IntCounterVec,
+    pub stored_hits: IntCounterVec,
+    pub set_cookie_removed: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -202,7 +205,11 @@ impl Metrics {
                 .expect("registered once");
             g
         };
-        let polls_active = gauge("polls_active", "Long-polls currently held.", &["route"]);
+        let polls_active = gauge(
+            "polls_active",
+            "Long-polls currently held (on collapse routes, clients waiting for a shared answer).",
+            &["route"],
+        );
         let topics_active = gauge(
             "topics_active",
             "Live topics (with subscribers or within linger).",
@@ -231,8 +238,9 @@ impl Metrics {
         );
         let subscriptions_active = gauge(
             "subscriptions_active",
-            "Upstream subscriptions open (one per topic with an upstream source); \
-             polls_active / subscriptions_active is the fan-in ratio.",
+            "Upstream subscriptions open (one per topic with an upstream source; on collapse \
+             routes, upstream requests in flight); polls_active / subscriptions_active is the \
+             fan-in ratio.",
             &["route"],
         );
         let upstream_reconnects = counter(
@@ -245,6 +253,22 @@ impl Metrics {
             "Gaps recorded in topics (messages lost upstream), by cause: oversized (a message \
              over max_message_bytes) or unresumable (the upstream could not resume).",
             &["route", "cause"],
+        );
+        let collapsed_requests = counter(
+            "collapsed_requests_total",
+            "Collapse route requests answered without an upstream request of their own \
+             (joined one in flight, or served a stored answer).",
+            &["route"],
+        );
+        let stored_hits = counter(
+            "stored_hits_total",
+            "Collapse route requests answered from a stored upstream answer.",
+            &["route"],
+        );
+        let set_cookie_removed = counter(
+            "set_cookie_removed_total",
+            "Shared collapse answers whose Set-Cookie was removed.",
+            &["route"],
         );
         let connections_open = IntGaugeVec::new(
             opts("connections_open", "Client connections currently open."),
@@ -301,6 +325,9 @@ impl Metrics {
             subscriptions_active,
             upstream_reconnects,
             gaps,
+            collapsed_requests,
+            stored_hits,
+            set_cookie_removed,
             connections_open,
             connections_rejected,
             accept_errors,
@@ -334,8 +361,10 @@ impl Metrics {
                 self.upstream_requests.with_label_values(&[&r.name, result]);
             }
             self.upstream_request_duration.with_label_values(&[&r.name]);
-            if matches!(r.kind, RouteKind::Poll(_)) {
-                PollMetrics::new(self, &r.name);
+            match r.kind {
+                RouteKind::Poll(_) => drop(PollMetrics::new(self, &r.name)),
+                RouteKind::Collapse(_) => drop(CollapseMetrics::new(self, &r.name)),
+                RouteKind::Proxy { .. } => {}
             }
         }
     }
@@ -436,6 +465,33 @@ impl PollMetrics {
             upstream_reconnects: metrics.upstream_reconnects.with_label_values(r),
             gaps_oversized: metrics.gaps.with_label_values(&[route, "oversized"]),
             gaps_unresumable: metrics.gaps.with_label_values(&[route, "unresumable"]),
+        }
+    }
+}
+
+/// A collapse route's own series. Clients waiting for a shared answer count as held polls,
+/// topic groups as topics and upstream requests in flight as subscriptions, so the fan-in ratio
+/// reads the same for every route kind.
+#[derive(Clone)]
+pub struct CollapseMetrics {
+    pub waiting: IntGauge,
+    pub topics: IntGauge,
+    pub upstream_open: IntGauge,
+    pub collapsed: IntCounter,
+    pub stored_hits: IntCounter,
+    pub set_cookie_removed: IntCounter,
+}
+
+impl CollapseMetrics {
+    pub fn new(metrics: &Metrics, route: &str) -> CollapseMetrics {
+        let r = &[route];
+        CollapseMetrics {
+            waiting: metrics.polls_active.with_label_values(r),
+            topics: metrics.topics_active.with_label_values(r),
+            upstream_open: metrics.subscriptions_active.with_label_values(r),
+            collapsed: metrics.collapsed_requests.with_label_values(r),
+            stored_hits: metrics.stored_hits.with_label_values(r),
+            set_cookie_removed: metrics.set_cookie_removed.with_label_values(r),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! real sockets. One test binary, so the suite links once.
 
 mod cli;
+mod collapse;
 mod common;
 mod hostile;
 mod listeners;

@@ -19,6 +19,17 @@ url = "http://127.0.0.1:9"
 path = "/api/{*rest}"
 kind = "proxy"
 upstream = "api"
+[routes.news]
+path = "/news/{topic}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+[routes.status]
+path = "/status/{id}"
+kind = "collapse"
+upstream = "api"
+share = "public"
+auth = "public"
 "#;
 
 #[tokio::test]
@@ -37,6 +48,10 @@ async fn admin_endpoints_answer() {
         r#"pollmux_upstream_requests_total{result="5xx",route="api"} 0"#,
         r#"pollmux_request_duration_seconds_bucket{outcome="response",route="api",le="120"} 0"#,
         r#"pollmux_upstream_request_duration_seconds_count{route="api"} 0"#,
+        r#"pollmux_polls_active{route="news"} 0"#,
+        r#"pollmux_collapsed_requests_total{route="status"} 0"#,
+        r#"pollmux_stored_hits_total{route="status"} 0"#,
+        r#"pollmux_set_cookie_removed_total{route="status"} 0"#,
         "process_open_fds ",
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
@@ -50,6 +65,7 @@ async fn metrics_pass_promtool() {
     let gw = Gateway::start(CONFIG).await;
     assert_eq!(get(gw.addr(), "/api/x").await.status(), 502);
     assert_eq!(get(gw.addr(), "/elsewhere").await.status(), 404);
+    assert_eq!(get(gw.addr(), "/status/1").await.status(), 502);
     let text = gw.metrics_text().await;
     let Ok(mut child) = Command::new("promtool")
         .args(["check", "metrics"])

@@ -1,0 +1,556 @@
+//! `kind = "collapse"` routes (PROTOCOL.md section 2): identical long-polls of an existing API
+//! share one upstream request, and its answer is written byte for byte to every waiter.
+//!
+//! - A request's [`Key`] is its topic group (the route's topic plus the values of its `vary`
+//!   headers) and its path with the query parameters sorted, the cursor parameter included.
+//! - One [`Flight`] per key in flight: the first request of a key starts it in a task of its own
+//!   (a client going away never cancels what others wait for), later ones subscribe to it.
+//! - An answer that moves the cursor on is stored in its topic for `linger`, so a late client
+//!   with that key is answered without an upstream request. The upstream's own timeout answer
+//!   (204, 304, the same cursor) and errors go to the current waiters only.
+//! - With `next_cursor`, the task chains: as soon as an answer arrives it opens the request for
+//!   the next key while the topic has had a client within `linger`, so re-polling clients join a
+//!   request that is already waiting.
+//!
+//! The upstream request is built from config and the key alone: the route's upstream with its
+//! own headers, the key's path and query, and the `vary` headers' values; no other client header.
+//! `Set-Cookie` never reaches a client. A `Cache-Control: private` answer is shared as is: every
+//! collapse route is `share = "public"` or varies by its clients' headers (config requires one of
+//! the two), which is exactly when the protocol allows sharing it.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::problem::Problem;
+use crate::config::{CollapseConfig, NextCursor, percent_encode};
+use crate::metrics::{CollapseMetrics, GaugeGuard, Outcome, RouteMetrics, UpstreamResult};
+use crate::upstream::{Body, Upstream, UpstreamError};
+
+/// Upstream response headers every waiter gets (beside the route's `expose_headers`).
+const SHARED_HEADERS: [HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::CACHE_CONTROL,
+    header::ETAG,
+    header::LAST_MODIFIED,
+];
+
+/// Stored answers kept per topic group; older ones make way (their late clients simply cause an
+/// upstream request), so a fast-moving topic cannot grow memory for a whole `linger`.
+const STORED_PER_TOPIC: usize = 32;
+
+/// An answer that did not move the cursor is chained (the same key asked again) only when the
+/// upstream held it at least this long: an upstream answering at once is not long-polling, and
+/// asking it again at once would loop.
+const CHAIN_MIN_HOLD: Duration = Duration::from_secs(1);
+
+/// One collapse route: its in-flight requests and its topic groups.
+pub struct CollapseRoute {
+    pub config: CollapseConfig,
+    pub metrics: CollapseMetrics,
+    route_metrics: Arc<RouteMetrics>,
+    upstream: Arc<Upstream>,
+    /// Largest upstream answer body shared; above it waiters get 502.
+    max_body: usize,
+    flights: DashMap<Key, Arc<Flight>>,
+    topics: DashMap<Arc<Group>, Arc<TopicState>>,
+    /// Cancelled when the server drains: chains stop, waiters get at most `drain_window` more.
+    drain: CancellationToken,
+    drain_window: Duration,
+    /// Time origin of the topics' `last_seen` stamps.
+    epoch: Instant,
+}
+
+/// Who shares answers: clients of one topic with the same `vary` header values.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Group {
+    topic: String,
+    vary: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// What one shared upstream request is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    group: Arc<Group>,
+    /// Path and sorted query, as sent upstream.
+    target: String,
+    /// Where the cursor's value is in `target` (present exactly once), if it is.
+    cursor: Option<Range<usize>>,
+}
+
+impl Key {
+    /// The same request with another cursor value.
+    fn with_cursor(&self, value: &str) -> Option<Key> {
+        let range = self.cursor.clone()?;
+        let encoded = percent_encode(value);
+        let mut target = String::with_capacity(self.target.len() + encoded.len());
+        target.push_str(&self.target[..range.start]);
+        target.push_str(&encoded);
+        target.push_str(&self.target[range.end..]);
+        Some(Key {
+            group: self.group.clone(),
+            target,
+            cursor: Some(range.start..range.start + encoded.len()),
+        })
+    }
+}
+
+/// The path and the query with its parameters sorted by name (stable, so repeated parameters
+/// keep their order), and where the cursor parameter's value is.
+fn normalize(
+    path: &str,
+    query: Option<&str>,
+    cursor: Option<&str>,
+) -> (String, Option<Range<usize>>) {
+    let mut params: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let name = |p: &str| p.split_once('=').map_or(p, |(n, _)| n).to_owned();
+    params.sort_by_key(|p| name(p));
+    let mut target = path.to_owned();
+    let mut found = Vec::new();
+    for (i, p) in params.iter().enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        if let Some(c) = cursor
+            && let Some(value) = p.strip_prefix(c).and_then(|v| v.strip_prefix('='))
+        {
+            let start = target.len() + c.len() + 1;
+            found.push(start..start + value.len());
+        }
+        target.push_str(p);
+    }
+    let cursor = if found.len() == 1 { found.pop() } else { None };
+    (target, cursor)
+}
+
+/// An upstream answer, ready to be written to any number of clients.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+    outcome: Outcome,
+}
+
+impl Answer {
+    fn response(&self) -> Response<Body> {
+        let body = Full::new(self.body.clone())
+            .map_err(|never| match never {})
+            .boxed();
+        let mut resp = Response::new(body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers.clone();
+        resp
+    }
+
+    /// pollmux's own answer when the upstream gave none.
+    fn problem(problem: Problem, detail: Option<&str>) -> Answer {
+        let (headers, body) = problem.render(detail, &[]);
+        Answer {
+            status: problem.status(),
+            headers,
+            body,
+            outcome: Outcome::UpstreamError,
+        }
+    }
+}
+
+/// Where an upstream answer leads a chain.
+enum Progress {
+    /// The cursor moved on: the next key.
+    Moved(Key),
+    /// The upstream's timeout answer: the same key again.
+    Same,
+    /// No chaining (no `next_cursor`, no cursor in the key, or an error answer).
+    None,
+}
+
+/// One upstream request in flight and its waiters.
+type Flight = watch::Sender<Option<Arc<Answer>>>;
+
+/// A topic group's state: when a client last asked, and its stored answers.
+struct TopicState {
+    /// Milliseconds since the route's epoch.
+    last_seen: AtomicU64,
+    stored: Mutex<VecDeque<Stored>>,
+    _live: GaugeGuard,
+}
+
+struct Stored {
+    key: Key,
+    answer: Arc<Answer>,
+    until: Instant,
+}
+
+/// A request after its synchronous part.
+pub enum Join {
+    /// Answered now (a stored answer, or a refusal).
+    Now(Response<Body>, Outcome),
+    /// Waiting for a flight's answer.
+    Wait(Waiter),
+}
+
+/// A client waiting for a shared answer; counted in `polls_active` while it waits.
+pub struct Waiter {
+    answer: watch::Receiver<Option<Arc<Answer>>>,
+    _held: GaugeGuard,
+}
+
+impl CollapseRoute {
+    pub fn new(
+        config: CollapseConfig,
+        metrics: CollapseMetrics,
+        route_metrics: Arc<RouteMetrics>,
+        upstream: Arc<Upstream>,
+        max_body: usize,
+        drain: CancellationToken,
+        drain_window: Duration,
+    ) -> CollapseRoute {
+        CollapseRoute {
+            config,
+            metrics,
+            route_metrics,
+            upstream,
+            max_body,
+            flights: DashMap::new(),
+            topics: DashMap::new(),
+            drain,
+            drain_window,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Joins the flight of `req`'s key, starting it if there is none, or answers at once from
+    /// a stored answer. `params` are the route's validated path parameters.
+    pub fn join<B>(self: &Arc<Self>, req: &Request<B>, params: &[(String, String)]) -> Join {
+        let vary = self
+            .config
+            .vary
+            .iter()
+            .flat_map(|name| {
+                req.headers()
+                    .get_all(name)
+                    .iter()
+                    .map(move |v| (name.clone(), v.clone()))
+            })
+            .collect();
+        let group = Arc::new(Group {
+            topic: self.config.topic.render(params),
+            vary,
+        });
+        let (target, cursor) = normalize(
+            req.uri().path(),
+            req.uri().query(),
+            self.config.cursor.as_deref(),
+        );
+        let key = Key {
+            group,
+            target,
+            cursor,
+        };
+        let Some(topic) = self.topic(&key.group) else {
+            let detail = "this route has reached its max_topics";
+            return Join::Now(
+                Problem::TooManyTopics.response(Some(detail)),
+                Outcome::Rejected,
+            );
+        };
+        topic.last_seen.store(self.now_ms(), Ordering::Relaxed);
+        if let Some(answer) = topic.stored(&key, Instant::now()) {
+            self.metrics.stored_hits.inc();
+            self.metrics.collapsed.inc();
+            return Join::Now(answer.response(), answer.outcome);
+        }
+        let answer = match self.flights.entry(key) {
+            Entry::Occupied(flight) => {
+                self.metrics.collapsed.inc();
+                flight.get().subscribe()
+            }
+            Entry::Vacant(slot) => {
+                let flight = Arc::new(watch::Sender::new(None));
+                let rx = flight.subscribe();
+                let key = slot.key().clone();
+                slot.insert(flight.clone());
+                tokio::spawn(self.clone().run(key, flight, topic));
+                rx
+            }
+        };
+        Join::Wait(Waiter {
+            answer,
+            _held: GaugeGuard::new(self.metrics.waiting.clone()),
+        })
+    }
+
+    /// The topic group's state, created unless the route is at `max_topics`.
+    fn topic(&self, group: &Arc<Group>) -> Option<Arc<TopicState>> {
+        if let Some(t) = self.topics.get(group) {
+            return Some(t.clone());
+        }
+        if self.topics.len() >= self.config.max_topics {
+            return None;
+        }
+        let state = self
+            .topics
+            .entry(group.clone())
+            .or_insert_with(|| {
+                Arc::new(TopicState {
+                    last_seen: AtomicU64::new(self.now_ms()),
+                    stored: Mutex::default(),
+                    _live: GaugeGuard::new(self.metrics.topics.clone()),
+                })
+            })
+            .clone();
+        Some(state)
+    }
+
+    /// Asks the upstream for `key`, hands the answer to the flight's waiters, and chains to the
+    /// next key while the topic has clients.
+    async fn run(self: Arc<Self>, mut key: Key, mut flight: Arc<Flight>, topic: Arc<TopicState>) {
+        loop {
+            let started = Instant::now();
+            let answer = {
+                let _open = GaugeGuard::new(self.metrics.upstream_open.clone());
+                Arc::new(self.fetch(&key).await)
+            };
+            let progress = self.progress(&key, &answer);
+            let now = Instant::now();
+            if let Progress::Moved(_) = progress
+                && answer.status.is_success()
+                && answer.status != StatusCode::NO_CONTENT
+            {
+                topic.store(key.clone(), answer.clone(), now + self.config.linger);
+            }
+            // Stored first, then out of the map: a client arriving in between finds one of them.
+            self.flights.remove(&key);
+            flight.send_replace(Some(answer));
+
+            let active = self
+                .now_ms()
+                .saturating_sub(topic.last_seen.load(Ordering::Relaxed))
+                < self.config.linger.as_millis() as u64;
+            if !active || self.drain.is_cancelled() {
+                return;
+            }
+            let next_key = match progress {
+                Progress::Moved(next) => next,
+                Progress::Same if now.duration_since(started) >= CHAIN_MIN_HOLD => key.clone(),
+                Progress::Same | Progress::None => return,
+            };
+            if topic.stored(&next_key, now).is_some() {
+                return;
+            }
+            match self.flights.entry(next_key) {
+                Entry::Occupied(_) => return,
+                Entry::Vacant(slot) => {
+                    key = slot.key().clone();
+                    flight = Arc::new(watch::Sender::new(None));
+                    slot.insert(flight.clone());
+                }
+            }
+        }
+    }
+
+    /// Where an answer to `key` leads, when the route chains and the key has a cursor: an
+    /// answer (2xx or 304) naming another cursor moves on; one naming none or the same cursor
+    /// is the upstream's timeout answer.
+    fn progress(&self, key: &Key, answer: &Answer) -> Progress {
+        let ok = answer.status.is_success() || answer.status == StatusCode::NOT_MODIFIED;
+        let Some(next_cursor) = self.config.next_cursor.as_ref() else {
+            return Progress::None;
+        };
+        if !ok || key.cursor.is_none() {
+            return Progress::None;
+        }
+        let next = match next_cursor {
+            NextCursor::Header(name) => answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            NextCursor::Json(pointer) => serde_json::from_slice::<serde_json::Value>(&answer.body)
+                .ok()
+                .and_then(|body| match body.pointer(pointer)? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                }),
+        };
+        match next.and_then(|n| key.with_cursor(&n)) {
+            Some(next) if next != *key => Progress::Moved(next),
+            _ => Progress::Same,
+        }
+    }
+
+    /// One upstream request for `key`, its answer read whole.
+    async fn fetch(&self, key: &Key) -> Answer {
+        let Ok(target) = PathAndQuery::try_from(key.target.as_str()) else {
+            return Answer::problem(
+                Problem::InvalidRequest,
+                Some("the request target is not valid"),
+            );
+        };
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.uri_mut() = self.upstream.uri_for(&target);
+        for (name, value) in &key.group.vary {
+            req.headers_mut().append(name.clone(), value.clone());
+        }
+        let started = Instant::now();
+        let result = self.upstream.send(req).await;
+        let class = match &result {
+            Ok(resp) => UpstreamResult::Status(resp.status().as_u16()),
+            Err(UpstreamError::Timeout) => UpstreamResult::Timeout,
+            Err(_) => UpstreamResult::Error,
+        };
+        self.route_metrics.upstream(class, started.elapsed());
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(UpstreamError::Timeout) => return Answer::problem(Problem::UpstreamTimeout, None),
+            Err(e) => {
+                tracing::debug!(upstream = %self.upstream.config.name, error = %e, "collapse request failed");
+                return Answer::problem(Problem::UpstreamUnavailable, None);
+            }
+        };
+        let (parts, body) = resp.into_parts();
+        let read = Limited::new(body, self.max_body).collect();
+        let body = match tokio::time::timeout(self.upstream.config.timeout, read).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) => {
+                tracing::debug!(upstream = %self.upstream.config.name, error = %e, "collapse answer body failed");
+                let detail = "the upstream answer broke off or exceeded max_message_bytes";
+                return Answer::problem(Problem::UpstreamUnavailable, Some(detail));
+            }
+            Err(_) => return Answer::problem(Problem::UpstreamTimeout, None),
+        };
+        if parts.headers.contains_key(header::SET_COOKIE) {
+            self.metrics.set_cookie_removed.inc();
+        }
+        let mut headers = HeaderMap::new();
+        for name in SHARED_HEADERS.iter().chain(&self.config.expose_headers) {
+            for value in parts.headers.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        Answer {
+            status: parts.status,
+            headers,
+            body,
+            outcome: Outcome::Response,
+        }
+    }
+
+    /// Drops topic groups idle past `linger` and expired stored answers; returns the groups
+    /// removed.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let linger = self.config.linger.as_millis() as u64;
+        let now_ms = self.now_ms();
+        let before = self.topics.len();
+        self.topics.retain(|_, t| {
+            t.prune(now);
+            now_ms.saturating_sub(t.last_seen.load(Ordering::Relaxed)) < linger
+        });
+        before - self.topics.len()
+    }
+}
+
+impl TopicState {
+    fn stored(&self, key: &Key, now: Instant) -> Option<Arc<Answer>> {
+        let stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        stored
+            .iter()
+            .find(|s| s.key == *key && s.until > now)
+            .map(|s| s.answer.clone())
+    }
+
+    fn store(&self, key: Key, answer: Arc<Answer>, until: Instant) {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        if stored.len() == STORED_PER_TOPIC {
+            stored.pop_front();
+        }
+        stored.push_back(Stored { key, answer, until });
+    }
+
+    fn prune(&self, now: Instant) {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        stored.retain(|s| s.until > now);
+    }
+}
+
+impl Waiter {
+    /// The flight's answer; once the server drains, at most `drain_window` more, then 503.
+    pub async fn wait(mut self, route: &CollapseRoute) -> (Response<Body>, Outcome) {
+        let answer = async {
+            match self.answer.wait_for(Option::is_some).await {
+                Ok(a) => a.clone(),
+                Err(_) => None,
+            }
+        };
+        let drained = async {
+            route.drain.cancelled().await;
+            tokio::time::sleep(route.drain_window).await;
+        };
+        tokio::select! {
+            answer = answer => match answer {
+                Some(a) => (a.response(), a.outcome),
+                None => (Problem::Draining.response(None), Outcome::Shutdown),
+            },
+            () = drained => (Problem::Draining.response(None), Outcome::Shutdown),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_is_sorted_and_the_cursor_found() {
+        let (t, c) = normalize("/o/42", Some("z=1&version=7&a=2&a=1"), Some("version"));
+        assert_eq!(t, "/o/42?a=2&a=1&version=7&z=1");
+        assert_eq!(&t[c.unwrap()], "7");
+        let (t, c) = normalize("/o/42", Some("b&&a="), Some("version"));
+        assert_eq!((t.as_str(), c), ("/o/42?a=&b", None));
+        let (t, c) = normalize("/o/42", None, Some("version"));
+        assert_eq!((t.as_str(), c), ("/o/42", None));
+        // A repeated cursor is ambiguous: collapsed, never chained.
+        let (_, c) = normalize("/o", Some("version=1&version=2"), Some("version"));
+        assert_eq!(c, None);
+        // A parameter that merely starts with the cursor's name is not the cursor.
+        let (_, c) = normalize("/o", Some("versions=1"), Some("version"));
+        assert_eq!(c, None);
+    }
+
+    #[test]
+    fn next_key_replaces_only_the_cursor() {
+        let (target, cursor) = normalize("/o/42", Some("version=7&z=1"), Some("version"));
+        let key = Key {
+            group: Arc::new(Group {
+                topic: "42".into(),
+                vary: Vec::new(),
+            }),
+            target,
+            cursor,
+        };
+        let next = key.with_cursor("12 a/b").unwrap();
+        assert_eq!(next.target, "/o/42?version=12%20a%2Fb&z=1");
+        assert_eq!(&next.target[next.cursor.clone().unwrap()], "12%20a%2Fb");
+        assert_eq!(next.with_cursor("7").unwrap(), key);
+    }
+}
