@@ -21,6 +21,7 @@
 //! then [`Server::serve`] runs until its shutdown future resolves and the drain ends.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod gateway;
 pub mod hub;

@@ -67,6 +67,14 @@ pub const MAX_BATCH_DEFAULT: usize = 100;
 pub const BUFFER_MESSAGES_DEFAULT: usize = 1000;
 pub const BUFFER_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
 pub const BUFFER_AGE_DEFAULT: Duration = Duration::from_secs(300);
+/// Client headers a hook receives unless the route lists its own: the usual credentials.
+pub const HOOK_HEADERS_DEFAULT: &[&str] = &["authorization", "cookie"];
+/// How long an allow from a hook is cached without `Cache-Control: max-age`.
+pub const HOOK_TTL_DEFAULT: Duration = Duration::from_secs(30);
+/// A hook answer slower than this is a 503.
+pub const HOOK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Per topic, upstream requests at once for a collapse route whose answers are private.
+pub const MAX_UNSHARED_DEFAULT: usize = 16;
 /// A topic (and its source) lives this long after its last poll, so messages arriving between a
 /// client's polls are kept.
 pub const LINGER_DEFAULT: Duration = Duration::from_secs(60);
@@ -225,6 +233,9 @@ pub struct CollapseConfig {
     pub upstream: usize,
     /// Groups a route's requests for `linger`, chaining and `max_topics`.
     pub topic: TopicTemplate,
+    pub auth: AuthConfig,
+    /// Requests to the upstream at once per topic while its answers are private (not shared).
+    pub max_unshared: usize,
     /// The query parameter carrying the client's cursor; `None`: requests are only collapsed
     /// while identical ones are in flight.
     pub cursor: Option<String>,
@@ -249,10 +260,35 @@ pub enum NextCursor {
     Header(HeaderName),
 }
 
+/// Who may read a poll or collapse route's topics.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    /// Anyone.
+    Public,
+    /// An upstream URL decides per (topic, credential) (PROTOCOL.md 1.5).
+    Hook(HookConfig),
+}
+
+/// `auth = { hook = ... }`: pollmux asks `upstreams[upstream]` at `path` whether a client may
+/// read a topic, passing only the client's `headers`.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    pub upstream: usize,
+    /// Path (and query) template over the topic's parameters.
+    pub path: TopicTemplate,
+    /// Client request headers passed to the hook (the credential), lowercase.
+    pub headers: Vec<HeaderName>,
+    /// How long an allow is cached when the hook's answer has no `Cache-Control: max-age`.
+    pub ttl: Duration,
+    /// A hook slower than this is a 503 (fail closed).
+    pub timeout: Duration,
+}
+
 /// A `kind = "poll"` route's settings.
 #[derive(Debug, Clone)]
 pub struct PollConfig {
     pub topic: TopicTemplate,
+    pub auth: AuthConfig,
     pub source: SourceConfig,
     pub hold: Duration,
     pub max_hold: Duration,
@@ -519,6 +555,7 @@ const COLLAPSE_KEYS: &[&str] = &[
     "share",
     "vary",
     "expose_headers",
+    "max_unshared",
 ];
 
 const SECTIONS: &[&str] = &[
@@ -1079,7 +1116,19 @@ impl Validator<'_, '_> {
         path: Option<raw::Str>,
         allowed: &[String],
     ) -> Option<TopicTemplate> {
-        let at = ["routes", n, "source", "path"];
+        self.upstream_path(&["routes", n, "source", "path"], kind, path, allowed)
+    }
+
+    /// A path template of a request pollmux makes (a source's, a hook's), over `allowed`
+    /// parameters only.
+    fn upstream_path(
+        &mut self,
+        at: &[&str],
+        kind: &str,
+        path: Option<raw::Str>,
+        allowed: &[String],
+    ) -> Option<TopicTemplate> {
+        let at = at.to_vec();
         let Some(path) = path else {
             self.err(&at, format!("required for type = {kind:?}"));
             return None;
@@ -1129,7 +1178,7 @@ impl Validator<'_, '_> {
             }
             Some(s) => self.source(n, s, topic.as_ref(), upstreams),
         };
-        self.auth(n, "poll", raw.auth.as_ref());
+        let auth = self.auth(n, "poll", raw.auth.clone(), topic.as_ref(), upstreams);
         let hold = raw.hold.map_or(HOLD_DEFAULT, |d| d.0);
         let max_hold = raw.max_hold.map_or(MAX_HOLD_DEFAULT, |d| d.0);
         if hold > max_hold {
@@ -1197,6 +1246,7 @@ impl Validator<'_, '_> {
         }
         Some(PollConfig {
             topic: topic?,
+            auth: auth?,
             source: source?,
             hold,
             max_hold,
@@ -1242,20 +1292,85 @@ impl Validator<'_, '_> {
         }
     }
 
-    /// Checks a route's `auth`; returns whether it is `"public"`.
-    fn auth(&mut self, n: &str, kind: &str, auth: Option<&toml::Value>) -> bool {
-        match auth {
-            None => self.err(
-                &["routes", n, "auth"],
-                format!("required for kind = {kind:?}; \"public\" lets anyone read"),
-            ),
-            Some(toml::Value::String(s)) if s == "public" => return true,
-            Some(_) => self.err(
-                &["routes", n, "auth"],
-                "this version supports auth = \"public\" only",
-            ),
+    /// A route's `auth`: `"public"` or `{ hook = { upstream, path, ttl, timeout, headers } }`.
+    fn auth(
+        &mut self,
+        n: &str,
+        kind: &str,
+        auth: Option<toml::Value>,
+        topic: Option<&TopicTemplate>,
+        upstreams: &[UpstreamConfig],
+    ) -> Option<AuthConfig> {
+        let at = |key: &'static str| ["routes", n, "auth", "hook", key];
+        let raw: raw::Auth = match auth {
+            None => {
+                self.err(
+                    &["routes", n, "auth"],
+                    format!(
+                        "required for kind = {kind:?}: \"public\" lets anyone read, \
+                         {{ hook = {{ upstream, path }} }} asks an upstream"
+                    ),
+                );
+                return None;
+            }
+            Some(toml::Value::String(s)) if s == "public" => return Some(AuthConfig::Public),
+            Some(value @ toml::Value::Table(_)) => match value.try_into() {
+                Ok(raw) => raw,
+                Err(e) => {
+                    self.err(&["routes", n, "auth"], e.message().to_owned());
+                    return None;
+                }
+            },
+            Some(_) => {
+                self.err(
+                    &["routes", n, "auth"],
+                    "use \"public\" or { hook = { upstream, path } }",
+                );
+                return None;
+            }
+        };
+        let hook = raw.hook;
+        let upstream = self.upstream_ref(&at("upstream"), "a hook", Some(hook.upstream), upstreams);
+        let path = self.upstream_path(
+            &at("path"),
+            "a hook",
+            Some(hook.path),
+            &topic_param_names(topic),
+        );
+        let mut headers = Vec::new();
+        let names = hook.headers.unwrap_or_else(|| {
+            HOOK_HEADERS_DEFAULT
+                .iter()
+                .map(|h| raw::Str((*h).to_owned()))
+                .collect()
+        });
+        for name in names {
+            let Some(h) = self.header_name(&at("headers"), &name.0) else {
+                continue;
+            };
+            if upstream.is_some_and(|u: usize| upstreams[u].headers.iter().any(|(n, _)| *n == h)) {
+                self.err(
+                    &at("headers"),
+                    format!(
+                        "{h} is set by the upstream's own headers, so the client's cannot be \
+                         passed; give the hook an [upstreams] entry of its own without it"
+                    ),
+                );
+            }
+            headers.push(h);
         }
-        false
+        let ttl = hook.ttl.map_or(HOOK_TTL_DEFAULT, |d| d.0);
+        let timeout = hook.timeout.map_or(HOOK_TIMEOUT_DEFAULT, |d| d.0);
+        if timeout.is_zero() {
+            self.err(&at("timeout"), "must be above zero");
+        }
+        Some(AuthConfig::Hook(HookConfig {
+            upstream: upstream?,
+            path: path?,
+            headers,
+            ttl,
+            timeout,
+        }))
     }
 
     fn max_topics(&mut self, n: &str, value: Option<u64>) -> usize {
@@ -1281,7 +1396,7 @@ impl Validator<'_, '_> {
             upstreams,
         );
         let topic = self.topic(n, raw.topic.clone(), params);
-        self.auth(n, "collapse", raw.auth.as_ref());
+        let auth = self.auth(n, "collapse", raw.auth.clone(), topic.as_ref(), upstreams);
         let cursor = raw.cursor.map(|c| c.query.0);
         if cursor.as_deref().is_some_and(|c| !plain_name(c)) {
             self.err(
@@ -1341,13 +1456,20 @@ impl Validator<'_, '_> {
             }
             vary.push(h);
         }
-        if !share_public && vary.is_empty() {
+        let hooked = matches!(auth, Some(AuthConfig::Hook(_)));
+        if !share_public && vary.is_empty() && !hooked && auth.is_some() {
             self.err(
                 &at("share"),
                 "a collapse route shares upstream answers between clients: say share = \"public\" \
-                 (the answer does not depend on who asks) or list the headers it depends on in vary \
-                 (e.g. vary = [\"authorization\"])",
+                 (the answer does not depend on who asks), list the headers it depends on in vary \
+                 (e.g. vary = [\"authorization\"]), or authorize each client with auth = { hook }",
             );
+        }
+        let max_unshared = raw
+            .max_unshared
+            .map_or(MAX_UNSHARED_DEFAULT, |v| v as usize);
+        if max_unshared == 0 {
+            self.err(&at("max_unshared"), "must be at least 1");
         }
         let mut expose_headers = Vec::new();
         for name in raw.expose_headers.unwrap_or_default() {
@@ -1366,6 +1488,8 @@ impl Validator<'_, '_> {
         Some(CollapseConfig {
             upstream: upstream?,
             topic: topic?,
+            auth: auth?,
+            max_unshared,
             cursor,
             next_cursor,
             share_public,
@@ -1688,6 +1812,54 @@ bogus = 1
                 .unwrap_err()
                 .to_string();
             assert!(errs.contains(path), "{extra:?}: missing {path} in {errs}");
+        }
+    }
+
+    #[test]
+    fn auth_hooks() {
+        let hook = "auth = { hook = { upstream = \"authz\", path = \"/can-read/{id}?x=1\", ttl = \"10s\" } }\n\
+                    [upstreams.authz]\nurl = \"http://x\"\n";
+        let text = format!("{COLLAPSE}{hook}").replace("auth = \"public\"\n", "");
+        let c = parse(&text).unwrap();
+        let RouteKind::Collapse(r) = &c.routes[0].kind else {
+            panic!("collapse route")
+        };
+        let AuthConfig::Hook(h) = &r.auth else {
+            panic!("hook")
+        };
+        assert_eq!(h.ttl, Duration::from_secs(10));
+        assert_eq!(h.timeout, HOOK_TIMEOUT_DEFAULT);
+        assert_eq!(h.headers, ["authorization", "cookie"]);
+        assert_eq!(
+            h.path.render_path(&[("id".into(), "a b".into())]),
+            "/can-read/a%20b?x=1"
+        );
+        assert_eq!(r.max_unshared, MAX_UNSHARED_DEFAULT);
+        let cases = [
+            (
+                "auth = { hook = { upstream = \"nope\", path = \"/x\" } }",
+                "routes.status.auth.hook.upstream",
+            ),
+            (
+                "auth = { hook = { upstream = \"api\", path = \"/x/{other}\" } }",
+                "routes.status.auth.hook.path",
+            ),
+            // The upstream's own Authorization would overwrite the client's.
+            (
+                "auth = { hook = { upstream = \"api\", path = \"/x\", headers = [\"authorization\"] } }",
+                "routes.status.auth.hook.headers",
+            ),
+            (
+                "auth = { hook = { upstream = \"api\", path = \"/x\", bogus = 1 } }",
+                "routes.status.auth",
+            ),
+            ("auth = { jwt = {} }", "routes.status.auth"),
+            ("auth = 3", "routes.status.auth"),
+        ];
+        for (auth, path) in cases {
+            let text = format!("{COLLAPSE}share = \"public\"\n").replace("auth = \"public\"", auth);
+            let errs = parse(&text).unwrap_err().to_string();
+            assert!(errs.contains(path), "{auth}: missing {path} in {errs}");
         }
     }
 

@@ -164,11 +164,12 @@ pub struct Route {
     pub share: Option<Str>,
     pub vary: Option<Vec<Str>>,
     pub expose_headers: Option<Vec<Str>>,
+    pub max_unshared: Option<u64>,
 }
 
 impl Route {
     /// Every key beside `path`, `kind` and `params`, with whether it is set.
-    pub fn optional_keys(&self) -> [(&'static str, bool); 19] {
+    pub fn optional_keys(&self) -> [(&'static str, bool); 20] {
         [
             ("upstream", self.upstream.is_some()),
             ("topic", self.topic.is_some()),
@@ -189,8 +190,26 @@ impl Route {
             ("share", self.share.is_some()),
             ("vary", self.vary.is_some()),
             ("expose_headers", self.expose_headers.is_some()),
+            ("max_unshared", self.max_unshared.is_some()),
         ]
     }
+}
+
+/// `auth = { hook = { ... } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub hook: Hook,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub upstream: Str,
+    pub path: Str,
+    pub ttl: Option<Dur>,
+    pub timeout: Option<Dur>,
+    pub headers: Option<Vec<Str>>,
 }
 
 /// Where a collapse route's clients carry their cursor.

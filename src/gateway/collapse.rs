@@ -14,9 +14,10 @@
 //!
 //! The upstream request is built from config and the key alone: the route's upstream with its
 //! own headers, the key's path and query, and the `vary` headers' values; no other client header.
-//! `Set-Cookie` never reaches a client. A `Cache-Control: private` answer is shared as is: every
-//! collapse route is `share = "public"` or varies by its clients' headers (config requires one of
-//! the two), which is exactly when the protocol allows sharing it.
+//! `Set-Cookie` never reaches a client. A `Cache-Control: private` answer is shared only on a
+//! `share = "public"` route or within one `vary` group; on other routes (authorized by a hook) its
+//! waiters get 502, and for `linger` the topic's requests go to the upstream one by one, at most
+//! `max_unshared` at a time.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -31,7 +32,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, Limited};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::problem::Problem;
@@ -60,10 +61,9 @@ const CHAIN_MIN_HOLD: Duration = Duration::from_secs(1);
 pub struct CollapseRoute {
     pub config: CollapseConfig,
     pub metrics: CollapseMetrics,
-    route_metrics: Arc<RouteMetrics>,
-    upstream: Arc<Upstream>,
-    /// Largest upstream answer body shared; above it waiters get 502.
-    max_body: usize,
+    fetcher: Arc<Fetcher>,
+    /// Whether a `Cache-Control: private` answer may be shared (`share = "public"` or `vary`).
+    shares_private: bool,
     flights: DashMap<Key, Arc<Flight>>,
     topics: DashMap<Arc<Group>, Arc<TopicState>>,
     /// Cancelled when the server drains: chains stop, waiters get at most `drain_window` more.
@@ -144,6 +144,8 @@ struct Answer {
     headers: HeaderMap,
     body: Bytes,
     outcome: Outcome,
+    /// `Cache-Control: private`.
+    private: bool,
 }
 
 impl Answer {
@@ -165,6 +167,7 @@ impl Answer {
             headers,
             body,
             outcome: Outcome::UpstreamError,
+            private: false,
         }
     }
 }
@@ -186,6 +189,11 @@ type Flight = watch::Sender<Option<Arc<Answer>>>;
 struct TopicState {
     /// Milliseconds since the route's epoch.
     last_seen: AtomicU64,
+    /// Until then (milliseconds since the epoch) the topic's answers are private: requests go
+    /// to the upstream one by one.
+    unshared_until: AtomicU64,
+    /// Permits for those requests (`max_unshared`).
+    unshared: Arc<Semaphore>,
     stored: Mutex<VecDeque<Stored>>,
     _live: GaugeGuard,
 }
@@ -221,11 +229,16 @@ impl CollapseRoute {
         drain_window: Duration,
     ) -> CollapseRoute {
         CollapseRoute {
+            fetcher: Arc::new(Fetcher {
+                upstream,
+                route_metrics,
+                metrics: metrics.clone(),
+                max_body,
+                expose_headers: config.expose_headers.clone(),
+            }),
+            shares_private: config.share_public || !config.vary.is_empty(),
             config,
             metrics,
-            route_metrics,
-            upstream,
-            max_body,
             flights: DashMap::new(),
             topics: DashMap::new(),
             drain,
@@ -273,7 +286,11 @@ impl CollapseRoute {
                 Outcome::Rejected,
             );
         };
-        topic.last_seen.store(self.now_ms(), Ordering::Relaxed);
+        let now_ms = self.now_ms();
+        topic.last_seen.store(now_ms, Ordering::Relaxed);
+        if topic.unshared_until.load(Ordering::Relaxed) > now_ms {
+            return self.unshared(key, &topic);
+        }
         if let Some(answer) = topic.stored(&key, Instant::now()) {
             self.metrics.stored_hits.inc();
             self.metrics.collapsed.inc();
@@ -299,6 +316,29 @@ impl CollapseRoute {
         })
     }
 
+    /// A request of a topic whose answers are private: an upstream request of its own.
+    fn unshared(&self, key: Key, topic: &TopicState) -> Join {
+        let Ok(permit) = topic.unshared.clone().try_acquire_owned() else {
+            let detail = "too many requests on this topic while its answers are private";
+            return Join::Now(
+                Problem::Overloaded.response(Some(detail)),
+                Outcome::Rejected,
+            );
+        };
+        let flight = watch::Sender::new(None);
+        let answer = flight.subscribe();
+        let fetcher = self.fetcher.clone();
+        tokio::spawn(async move {
+            let fetched = fetcher.fetch(&key).await;
+            flight.send_replace(Some(Arc::new(fetched)));
+            drop(permit);
+        });
+        Join::Wait(Waiter {
+            answer,
+            _held: GaugeGuard::new(self.metrics.waiting.clone()),
+        })
+    }
+
     /// The topic group's state, created unless the route is at `max_topics`.
     fn topic(&self, group: &Arc<Group>) -> Option<Arc<TopicState>> {
         if let Some(t) = self.topics.get(group) {
@@ -313,6 +353,8 @@ impl CollapseRoute {
             .or_insert_with(|| {
                 Arc::new(TopicState {
                     last_seen: AtomicU64::new(self.now_ms()),
+                    unshared_until: AtomicU64::new(0),
+                    unshared: Arc::new(Semaphore::new(self.config.max_unshared)),
                     stored: Mutex::default(),
                     _live: GaugeGuard::new(self.metrics.topics.clone()),
                 })
@@ -328,10 +370,22 @@ impl CollapseRoute {
             let started = Instant::now();
             let answer = {
                 let _open = GaugeGuard::new(self.metrics.upstream_open.clone());
-                Arc::new(self.fetch(&key).await)
+                self.fetcher.fetch(&key).await
             };
-            let progress = self.progress(&key, &answer);
             let now = Instant::now();
+            if answer.private && !self.shares_private {
+                // Not for everyone who asked: nobody gets it, and the topic goes one by one.
+                self.metrics.unshareable.inc();
+                let until = self.now_ms() + self.config.linger.as_millis() as u64;
+                topic.unshared_until.store(until, Ordering::Relaxed);
+                self.flights.remove(&key);
+                let detail = "the upstream marked its answer private; it is not shared";
+                let refused = Answer::problem(Problem::UpstreamUnshareable, Some(detail));
+                flight.send_replace(Some(Arc::new(refused)));
+                return;
+            }
+            let answer = Arc::new(answer);
+            let progress = self.progress(&key, &answer);
             if let Progress::Moved(_) = progress
                 && answer.status.is_success()
                 && answer.status != StatusCode::NO_CONTENT
@@ -399,6 +453,31 @@ impl CollapseRoute {
         }
     }
 
+    /// Drops topic groups idle past `linger` and expired stored answers; returns the groups
+    /// removed.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let linger = self.config.linger.as_millis() as u64;
+        let now_ms = self.now_ms();
+        let before = self.topics.len();
+        self.topics.retain(|_, t| {
+            t.prune(now);
+            now_ms.saturating_sub(t.last_seen.load(Ordering::Relaxed)) < linger
+        });
+        before - self.topics.len()
+    }
+}
+
+/// What an upstream request of a collapse route needs.
+struct Fetcher {
+    upstream: Arc<Upstream>,
+    route_metrics: Arc<RouteMetrics>,
+    metrics: CollapseMetrics,
+    /// Largest upstream answer body shared; above it waiters get 502.
+    max_body: usize,
+    expose_headers: Vec<HeaderName>,
+}
+
+impl Fetcher {
     /// One upstream request for `key`, its answer read whole.
     async fn fetch(&self, key: &Key) -> Answer {
         let Ok(target) = PathAndQuery::try_from(key.target.as_str()) else {
@@ -443,30 +522,25 @@ impl CollapseRoute {
             self.metrics.set_cookie_removed.inc();
         }
         let mut headers = HeaderMap::new();
-        for name in SHARED_HEADERS.iter().chain(&self.config.expose_headers) {
+        for name in SHARED_HEADERS.iter().chain(&self.expose_headers) {
             for value in parts.headers.get_all(name) {
                 headers.append(name.clone(), value.clone());
             }
         }
+        let private = parts
+            .headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|d| d.trim().eq_ignore_ascii_case("private"));
         Answer {
             status: parts.status,
             headers,
             body,
             outcome: Outcome::Response,
+            private,
         }
-    }
-
-    /// Drops topic groups idle past `linger` and expired stored answers; returns the groups
-    /// removed.
-    pub fn sweep(&self, now: Instant) -> usize {
-        let linger = self.config.linger.as_millis() as u64;
-        let now_ms = self.now_ms();
-        let before = self.topics.len();
-        self.topics.retain(|_, t| {
-            t.prune(now);
-            now_ms.saturating_sub(t.last_seen.load(Ordering::Relaxed)) < linger
-        });
-        before - self.topics.len()
     }
 }
 

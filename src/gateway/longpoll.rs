@@ -30,6 +30,8 @@ use crate::hub::{
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::upstream::Body;
 
+/// The query parameter of a poll's cursor.
+pub const CURSOR_PARAM: &str = "cursor";
 const POLL_CURSOR: &str = "poll-cursor";
 const POLL_GAP: &str = "poll-gap";
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -448,7 +450,7 @@ impl<'a> PollQuery<'a> {
         {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let slot = match key {
-                "cursor" => &mut q.cursor,
+                CURSOR_PARAM => &mut q.cursor,
                 "timeout" => &mut q.timeout,
                 _ => continue,
             };

@@ -21,6 +21,10 @@ pub enum Problem {
     InvalidCursor,
     InvalidRequest,
     Unauthorized,
+    /// The authorization hook said no (403).
+    Forbidden,
+    /// The authorization hook gave no usable answer: fail closed (503).
+    AuthUnavailable,
     OriginNotAllowed,
     CursorExpired,
     PayloadTooLarge,
@@ -35,6 +39,8 @@ pub enum Problem {
     UpstreamDown,
     /// The upstream refused pollmux's own credential for a topic's source.
     UpstreamRefused,
+    /// A collapse route's upstream answer was private and the route may not share it.
+    UpstreamUnshareable,
 }
 
 impl Problem {
@@ -46,15 +52,19 @@ impl Problem {
                 StatusCode::BAD_REQUEST
             }
             Problem::Unauthorized => StatusCode::UNAUTHORIZED,
+            Problem::Forbidden => StatusCode::FORBIDDEN,
             Problem::OriginNotAllowed => StatusCode::FORBIDDEN,
             Problem::CursorExpired => StatusCode::GONE,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Problem::UriTooLong => StatusCode::URI_TOO_LONG,
-            Problem::Overloaded | Problem::Draining | Problem::TooManyTopics => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Problem::Overloaded
+            | Problem::Draining
+            | Problem::TooManyTopics
+            | Problem::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Problem::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
-            Problem::UpstreamUnavailable | Problem::UpstreamRefused => StatusCode::BAD_GATEWAY,
+            Problem::UpstreamUnavailable
+            | Problem::UpstreamRefused
+            | Problem::UpstreamUnshareable => StatusCode::BAD_GATEWAY,
             Problem::UpstreamDown => StatusCode::SERVICE_UNAVAILABLE,
             Problem::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -68,6 +78,8 @@ impl Problem {
             Problem::InvalidCursor => "invalid-cursor",
             Problem::InvalidRequest => "invalid-request",
             Problem::Unauthorized => "unauthorized",
+            Problem::Forbidden => "forbidden",
+            Problem::AuthUnavailable => "authorization-unavailable",
             Problem::OriginNotAllowed => "origin-not-allowed",
             Problem::CursorExpired => "cursor-expired",
             Problem::PayloadTooLarge => "payload-too-large",
@@ -80,6 +92,7 @@ impl Problem {
             Problem::UpstreamTimeout => "upstream-timeout",
             Problem::UpstreamDown => "upstream-down",
             Problem::UpstreamRefused => "upstream-refused",
+            Problem::UpstreamUnshareable => "upstream-unshareable",
         }
     }
 
@@ -91,6 +104,8 @@ impl Problem {
             Problem::InvalidCursor => "invalid cursor",
             Problem::InvalidRequest => "invalid request",
             Problem::Unauthorized => "unauthorized",
+            Problem::Forbidden => "forbidden",
+            Problem::AuthUnavailable => "authorization unavailable",
             Problem::OriginNotAllowed => "origin not allowed",
             Problem::CursorExpired => "cursor expired",
             Problem::PayloadTooLarge => "payload too large",
@@ -103,6 +118,7 @@ impl Problem {
             Problem::UpstreamTimeout => "upstream timed out",
             Problem::UpstreamDown => "upstream down",
             Problem::UpstreamRefused => "upstream refused pollmux's credential",
+            Problem::UpstreamUnshareable => "upstream answer not shareable",
         }
     }
 

@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::config::{Config, RouteKind};
+use crate::config::{AuthConfig, Config, RouteKind};
 
 /// Client request duration buckets (seconds): sub-second answers, then every common hold up to
 /// and past the longest allowed hold (`max_hold`, 55 s by default) and a two-minute proxy call.
@@ -147,6 +147,9 @@ pub struct Metrics {
     pub collapsed_requests: IntCounterVec,
     pub stored_hits: IntCounterVec,
     pub set_cookie_removed: IntCounterVec,
+    pub unshareable: IntCounterVec,
+    pub auth_checks: IntCounterVec,
+    pub auth_cache_hits: IntCounterVec,
     pub connections_open: IntGaugeVec,
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -270,6 +273,23 @@ impl Metrics {
             "Shared collapse answers whose Set-Cookie was removed.",
             &["route"],
         );
+        let unshareable = counter(
+            "unshareable_answers_total",
+            "Collapse answers marked Cache-Control: private on a route that may not share them \
+             (their waiters got 502; the topic then goes to the upstream request by request).",
+            &["route"],
+        );
+        let auth_checks = counter(
+            "auth_checks_total",
+            "Authorization hook requests, by route and result: allow, deny (401/403/404) or \
+             unavailable (anything else, a timeout or no answer: the client gets 503).",
+            &["route", "result"],
+        );
+        let auth_cache_hits = counter(
+            "auth_cache_hits_total",
+            "Client requests decided from a cached authorization hook decision.",
+            &["route"],
+        );
         let connections_open = IntGaugeVec::new(
             opts("connections_open", "Client connections currently open."),
             &["listener", "protocol"],
@@ -328,6 +348,9 @@ impl Metrics {
             collapsed_requests,
             stored_hits,
             set_cookie_removed,
+            unshareable,
+            auth_checks,
+            auth_cache_hits,
             connections_open,
             connections_rejected,
             accept_errors,
@@ -361,10 +384,22 @@ impl Metrics {
                 self.upstream_requests.with_label_values(&[&r.name, result]);
             }
             self.upstream_request_duration.with_label_values(&[&r.name]);
-            match r.kind {
-                RouteKind::Poll(_) => drop(PollMetrics::new(self, &r.name)),
-                RouteKind::Collapse(_) => drop(CollapseMetrics::new(self, &r.name)),
-                RouteKind::Proxy { .. } => {}
+            let auth = match &r.kind {
+                RouteKind::Poll(p) => {
+                    drop(PollMetrics::new(self, &r.name));
+                    &p.auth
+                }
+                RouteKind::Collapse(c) => {
+                    drop(CollapseMetrics::new(self, &r.name));
+                    &c.auth
+                }
+                RouteKind::Proxy { .. } => continue,
+            };
+            if let AuthConfig::Hook(_) = auth {
+                for result in ["allow", "deny", "unavailable"] {
+                    self.auth_checks.with_label_values(&[&r.name, result]);
+                }
+                self.auth_cache_hits.with_label_values(&[&r.name]);
             }
         }
     }
@@ -480,6 +515,7 @@ pub struct CollapseMetrics {
     pub collapsed: IntCounter,
     pub stored_hits: IntCounter,
     pub set_cookie_removed: IntCounter,
+    pub unshareable: IntCounter,
 }
 
 impl CollapseMetrics {
@@ -492,6 +528,7 @@ impl CollapseMetrics {
             collapsed: metrics.collapsed_requests.with_label_values(r),
             stored_hits: metrics.stored_hits.with_label_values(r),
             set_cookie_removed: metrics.set_cookie_removed.with_label_values(r),
+            unshareable: metrics.unshareable.with_label_values(r),
         }
     }
 }
