@@ -5,6 +5,7 @@
 //! requires a publish token, compared in constant time.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -24,6 +25,44 @@ use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
 use crate::server::Handler;
 use crate::upstream::Body;
+
+/// Asks a pollmux admin listener at `address` for `path` (a `GET`); its status. An unspecified
+/// address (`0.0.0.0`, `::`) is asked on loopback.
+pub async fn probe(
+    address: SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<StatusCode, String> {
+    let mut address = address;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let ask = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("{address}: {e}"))?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, address.to_string())
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{address}: {e}"))?;
+        Ok(resp.status())
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .unwrap_or_else(|_| Err(format!("{address} did not answer within {timeout:?}")))
+}
 
 /// Readiness shared between the server (which flips it on drain) and the admin handler.
 #[derive(Default)]

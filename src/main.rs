@@ -2,8 +2,10 @@
 //! the configuration, and hands it to `pollmux::run`. Exit codes: 0 ok, 1 runtime failure,
 //! 2 usage error, 78 (EX_CONFIG) invalid configuration.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pollmux::config::{Config, DEFAULT_CONFIG};
@@ -54,6 +56,19 @@ enum Command {
         #[arg(short, long, env = "POLLMUX_CONFIG")]
         config: PathBuf,
     },
+    /// Ask a running pollmux whether it serves: GET /healthz on its admin listener; exit 0 on
+    /// 200, else 1. For container health checks (no curl needed).
+    Health {
+        /// The configuration whose admin listener to ask (default: the embedded one's).
+        #[arg(short, long, env = "POLLMUX_CONFIG", conflicts_with = "address")]
+        config: Option<PathBuf>,
+        /// The admin listener's address, e.g. 127.0.0.1:9090.
+        #[arg(long)]
+        address: Option<SocketAddr>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Print the embedded default configuration.
     PrintDefaultConfig,
     /// Print the version.
@@ -74,6 +89,30 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("pollmux {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Health {
+            config,
+            address,
+            timeout,
+        } => {
+            let address = match (address, config) {
+                (Some(a), _) => a,
+                (None, path) => {
+                    let loaded = match &path {
+                        Some(p) => Config::from_file(p),
+                        None => Ok(Config::default_config()),
+                    };
+                    match loaded {
+                        Ok(c) => c.admin.address,
+                        Err(errors) => {
+                            let name = path.map(|p| p.display().to_string()).unwrap_or_default();
+                            eprint!("{name}: {errors}");
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    }
+                }
+            };
+            health(address, timeout)
         }
         Command::Check { config } => match Config::from_file(&config) {
             Ok(_) => {
@@ -98,6 +137,34 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_CONFIG)
                 }
             }
+        }
+    }
+}
+
+/// Exit 0 when the admin listener at `address` answers `/healthz` with 200.
+fn health(address: SocketAddr, timeout: Duration) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(pollmux::admin::probe(address, "/healthz", timeout)) {
+        Ok(status) if status == 200 => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("unhealthy: /healthz answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
+            ExitCode::FAILURE
         }
     }
 }

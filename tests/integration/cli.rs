@@ -73,6 +73,32 @@ fn version_is_printed() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_asks_the_admin_listener() {
+    let gw = Gateway::start(
+        "[listeners.p]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let admin = gw.admin.to_string();
+    let out = tokio::task::spawn_blocking(move || pollmux(&["health", "--address", &admin]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // An unspecified address is asked on loopback.
+    let any = format!("0.0.0.0:{}", gw.admin.port());
+    let out = tokio::task::spawn_blocking(move || pollmux(&["health", "--address", &any]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // Nothing listening: unhealthy.
+    let closed = closed_port().await.to_string();
+    let out = tokio::task::spawn_blocking(move || pollmux(&["health", "--address", &closed]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
+}
+
 /// A running `pollmux run` child with its bound addresses read from its JSON log.
 struct Child {
     child: tokio::process::Child,
