@@ -20,9 +20,10 @@ use http_body_util::{LengthLimitError, Limited};
 
 use crate::gateway::problem::Problem;
 use crate::gateway::router::percent_decode;
-use crate::gateway::{ConnInfo, Gateway, PublishError};
+use crate::gateway::{ConnInfo, Current, PublishError};
 use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
+use crate::reload::Reloader;
 use crate::server::Handler;
 use crate::upstream::Body;
 
@@ -83,8 +84,10 @@ impl Readiness {
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    pub gateway: Arc<Gateway>,
-    /// Bearer token required by `/publish` when set.
+    pub gateway: Arc<Current>,
+    /// `POST /-/reload`, when the config enables it.
+    pub reloader: Option<Arc<Reloader>>,
+    /// Bearer token required by `/publish` and `/-/reload` when set.
     pub publish_token: Option<String>,
 }
 
@@ -104,6 +107,11 @@ impl Admin {
         if let Some(rest) = req.uri().path().strip_prefix("/publish/") {
             let rest = rest.to_owned();
             return self.publish(req, &rest).await;
+        }
+        if req.uri().path() == "/-/reload"
+            && let Some(reloader) = &self.reloader
+        {
+            return self.reload(&req, reloader.clone()).await;
         }
         let get = req.method() == Method::GET || req.method() == Method::HEAD;
         match req.uri().path() {
@@ -127,6 +135,49 @@ impl Admin {
 }
 
 impl Admin {
+    /// Whether `req` carries the admin token (always, when none is configured).
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let Some(token) = &self.publish_token else {
+            return true;
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()))
+    }
+
+    /// `POST /-/reload`: 200 with the routes whose state was replaced, or 422 with every
+    /// configuration error (the running configuration is kept).
+    async fn reload<B>(&self, req: &Request<B>, reloader: Arc<Reloader>) -> Response<Body> {
+        if req.method() != Method::POST {
+            let mut resp = Problem::MethodNotAllowed.response(Some("use POST"));
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return resp;
+        }
+        if !self.authorized(req) {
+            return Problem::Unauthorized.response(Some("a valid admin token is required"));
+        }
+        match tokio::task::spawn_blocking(move || reloader.reload()).await {
+            Ok(Ok(reloaded)) => {
+                let body =
+                    serde_json::json!({"reloaded": true, "replaced_routes": reloaded.replaced});
+                text(
+                    StatusCode::OK,
+                    "application/json",
+                    body.to_string().into_bytes(),
+                )
+            }
+            Ok(Err(errors)) => Problem::InvalidConfig.response(Some(errors.to_string().trim())),
+            Err(e) => {
+                tracing::error!(error = %e, "reload task failed");
+                Problem::InvalidConfig.response(Some("the reload did not complete"))
+            }
+        }
+    }
+
     async fn publish(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
         if req.method() != Method::POST {
             let mut resp = Problem::MethodNotAllowed.response(Some("use POST"));
@@ -134,15 +185,8 @@ impl Admin {
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return resp;
         }
-        if let Some(token) = &self.publish_token {
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
-                return Problem::Unauthorized.response(Some("a valid publish token is required"));
-            }
+        if !self.authorized(&req) {
+            return Problem::Unauthorized.response(Some("a valid publish token is required"));
         }
         let Some((route, raw_topic)) = path.split_once('/') else {
             return Problem::NotFound.response(Some("use /publish/<route>/<topic>"));
@@ -161,7 +205,8 @@ impl Admin {
         else {
             return Problem::InvalidRequest.response(Some("headers must be visible ASCII"));
         };
-        let limit = self.gateway.max_message_bytes();
+        let gateway = self.gateway.get();
+        let limit = gateway.max_message_bytes();
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -180,7 +225,7 @@ impl Admin {
             payload,
             arrived: Instant::now(),
         };
-        match self.gateway.publish(route, &topic, message) {
+        match gateway.publish(route, &topic, message) {
             Ok(published) => {
                 let body = serde_json::json!({ "cursor": published.cursor }).to_string();
                 text(StatusCode::ACCEPTED, "application/json", body.into_bytes())

@@ -26,6 +26,7 @@ pub mod config;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod source;
 pub mod upstream;
@@ -38,9 +39,10 @@ use tokio::net::TcpListener;
 
 use admin::{Admin, Readiness};
 use config::{Config, FD_RESERVE};
-use gateway::Gateway;
+use gateway::{Current, Gateway, Shared};
 use hub::Hub;
 use metrics::Metrics;
+use reload::Reloader;
 use server::{ConnectionLimit, Lifecycle, ListenerSettings};
 
 /// How often lingered topics are looked for: the precision of `linger`.
@@ -62,6 +64,11 @@ pub enum StartError {
 /// A pollmux instance with its sockets bound, ready to serve.
 pub struct Server {
     config: Config,
+    /// Where a reload reads the configuration; `None`: the embedded default.
+    config_path: Option<std::path::PathBuf>,
+    /// Reload on SIGHUP (the binary; in-process servers share the signal, so tests use the
+    /// admin endpoint).
+    reload_on_sighup: bool,
     public: Vec<(Arc<ListenerSettings>, TcpListener)>,
     admin: TcpListener,
     metrics: Arc<Metrics>,
@@ -87,10 +94,24 @@ impl Server {
         Ok(Server {
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             config,
+            config_path: None,
+            reload_on_sighup: false,
             public,
             admin,
             metrics,
         })
+    }
+
+    /// Reloads re-read `path` (the file the configuration came from).
+    pub fn config_path(mut self, path: Option<std::path::PathBuf>) -> Server {
+        self.config_path = path;
+        self
+    }
+
+    /// Reloads on SIGHUP.
+    pub fn reload_on_sighup(mut self) -> Server {
+        self.reload_on_sighup = true;
+        self
     }
 
     /// Bound addresses of the public listeners, by name.
@@ -113,6 +134,8 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Server {
             config,
+            config_path,
+            reload_on_sighup,
             public,
             admin,
             metrics,
@@ -134,18 +157,33 @@ impl Server {
 
         let readiness = Arc::new(Readiness::default());
         let lifecycle = Lifecycle::default();
-        let hub = Arc::new(Hub::new());
-        let gateway = Arc::new(Gateway::new(&config, &metrics, hub.clone()));
+        let shared = Arc::new(Shared::new(Arc::new(Hub::new())));
+        let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
+        let current = Arc::new(Current::new(gateway));
         let limit = Arc::new(ConnectionLimit::new(max_connections));
         tokio::spawn(sweep_task(
-            gateway.clone(),
+            current.clone(),
             lifecycle.stop_accepting.clone(),
         ));
+        let reloader = Arc::new(Reloader::new(
+            config_path,
+            config.clone(),
+            current.clone(),
+            shared,
+            metrics.clone(),
+            public.iter().map(|(s, _)| s.clone()).collect(),
+        ));
+        if reload_on_sighup {
+            tokio::spawn(reload_on_hangup(
+                reloader.clone(),
+                lifecycle.stop_accepting.clone(),
+            ));
+        }
         for (settings, listener) in public {
             tokio::spawn(server::accept_loop(
                 listener,
                 settings,
-                gateway.clone(),
+                current.clone(),
                 limit.clone(),
                 metrics.clone(),
                 lifecycle.clone(),
@@ -162,7 +200,8 @@ impl Server {
         let admin_handler = Arc::new(Admin {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
-            gateway: gateway.clone(),
+            gateway: current.clone(),
+            reloader: config.admin.reload.then(|| reloader.clone()),
             publish_token: config.admin.publish_token.clone(),
         });
         let (admin_metrics, admin_tokens) = (metrics.clone(), admin_lifecycle.clone());
@@ -183,7 +222,7 @@ impl Server {
         metrics.draining.set(1);
         lifecycle.stop_accepting.cancel();
         lifecycle.drain.cancel();
-        gateway.begin_drain();
+        current.get().begin_drain();
         lifecycle.tasks.close();
         if tokio::time::timeout(config.shutdown.timeout, lifecycle.tasks.wait())
             .await
@@ -200,9 +239,19 @@ impl Server {
     }
 }
 
-/// Binds and serves `config` until `shutdown` resolves and the drain ends.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    Server::bind(config).await?.serve(shutdown).await;
+/// Binds and serves `config` (read from `path`, which reloads re-read; SIGHUP reloads) until
+/// `shutdown` resolves and the drain ends.
+pub async fn run(
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    Server::bind(config)
+        .await?
+        .config_path(path)
+        .reload_on_sighup()
+        .serve(shutdown)
+        .await;
     Ok(())
 }
 
@@ -245,15 +294,41 @@ where
     }
 }
 
+/// Reloads the configuration on every SIGHUP until the server stops accepting.
+async fn reload_on_hangup(reloader: Arc<Reloader>, stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            received = hangup.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP: reloading the configuration");
+                let reloader = reloader.clone();
+                // Errors are logged and counted by the reloader itself.
+                let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+            }
+        }
+    }
+}
+
 /// Removes lingered topics until the server stops accepting.
-async fn sweep_task(gateway: Arc<Gateway>, stop: tokio_util::sync::CancellationToken) {
+async fn sweep_task(current: Arc<Current>, stop: tokio_util::sync::CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
-                let removed = gateway.sweep(std::time::Instant::now());
+                let removed = current.get().sweep(std::time::Instant::now());
                 if removed > 0 {
                     tracing::debug!(removed, "swept lingered topics");
                 }

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
                 None => Ok(Config::default_config()),
             };
             match loaded {
-                Ok(config) => serve(config),
+                Ok(loaded) => serve(loaded, config),
                 Err(errors) => {
                     let name = config.map(|p| p.display().to_string()).unwrap_or_default();
                     eprint!("{name}: {errors}");
@@ -169,7 +169,7 @@ fn health(address: SocketAddr, timeout: Duration) -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,7 +188,7 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match pollmux::run(config, shutdown).await {
+        match pollmux::run(config, path, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

@@ -144,6 +144,8 @@ pub struct AdminConfig {
     pub address: SocketAddr,
     /// Bearer token for `/publish` and `/-/reload`; required unless the address is loopback.
     pub publish_token: Option<String>,
+    /// Whether `POST /-/reload` reloads the configuration (as SIGHUP does).
+    pub reload: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -700,6 +702,7 @@ impl Validator<'_, '_> {
         Some(AdminConfig {
             address,
             publish_token,
+            reload: raw.reload.unwrap_or(false),
         })
     }
 

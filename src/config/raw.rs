@@ -102,6 +102,7 @@ pub struct Tls {
 pub struct Admin {
     pub address: Option<Str>,
     pub publish_token: Option<Str>,
+    pub reload: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -68,6 +68,8 @@ pub struct CollapseRoute {
     topics: DashMap<Arc<Group>, Arc<TopicState>>,
     /// Cancelled when the server drains: chains stop, waiters get at most `drain_window` more.
     drain: CancellationToken,
+    /// Set when a reload removes or changes the route: chains stop.
+    retired: std::sync::atomic::AtomicBool,
     drain_window: Duration,
     /// Time origin of the topics' `last_seen` stamps.
     epoch: Instant,
@@ -243,6 +245,7 @@ impl CollapseRoute {
             topics: DashMap::new(),
             drain,
             drain_window,
+            retired: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
         }
     }
@@ -400,7 +403,7 @@ impl CollapseRoute {
                 .now_ms()
                 .saturating_sub(topic.last_seen.load(Ordering::Relaxed))
                 < self.config.linger.as_millis() as u64;
-            if !active || self.drain.is_cancelled() {
+            if !active || self.drain.is_cancelled() || self.retired.load(Ordering::Relaxed) {
                 return;
             }
             let next_key = match progress {
@@ -451,6 +454,12 @@ impl CollapseRoute {
             Some(next) if next != *key => Progress::Moved(next),
             _ => Progress::Same,
         }
+    }
+
+    /// A reload removed or changed the route: no request is chained from now on (requests in
+    /// flight still answer their waiters).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
     }
 
     /// Drops topic groups idle past `linger` and expired stored answers; returns the groups

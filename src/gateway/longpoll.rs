@@ -369,6 +369,10 @@ impl Held {
                 };
                 return rejected(problem, detail, None);
             }
+            // The route was removed or changed by a reload: the normal empty answer, now.
+            if topic.is_retired() {
+                return (empty_response(&position, false), Outcome::Timeout);
+            }
             // Wait from a fixed position: `latest` must not move on while we wait.
             self.at = Requested::At(position);
             // The drain wakes every topic after setting the flag, and `changed` was enabled

@@ -53,10 +53,67 @@ pub struct ConnInfo {
     pub tls: bool,
 }
 
-/// Routes, upstream clients, the hub and their metrics: everything a request needs, built once
-/// per config.
+/// What outlives a configuration: the hub, the source slots and gates, and the drain.
+pub struct Shared {
+    pub hub: Arc<Hub>,
+    sources: Arc<SourceSlots>,
+    /// Upstream connects in progress over all sources.
+    source_connects: Arc<Semaphore>,
+    /// Set once the server drains; held polls then answer within `drain_window`.
+    draining: AtomicBool,
+    /// Cancelled when the server drains (collapse routes wait on it).
+    drain: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(hub: Arc<Hub>) -> Shared {
+        Shared {
+            hub,
+            sources: Arc::default(),
+            source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
+            draining: AtomicBool::new(false),
+            drain: CancellationToken::new(),
+        }
+    }
+}
+
+/// What must be equal between two configs for a reload to keep a route's state: the route's
+/// own settings, the upstreams it uses, and the global settings its runtime reads. (Only
+/// compared, never logged: upstream headers carry credentials.)
+fn fingerprint(config: &Config, route: &RouteConfig) -> String {
+    let mut used = Vec::new();
+    let hook = |auth: &AuthConfig| match auth {
+        AuthConfig::Hook(h) => Some(h.upstream),
+        AuthConfig::Public => None,
+    };
+    match &route.kind {
+        RouteKind::Proxy { upstream } => used.push(*upstream),
+        RouteKind::Poll(p) => {
+            match &p.source {
+                SourceConfig::UpstreamPoll { upstream, .. }
+                | SourceConfig::UpstreamStream { upstream, .. } => used.push(*upstream),
+                SourceConfig::Publish => {}
+            }
+            used.extend(hook(&p.auth));
+        }
+        RouteKind::Collapse(c) => {
+            used.push(c.upstream);
+            used.extend(hook(&c.auth));
+        }
+    }
+    let upstreams: Vec<_> = used.iter().map(|&u| &config.upstreams[u]).collect();
+    format!(
+        "{route:?}\n{upstreams:?}\n{}\n{:?}",
+        config.limits.max_message_bytes, config.shutdown.drain_window
+    )
+}
+
+/// Routes, upstream clients and their metrics: everything a request needs, built once per
+/// config. A reload builds a new one that keeps the state of every unchanged route.
 pub struct Gateway {
     routes: Vec<RouteConfig>,
+    /// Per route, what must be equal for a reload to keep its state (see [`fingerprint`]).
+    fingerprints: Vec<String>,
     router: Router,
     route_metrics: Vec<Arc<RouteMetrics>>,
     /// Per route, what serves it.
@@ -66,15 +123,8 @@ pub struct Gateway {
     unmatched: Arc<RouteMetrics>,
     upstreams: Vec<Arc<Upstream>>,
     limits: LimitsConfig,
-    hub: Arc<Hub>,
-    sources: Arc<SourceSlots>,
+    shared: Arc<Shared>,
     client_polls: Arc<ClientPolls>,
-    /// Upstream connects in progress over all sources.
-    source_connects: Arc<Semaphore>,
-    /// Set once the server drains; held polls then answer within `drain_window`.
-    draining: AtomicBool,
-    /// Cancelled when the server drains (collapse routes wait on it).
-    drain: CancellationToken,
     drain_window: Duration,
 }
 
@@ -86,7 +136,7 @@ pub const SOURCE_CONNECTS_MAX: usize = 64;
 enum Runtime {
     /// Reverse proxy to `upstreams[index]`.
     Proxy(usize),
-    Poll(Box<PollRoute>),
+    Poll(Arc<PollRoute>),
     Collapse(Arc<CollapseRoute>),
 }
 
@@ -101,7 +151,26 @@ pub enum PublishError {
 }
 
 impl Gateway {
-    pub fn new(config: &Config, metrics: &Arc<Metrics>, hub: Arc<Hub>) -> Gateway {
+    /// The gateway serving `config`. With `previous` (a reload), every route whose
+    /// [`fingerprint`] is unchanged keeps its state: topics, sources, stored answers, cached
+    /// authorization decisions.
+    pub fn new(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        shared: Arc<Shared>,
+        previous: Option<&Gateway>,
+    ) -> Gateway {
+        let fingerprints: Vec<String> = config
+            .routes
+            .iter()
+            .map(|r| fingerprint(config, r))
+            .collect();
+        let kept = |i: usize| {
+            let previous = previous?;
+            let name = &config.routes[i].name;
+            let j = previous.routes.iter().position(|r| r.name == *name)?;
+            (previous.fingerprints[j] == fingerprints[i]).then_some(j)
+        };
         let route_metrics: Vec<_> = config
             .routes
             .iter()
@@ -113,33 +182,47 @@ impl Gateway {
             .cloned()
             .map(|u| Arc::new(Upstream::new(u)))
             .collect();
-        let drain = CancellationToken::new();
         let runtimes = config
             .routes
             .iter()
             .zip(&route_metrics)
-            .map(|(r, route_metrics)| match &r.kind {
-                RouteKind::Poll(p) => Runtime::Poll(Box::new(PollRoute::new(
-                    &r.name,
-                    p,
-                    PollMetrics::new(metrics, &r.name),
-                ))),
-                RouteKind::Collapse(c) => Runtime::Collapse(Arc::new(CollapseRoute::new(
-                    (**c).clone(),
-                    CollapseMetrics::new(metrics, &r.name),
-                    route_metrics.clone(),
-                    upstreams[c.upstream].clone(),
-                    config.limits.max_message_bytes,
-                    drain.clone(),
-                    config.shutdown.drain_window,
-                ))),
-                RouteKind::Proxy { upstream } => Runtime::Proxy(*upstream),
-            })
+            .enumerate()
+            .map(
+                |(i, (r, route_metrics))| match (&r.kind, kept(i).zip(previous)) {
+                    (RouteKind::Poll(_), Some((j, previous))) => match &previous.runtimes[j] {
+                        Runtime::Poll(p) => Runtime::Poll(p.clone()),
+                        _ => unreachable!("an equal fingerprint is the same kind"),
+                    },
+                    (RouteKind::Collapse(_), Some((j, previous))) => match &previous.runtimes[j] {
+                        Runtime::Collapse(c) => Runtime::Collapse(c.clone()),
+                        _ => unreachable!("an equal fingerprint is the same kind"),
+                    },
+                    (RouteKind::Poll(p), _) => Runtime::Poll(Arc::new(PollRoute::new(
+                        &r.name,
+                        p,
+                        PollMetrics::new(metrics, &r.name),
+                    ))),
+                    (RouteKind::Collapse(c), _) => Runtime::Collapse(Arc::new(CollapseRoute::new(
+                        (**c).clone(),
+                        CollapseMetrics::new(metrics, &r.name),
+                        route_metrics.clone(),
+                        upstreams[c.upstream].clone(),
+                        config.limits.max_message_bytes,
+                        shared.drain.clone(),
+                        config.shutdown.drain_window,
+                    ))),
+                    (RouteKind::Proxy { upstream }, _) => Runtime::Proxy(*upstream),
+                },
+            )
             .collect();
         let hooks = config
             .routes
             .iter()
-            .map(|r| {
+            .enumerate()
+            .map(|(i, r)| {
+                if let Some((j, previous)) = kept(i).zip(previous) {
+                    return previous.hooks[j].clone();
+                }
                 let (auth, topic, cursor) = match &r.kind {
                     RouteKind::Poll(p) => (&p.auth, &p.topic, Some(longpoll::CURSOR_PARAM)),
                     RouteKind::Collapse(c) => (&c.auth, &c.topic, c.cursor.as_deref()),
@@ -158,6 +241,12 @@ impl Gateway {
                 )))
             })
             .collect();
+        let client_polls = match previous {
+            Some(p) if p.limits.max_polls_per_client == config.limits.max_polls_per_client => {
+                p.client_polls.clone()
+            }
+            _ => Arc::new(ClientPolls::new(config.limits.max_polls_per_client)),
+        };
         Gateway {
             router: Router::new(&config.routes),
             route_metrics,
@@ -166,15 +255,39 @@ impl Gateway {
             unmatched: Arc::new(RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none")),
             upstreams,
             routes: config.routes.clone(),
+            fingerprints,
             limits: config.limits.clone(),
-            hub,
-            sources: Arc::default(),
-            client_polls: Arc::new(ClientPolls::new(config.limits.max_polls_per_client)),
-            source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
-            draining: AtomicBool::new(false),
-            drain,
+            shared,
+            client_polls,
             drain_window: config.shutdown.drain_window,
         }
+    }
+
+    /// After a reload to `next`: the topics of every poll route `next` does not keep (removed
+    /// or changed) are retired, so their held polls answer now and their sources stop. Returns
+    /// the names of the routes that were not kept.
+    pub fn retire_replaced(&self, next: &Gateway) -> Vec<String> {
+        let mut replaced = Vec::new();
+        for (route, runtime) in self.routes.iter().zip(&self.runtimes) {
+            let kept = next.runtimes.iter().any(|n| match (runtime, n) {
+                (Runtime::Poll(a), Runtime::Poll(b)) => Arc::ptr_eq(a, b),
+                (Runtime::Collapse(a), Runtime::Collapse(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            });
+            if kept {
+                continue;
+            }
+            match runtime {
+                Runtime::Poll(poll) => {
+                    let topics = self.shared.hub.retire_route(&poll.topics);
+                    tracing::debug!(route = %route.name, topics, "retired the route's topics");
+                }
+                Runtime::Collapse(collapse) => collapse.retire(),
+                Runtime::Proxy(_) => {}
+            }
+            replaced.push(route.name.clone());
+        }
+        replaced
     }
 
     /// Starts the source of a topic a poll just created (upstream sources only). The source is
@@ -193,7 +306,7 @@ impl Gateway {
             max_message_bytes: self.limits.max_message_bytes,
             poll_metrics: poll.metrics.clone(),
             route_metrics: self.route_metrics[route].clone(),
-            connects: self.source_connects.clone(),
+            connects: self.shared.source_connects.clone(),
             retry_after: Default::default(),
         };
         let source: Pin<Box<dyn Future<Output = ()> + Send>> = match &poll.config.source {
@@ -228,7 +341,7 @@ impl Gateway {
                 .run(),
             ),
         };
-        let slots = self.sources.clone();
+        let slots = self.shared.sources.clone();
         let route_name = poll.name.clone();
         tokio::spawn(async move {
             let name = topic.name().to_owned();
@@ -242,9 +355,9 @@ impl Gateway {
     /// polls arriving from now on do the same. Held polls are woken through their topics, so
     /// a parked poll registers with nothing but its topic.
     pub fn begin_drain(&self) {
-        self.draining.store(true, Ordering::Release);
-        self.drain.cancel();
-        self.hub.wake_all();
+        self.shared.draining.store(true, Ordering::Release);
+        self.shared.drain.cancel();
+        self.shared.hub.wake_all();
     }
 
     /// Removes lingered topics (poll and collapse routes); returns how many.
@@ -260,7 +373,7 @@ impl Gateway {
         for hook in self.hooks.iter().flatten() {
             hook.sweep(now);
         }
-        collapse + self.hub.sweep(now)
+        collapse + self.shared.hub.sweep(now)
     }
 
     /// Largest message payload accepted (publish bodies above it get 413).
@@ -301,7 +414,7 @@ impl Gateway {
         if !valid || config.topic.render(&params) != topic {
             return Err(PublishError::InvalidTopic);
         }
-        poll.publish(&self.hub, topic, message)
+        poll.publish(&self.shared.hub, topic, message)
             .map_err(|_| PublishError::TooManyTopics)
     }
 
@@ -362,7 +475,7 @@ impl Gateway {
     ) -> Step {
         match &self.runtimes[route] {
             Runtime::Poll(poll) => {
-                match longpoll::prepare(poll, &self.hub, &self.client_polls, req, params) {
+                match longpoll::prepare(poll, &self.shared.hub, &self.client_polls, req, params) {
                     Ok(held) => {
                         if let Some(topic) = held.new_topic() {
                             self.start_source(poll, route, topic, params);
@@ -414,6 +527,38 @@ impl Gateway {
     }
 }
 
+/// The gateway serving new requests; a reload replaces it. A request in progress keeps the
+/// gateway it started on (and with it every route state it uses).
+pub struct Current(std::sync::RwLock<Arc<Gateway>>);
+
+impl Current {
+    pub fn new(gateway: Arc<Gateway>) -> Current {
+        Current(std::sync::RwLock::new(gateway))
+    }
+
+    pub fn get(&self) -> Arc<Gateway> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Serves new requests with `gateway`; returns the one it replaces.
+    pub fn replace(&self, gateway: Arc<Gateway>) -> Arc<Gateway> {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|e| e.into_inner()),
+            gateway,
+        )
+    }
+}
+
+impl Handler for Current {
+    fn call(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
+        self.get().call(req, conn)
+    }
+}
+
 impl Handler for Gateway {
     fn call(
         self: &Arc<Self>,
@@ -448,7 +593,9 @@ impl Gateway {
                     let Runtime::Poll(poll) = &self.runtimes[*route] else {
                         unreachable!("Step::Poll is only made for poll routes");
                     };
-                    let (resp, outcome) = held.wait(poll, &self.draining, self.drain_window).await;
+                    let (resp, outcome) = held
+                        .wait(poll, &self.shared.draining, self.drain_window)
+                        .await;
                     record.finish(resp, outcome)
                 }
             }
@@ -537,7 +684,8 @@ mod tests {
     fn pending_request_state_stays_small() {
         let config = Config::default_config();
         let metrics = Arc::new(Metrics::new(&config));
-        let gw = Arc::new(Gateway::new(&config, &metrics, Arc::new(Hub::new())));
+        let shared = Arc::new(Shared::new(Arc::new(Hub::new())));
+        let gw = Arc::new(Gateway::new(&config, &metrics, shared, None));
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             tls: false,

@@ -20,6 +20,8 @@ pub enum Problem {
     InvalidParameter,
     InvalidCursor,
     InvalidRequest,
+    /// A reload's configuration is invalid (422); the running one is kept.
+    InvalidConfig,
     Unauthorized,
     /// The authorization hook said no (403).
     Forbidden,
@@ -52,6 +54,7 @@ impl Problem {
                 StatusCode::BAD_REQUEST
             }
             Problem::Unauthorized => StatusCode::UNAUTHORIZED,
+            Problem::InvalidConfig => StatusCode::UNPROCESSABLE_ENTITY,
             Problem::Forbidden => StatusCode::FORBIDDEN,
             Problem::OriginNotAllowed => StatusCode::FORBIDDEN,
             Problem::CursorExpired => StatusCode::GONE,
@@ -78,6 +81,7 @@ impl Problem {
             Problem::InvalidCursor => "invalid-cursor",
             Problem::InvalidRequest => "invalid-request",
             Problem::Unauthorized => "unauthorized",
+            Problem::InvalidConfig => "invalid-config",
             Problem::Forbidden => "forbidden",
             Problem::AuthUnavailable => "authorization-unavailable",
             Problem::OriginNotAllowed => "origin-not-allowed",
@@ -104,6 +108,7 @@ impl Problem {
             Problem::InvalidCursor => "invalid cursor",
             Problem::InvalidRequest => "invalid request",
             Problem::Unauthorized => "unauthorized",
+            Problem::InvalidConfig => "invalid configuration",
             Problem::Forbidden => "forbidden",
             Problem::AuthUnavailable => "authorization unavailable",
             Problem::OriginNotAllowed => "origin not allowed",

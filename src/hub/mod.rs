@@ -20,7 +20,7 @@ pub mod message;
 pub mod ring;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ pub struct TopicSettings {
 /// One route's share of the hub: its settings, and the count of its live topics.
 pub struct RouteTopics {
     pub name: Arc<str>,
+    /// This incarnation of the route (a reload that changes it makes a new one): its topics are
+    /// its own, never another incarnation's of the same name.
+    id: u64,
     pub settings: TopicSettings,
     max_topics: usize,
     count: AtomicUsize,
@@ -65,8 +68,10 @@ pub struct RouteTopics {
 impl RouteTopics {
     /// `gauge` tracks the route's live topics (`pollmux_topics_active`).
     pub fn new(name: &str, settings: TopicSettings, max_topics: usize, gauge: IntGauge) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
         RouteTopics {
             name: name.into(),
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             settings,
             max_topics,
             count: AtomicUsize::new(0),
@@ -95,7 +100,7 @@ impl RouteTopics {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct TopicKey {
-    route: Arc<str>,
+    route: u64,
     topic: Box<str>,
 }
 
@@ -148,7 +153,7 @@ impl Hub {
         f: impl FnOnce(&Arc<Topic>, bool) -> R,
     ) -> Result<R, TooManyTopics> {
         let key = TopicKey {
-            route: route.name.clone(),
+            route: route.id,
             topic: topic.into(),
         };
         if let Some(t) = self.topics.get(&key) {
@@ -179,6 +184,23 @@ impl Hub {
                 removed += 1;
             }
             keep
+        });
+        removed
+    }
+
+    /// Removes every topic of `route` (a route a reload removed or changed): their sources stop
+    /// and their waiting readers answer at once (see [`Topic::is_retired`]). Returns how many.
+    pub fn retire_route(&self, route: &RouteTopics) -> usize {
+        let mut removed = 0;
+        self.topics.retain(|key, t| {
+            if key.route != route.id {
+                return true;
+            }
+            t.route.release();
+            t.retired.cancel();
+            t.notify.notify_waiters();
+            removed += 1;
+            false
         });
         removed
     }
@@ -313,6 +335,12 @@ impl Topic {
     /// Completes when the topic has been removed; a source feeding it stops then.
     pub fn retired(&self) -> WaitForCancellationFuture<'_> {
         self.retired.cancelled()
+    }
+
+    /// Whether the topic has been removed. Only a retired route's topics are removed while
+    /// they have readers; those readers answer at once.
+    pub fn is_retired(&self) -> bool {
+        self.retired.is_cancelled()
     }
 
     pub fn name(&self) -> &str {

@@ -154,6 +154,8 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub accept_errors: IntCounterVec,
     pub draining: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_successful: IntGauge,
 }
 
 impl Metrics {
@@ -313,6 +315,24 @@ impl Metrics {
         registry
             .register(Box::new(draining.clone()))
             .expect("registered once");
+        let config_reloads = counter(
+            "config_reloads_total",
+            "Configuration reloads (SIGHUP or POST /-/reload), by result: success or failure \
+             (the configuration was invalid and the running one was kept).",
+            &["result"],
+        );
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        let config_last_reload_successful = IntGauge::with_opts(opts(
+            "config_last_reload_successful",
+            "1 when the last reload succeeded (or none was tried), 0 when it failed.",
+        ))
+        .expect("valid metric");
+        config_last_reload_successful.set(1);
+        registry
+            .register(Box::new(config_last_reload_successful.clone()))
+            .expect("registered once");
         let build_info = IntGaugeVec::new(
             opts("build_info", "Build information; the value is always 1."),
             &["version"],
@@ -355,12 +375,16 @@ impl Metrics {
             connections_rejected,
             accept_errors,
             draining,
+            config_reloads,
+            config_last_reload_successful,
         };
         metrics.precreate(config);
         metrics
     }
 
-    fn precreate(&self, config: &Config) {
+    /// Creates the series of every listener and route in `config` (at start, and for the
+    /// routes a reload adds).
+    pub fn precreate(&self, config: &Config) {
         let listeners = config
             .listeners
             .iter()

@@ -76,9 +76,9 @@ impl Connection {
         // HTTP/2 paths (rustls and h2 state are kilobytes) are boxed: a cleartext HTTP/1.1
         // connection, the held-poll case, pays only for what it uses.
         let serve = async {
-            match &settings.tls {
+            match settings.tls_acceptor() {
                 Some(acceptor) => {
-                    Box::pin(serving.serve_tls(acceptor, stream, peer, service)).await;
+                    Box::pin(serving.serve_tls(&acceptor, stream, peer, service)).await;
                 }
                 None => {
                     let protocol = if settings.http2 {

@@ -57,7 +57,8 @@ pub struct ListenerSettings {
     /// The `listener` metric label.
     pub name: String,
     pub http2: bool,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The listener's certificate, replaced by a reload (new connections use the new one).
+    pub tls: Option<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
     pub limits: LimitsConfig,
 }
 
@@ -69,8 +70,22 @@ impl ListenerSettings {
             tls: config
                 .tls
                 .as_ref()
-                .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone())),
+                .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone()).into()),
             limits: limits.clone(),
+        }
+    }
+
+    /// The TLS acceptor for a new connection, if the listener speaks TLS.
+    pub fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        let lock = self.tls.as_ref()?;
+        Some(lock.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Serves new connections with the certificate of `config` (a reload).
+    pub fn set_tls(&self, config: &ListenerConfig) {
+        if let (Some(lock), Some(tls)) = (&self.tls, &config.tls) {
+            *lock.write().unwrap_or_else(|e| e.into_inner()) =
+                tokio_rustls::TlsAcceptor::from(tls.server_config.clone());
         }
     }
 }

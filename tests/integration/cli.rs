@@ -104,6 +104,8 @@ struct Child {
     child: tokio::process::Child,
     public: SocketAddr,
     admin: SocketAddr,
+    /// The configuration file it runs with.
+    file: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -151,6 +153,7 @@ impl Child {
             child,
             public: public.unwrap(),
             admin: admin.unwrap(),
+            file,
             _dir: dir,
         }
     }
@@ -168,6 +171,32 @@ impl Child {
             .unwrap()
             .code()
     }
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_an_invalid_file_keeps_the_running_config() {
+    let base =
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n";
+    let child = Child::start(base).await;
+    assert_eq!(get(child.public, "/news/a?timeout=0").await.status(), 404);
+    let failures = |admin: SocketAddr| async move {
+        let text = body_string(get(admin, "/metrics").await).await;
+        metric_value(&text, "pollmux_config_reloads_total{result=\"failure\"}")
+    };
+    std::fs::write(&child.file, "[listeners.public]\naddress = 7\n").unwrap();
+    child.signal("-HUP");
+    eventually("the refused reload to be counted", || async {
+        failures(child.admin).await == 1.0
+    })
+    .await;
+    assert_eq!(readyz_status(child.admin).await, 200, "still serving");
+    let news = "[routes.news]\npath = \"/news/{topic}\"\nkind = \"poll\"\nsource.type = \"publish\"\nauth = \"public\"\n";
+    std::fs::write(&child.file, format!("{base}{news}")).unwrap();
+    child.signal("-HUP");
+    eventually("the added route to serve", || async {
+        get(child.public, "/news/a?timeout=0").await.status() == 200
+    })
+    .await;
 }
 
 /// An upstream that reports each request's arrival and answers when released.

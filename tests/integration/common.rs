@@ -39,7 +39,17 @@ impl Gateway {
 
     pub async fn start_in(toml: &str, dir: &std::path::Path) -> Gateway {
         let config = Config::from_toml(toml, dir).unwrap_or_else(|e| panic!("{e}"));
+        Gateway::serve(pollmux::Server::bind(config).await.expect("bind"))
+    }
+
+    /// Starts pollmux with the configuration file `path`, which reloads re-read.
+    pub async fn start_file(path: &std::path::Path) -> Gateway {
+        let config = Config::from_file(path).unwrap_or_else(|e| panic!("{e}"));
         let server = pollmux::Server::bind(config).await.expect("bind");
+        Gateway::serve(server.config_path(Some(path.to_owned())))
+    }
+
+    fn serve(server: pollmux::Server) -> Gateway {
         let addrs = server.listener_addrs();
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel();

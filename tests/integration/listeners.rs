@@ -143,12 +143,13 @@ async fn connections_over_the_limit_get_503_and_others_keep_working() {
     assert_eq!(get(addr, "/x").await.status(), 404);
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-    cert: CertificateDer<'static>,
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub cert: CertificateDer<'static>,
 }
 
-fn pki() -> Pki {
+/// A self-signed certificate for `localhost`: cert.pem and key.pem in a temporary directory.
+pub fn pki() -> Pki {
     let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cert.pem"), key.cert.pem()).unwrap();
@@ -159,7 +160,8 @@ fn pki() -> Pki {
     }
 }
 
-fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+/// A TLS client trusting only `pki`'s certificate.
+pub fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.cert.clone()).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());

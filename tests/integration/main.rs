@@ -10,4 +10,5 @@ mod listeners;
 mod longpoll;
 mod ops;
 mod proxy;
+mod reload;
 mod sources;
