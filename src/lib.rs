@@ -7,15 +7,18 @@
 //! - [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`]; every error
 //!   with its key path and line:column, all at once.
 //! - [`server`]: listeners, accept loop, connection limit, TLS, HTTP/1.1 and h2, graceful drain.
-//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`, `poll`), CORS,
-//!   problem+json.
+//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`, `poll`, `collapse`),
+//!   CORS, problem+json.
+//! - [`auth`]: authorization hooks: per (topic, credential) decisions, cached, fail closed.
 //! - [`hub`]: topics: ordered bounded buffers, cursors, waiter wake-up, idle eviction.
+//! - [`source`]: what feeds a topic from upstream (long-poll, SSE, NDJSON).
 //! - [`upstream`]: the pooled upstream HTTP clients.
 //! - [`metrics`]: the one metrics struct with its own Prometheus registry.
-//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`, `/publish`.
+//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`, `/publish`, `/-/reload`.
+//! - [`reload`]: SIGHUP and `/-/reload`: a new gateway per configuration, unchanged routes kept.
 //!
-//! Imports run one way: `admin -> server -> gateway -> {hub, upstream, metrics, config}`; the
-//! hub imports none of them.
+//! Imports run one way: `admin -> reload -> server -> gateway -> {auth, source, hub, upstream,
+//! metrics, config}`; the hub imports none of them.
 //!
 //! [`Server::bind`] binds every socket (so a test can bind `127.0.0.1:0` and read the ports),
 //! then [`Server::serve`] runs until its shutdown future resolves and the drain ends.

@@ -1,9 +1,9 @@
 //! `kind = "collapse"` routes (PROTOCOL.md section 2): identical long-polls of an existing API
 //! share one upstream request, and its answer is written byte for byte to every waiter.
 //!
-//! - A request's [`Key`] is its topic group (the route's topic plus the values of its `vary`
+//! - A request's `Key` is its topic group (the route's topic plus the values of its `vary`
 //!   headers) and its path with the query parameters sorted, the cursor parameter included.
-//! - One [`Flight`] per key in flight: the first request of a key starts it in a task of its own
+//! - One `Flight` per key in flight: the first request of a key starts it in a task of its own
 //!   (a client going away never cancels what others wait for), later ones subscribe to it.
 //! - An answer that moves the cursor on is stored in its topic for `linger`, so a late client
 //!   with that key is answered without an upstream request. The upstream's own timeout answer

@@ -1,7 +1,7 @@
 //! The client-facing hyper service: resolves a request to its route, checks what every request
 //! must pass (URI size, path parameters), and hands it to its route kind's module.
 //!
-//! Metrics are recorded by a [`Record`] guard, so a request whose client disconnects (hyper then
+//! Metrics are recorded by a `Record` guard, so a request whose client disconnects (hyper then
 //! drops this future at whatever `.await` it is parked on) is still counted.
 
 pub mod collapse;
@@ -112,7 +112,7 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> String {
 /// config. A reload builds a new one that keeps the state of every unchanged route.
 pub struct Gateway {
     routes: Vec<RouteConfig>,
-    /// Per route, what must be equal for a reload to keep its state (see [`fingerprint`]).
+    /// Per route, what must be equal for a reload to keep its state (see `fingerprint`).
     fingerprints: Vec<String>,
     router: Router,
     route_metrics: Vec<Arc<RouteMetrics>>,
@@ -152,7 +152,7 @@ pub enum PublishError {
 
 impl Gateway {
     /// The gateway serving `config`. With `previous` (a reload), every route whose
-    /// [`fingerprint`] is unchanged keeps its state: topics, sources, stored answers, cached
+    /// `fingerprint` is unchanged keeps its state: topics, sources, stored answers, cached
     /// authorization decisions.
     pub fn new(
         config: &Config,

@@ -1,7 +1,7 @@
 //! `kind = "proxy"` routes: a streaming reverse proxy. Bodies flow through in both directions
 //! without being buffered whole; hop-by-hop headers are dropped both ways; `X-Forwarded-*` are
 //! set by pollmux (extended only for trusted proxies); the upstream's own headers are added by
-//! [`Upstream::send`].
+//! [`Upstream::send`](crate::upstream::Upstream::send).
 
 use std::net::IpAddr;
 use std::sync::Arc;

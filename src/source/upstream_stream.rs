@@ -7,7 +7,7 @@
 //! Reconnects wait a full-jitter backoff (honouring SSE `retry:`); a stream silent for
 //! `idle_timeout` is reconnected. The request is built from the route's config and the topic's
 //! validated parameters only ([`StreamSource`] has no access to any client request); the
-//! upstream's own configured headers are added by [`Upstream::send`]. The task ends when the
+//! upstream's own configured headers are added by [`Upstream::send`](crate::upstream::Upstream::send). The task ends when the
 //! topic is retired (no poll for `linger`), closing the upstream request.
 
 use std::time::Duration;
