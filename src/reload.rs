@@ -129,6 +129,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             l.tls_handshake_timeout,
             l.max_header_bytes,
             l.max_headers,
+            l.write_timeout,
+            l.http2_max_concurrent_streams,
+            l.http2_keep_alive_interval,
         )
     };
     let mut changed = Vec::new();
@@ -142,7 +145,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("[admin]");
     }
     if connection_limits(old) != connection_limits(new) {
-        changed.push("[limits] of connections (max_connections, timeouts, header sizes)");
+        changed.push("[limits] of connections (max_connections, timeouts, header sizes, HTTP/2)");
     }
     if old.shutdown.timeout != new.shutdown.timeout {
         changed.push("[shutdown] timeout");

@@ -50,6 +50,14 @@ pub const MAX_URI_BYTES_DEFAULT: usize = 8 * 1024;
 /// Polls one credential may hold on one topic at once: the protocol asks for one; a few more
 /// absorb retries racing a poll that has not ended yet.
 pub const MAX_POLLS_PER_CLIENT_DEFAULT: usize = 4;
+/// A client that reads nothing of a response for this long is disconnected, so it cannot pin
+/// a response's memory forever.
+pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Concurrent streams per HTTP/2 connection: many polls per client, but bounded.
+pub const HTTP2_MAX_CONCURRENT_STREAMS_DEFAULT: usize = 256;
+/// HTTP/2 keep-alive ping interval (and the time a ping may take): finds dead connections
+/// behind NATs and load balancers that drop idle flows.
+pub const HTTP2_KEEP_ALIVE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// Largest message payload: publishes above it get 413, source messages above it become gaps.
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 /// Poll hold when the client gives no `timeout`.
@@ -161,6 +169,13 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Polls one credential (`Authorization` value) may hold on one topic at once.
     pub max_polls_per_client: usize,
+    /// A connection whose client reads nothing of a response for this long is closed.
+    pub write_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 connections are pinged this often when idle; one not answering within the same
+    /// time is closed.
+    pub http2_keep_alive_interval: Duration,
     /// Peers whose `X-Forwarded-For` is extended rather than replaced.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -739,9 +754,28 @@ impl Validator<'_, '_> {
             MAX_POLLS_PER_CLIENT_DEFAULT,
             1,
         );
+        let http2_max_concurrent_streams = size(
+            "http2_max_concurrent_streams",
+            raw.http2_max_concurrent_streams,
+            HTTP2_MAX_CONCURRENT_STREAMS_DEFAULT,
+            1,
+        );
         if raw.max_connections == Some(0) {
             self.err(&["limits", "max_connections"], "must be at least 1");
         }
+        let mut positive = |key: &str, value: Option<raw::Dur>, default: Duration| {
+            let d = value.map_or(default, |d| d.0);
+            if d.is_zero() {
+                self.err(&["limits", key], "must be above zero");
+            }
+            d
+        };
+        let write_timeout = positive("write_timeout", raw.write_timeout, WRITE_TIMEOUT_DEFAULT);
+        let http2_keep_alive_interval = positive(
+            "http2_keep_alive_interval",
+            raw.http2_keep_alive_interval,
+            HTTP2_KEEP_ALIVE_INTERVAL_DEFAULT,
+        );
         let mut trusted_proxies = Vec::new();
         for (i, entry) in raw.trusted_proxies.unwrap_or_default().iter().enumerate() {
             let text = entry.0.trim();
@@ -769,6 +803,10 @@ impl Validator<'_, '_> {
             max_uri_bytes,
             max_message_bytes,
             max_polls_per_client,
+            write_timeout,
+            http2_max_concurrent_streams: u32::try_from(http2_max_concurrent_streams)
+                .unwrap_or(u32::MAX),
+            http2_keep_alive_interval,
             trusted_proxies,
         }
     }

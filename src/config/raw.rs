@@ -116,6 +116,9 @@ pub struct Limits {
     pub max_uri_bytes: Option<u64>,
     pub max_message_bytes: Option<u64>,
     pub max_polls_per_client: Option<u64>,
+    pub write_timeout: Option<Dur>,
+    pub http2_max_concurrent_streams: Option<u64>,
+    pub http2_keep_alive_interval: Option<Dur>,
     pub trusted_proxies: Option<Vec<Str>>,
 }
 

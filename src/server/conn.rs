@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::write_timeout::WriteTimeout;
 use super::{Admission, Handler, ListenerSettings, tune};
 use crate::gateway::ConnInfo;
 use crate::gateway::problem::Problem;
@@ -50,6 +51,7 @@ impl Connection {
         } = self;
         tune(&stream);
         let limits = &settings.limits;
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let info = ConnInfo {
             peer,
             tls: settings.tls.is_some(),
@@ -82,7 +84,7 @@ impl Connection {
                 }
                 None => {
                     let protocol = if settings.http2 {
-                        match sniff(&stream, limits.header_read_timeout).await {
+                        match sniff(stream.get_ref(), limits.header_read_timeout).await {
                             Some(p) => p,
                             None => return,
                         }
@@ -115,7 +117,7 @@ impl Serving<'_> {
     async fn serve_tls<S, F>(
         &self,
         acceptor: &tokio_rustls::TlsAcceptor,
-        stream: TcpStream,
+        stream: WriteTimeout<TcpStream>,
         peer: SocketAddr,
         service: S,
     ) where
@@ -177,6 +179,9 @@ impl Serving<'_> {
                     .max_header_list_size(
                         u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
                     )
+                    .max_concurrent_streams(limits.http2_max_concurrent_streams)
+                    .keep_alive_interval(limits.http2_keep_alive_interval)
+                    .keep_alive_timeout(limits.http2_keep_alive_interval)
                     .serve_connection(io, service);
                 let mut conn = Box::pin(conn);
                 tokio::select! {

@@ -11,6 +11,7 @@
 //! tracked, so the caller can wait for them with a deadline.
 
 mod conn;
+mod write_timeout;
 
 use std::future::Future;
 use std::io;

@@ -105,3 +105,44 @@ async fn garbage_gets_400_or_a_close_and_serving_goes_on() {
     }
     assert_eq!(get(gw.addr(), "/api/ok").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    // An upstream with an endless body: only the client's reading could ever finish it.
+    let upstream = Upstream::start(|_req: http::Request<hyper::body::Incoming>| async {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let endless = futures_util::stream::repeat_with(move || {
+            Ok::<_, pollmux::upstream::BoxError>(hyper::body::Frame::data(chunk.clone()))
+        });
+        http::Response::new(http_body_util::StreamBody::new(endless).boxed())
+    })
+    .await;
+    let config = format!(
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [limits]\nwrite_timeout = \"300ms\"\n[upstreams.api]\nurl = \"{}\"\n\
+         [routes.api]\npath = \"/api/{{*rest}}\"\nkind = \"proxy\"\nupstream = \"api\"\n",
+        upstream.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let open = "pollmux_connections_open{listener=\"public\",protocol=\"http1\"}";
+    let mut stalled = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    stalled
+        .write_all(b"GET /api/endless HTTP/1.1\r\nhost: t\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the stalled connection to open", || async {
+        gw.metric(open).await == 1.0
+    })
+    .await;
+    // Normal clients are served while it stalls.
+    assert_eq!(get(gw.addr(), "/elsewhere").await.status(), 404);
+    // pollmux gives up on it although its socket stays open and unread.
+    eventually("the stalled connection to be closed", || async {
+        gw.metric(open).await == 0.0
+    })
+    .await;
+    assert_eq!(get(gw.addr(), "/elsewhere").await.status(), 404);
+    drop(stalled);
+}
