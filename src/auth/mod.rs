@@ -12,6 +12,10 @@
 //!   Concurrent identical checks share one hook request, run in a task of its own so a client
 //!   going away does not fail the others. The cache holds at most [`CACHE_MAX`] decisions.
 
+pub mod jwt;
+
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +46,8 @@ const X_POLLMUX_TOPIC: HeaderName = HeaderName::from_static("x-pollmux-topic");
 /// What the hook said about one (topic, credential).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow,
+    /// Allowed; a held poll ends at `until` (a token's expiry) if given.
+    Allow { until: Option<Instant> },
     /// 401, 403 or 404, with the hook's `WWW-Authenticate` if any.
     Deny {
         status: StatusCode,
@@ -50,6 +55,47 @@ pub enum Decision {
     },
     /// No usable answer: the client gets 503.
     Unavailable,
+}
+
+/// A route's authorization: a hook or JWTs.
+#[derive(Clone)]
+pub enum Authorizer {
+    Hook(Arc<Hook>),
+    Jwt(Arc<jwt::Jwt>),
+}
+
+/// A decision now, or one that needs a request (a hook, a key fetch) first.
+pub enum Check {
+    Now(Decision),
+    Later(Pin<Box<dyn Future<Output = Decision> + Send>>),
+}
+
+impl Authorizer {
+    /// Decides synchronously when it can (a cached hook decision, a token and its key at
+    /// hand), so most requests never wait.
+    pub fn check<B>(&self, req: &Request<B>, params: &[(String, String)]) -> Check {
+        match self {
+            Authorizer::Hook(hook) => {
+                let question = hook.question(req, params);
+                match hook.cached(&question) {
+                    Some(d) => Check::Now(d),
+                    None => {
+                        let hook = hook.clone();
+                        Check::Later(Box::pin(async move { hook.decide(question).await }))
+                    }
+                }
+            }
+            Authorizer::Jwt(verifier) => match verifier.check(req, params) {
+                jwt::JwtCheck::Now(d) => Check::Now(d),
+                jwt::JwtCheck::Fetch(token) => {
+                    let (verifier, params) = (verifier.clone(), params.to_vec());
+                    Check::Later(Box::pin(
+                        async move { verifier.decide(&token, &params).await },
+                    ))
+                }
+            },
+        }
+    }
 }
 
 /// The cache key: a topic and the client's credential headers.
@@ -258,7 +304,8 @@ impl Hook {
             200..=299 => {
                 self.metrics.allowed.inc();
                 let ttl = max_age.unwrap_or(self.config.ttl).min(ALLOW_TTL_MAX);
-                (Decision::Allow, (!ttl.is_zero()).then_some(ttl))
+                let allow = Decision::Allow { until: None };
+                (allow, (!ttl.is_zero()).then_some(ttl))
             }
             401 | 403 | 404 => {
                 self.metrics.denied.inc();

@@ -81,6 +81,10 @@ pub const HOOK_HEADERS_DEFAULT: &[&str] = &["authorization", "cookie"];
 pub const HOOK_TTL_DEFAULT: Duration = Duration::from_secs(30);
 /// A hook answer slower than this is a 503.
 pub const HOOK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Clock skew tolerated on a JWT's `exp` and `nbf`.
+pub const JWT_LEEWAY_DEFAULT: Duration = Duration::from_secs(5);
+/// The JWT claim listing the topics a token may read.
+pub const JWT_TOPICS_CLAIM_DEFAULT: &str = "topics";
 /// Per topic, upstream requests at once for a collapse route whose answers are private.
 pub const MAX_UNSHARED_DEFAULT: usize = 16;
 /// A topic (and its source) lives this long after its last poll, so messages arriving between a
@@ -284,6 +288,42 @@ pub enum AuthConfig {
     Public,
     /// An upstream URL decides per (topic, credential) (PROTOCOL.md 1.5).
     Hook(HookConfig),
+    /// A signed token names the topics its bearer may read.
+    Jwt(JwtConfig),
+}
+
+/// `auth = { jwt = ... }`.
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub issuer: String,
+    pub audience: String,
+    pub keys: JwtKeys,
+    /// Accepted `alg` values: asymmetric only, never `none` or HMAC.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway: Duration,
+    /// The claim listing the topics the token may read.
+    pub topics_claim: String,
+}
+
+/// Where a JWT route's verification keys come from.
+#[derive(Debug, Clone)]
+pub enum JwtKeys {
+    /// A public key file (PEM: RSA, EC or Ed25519).
+    File(JwtKey),
+    /// A JWKS document, fetched and refreshed (`kid` picks the key).
+    Jwks(Uri),
+}
+
+/// A loaded verification key. Its `Debug` names no key material, so a key rotated in place
+/// does not make a reload treat the route as changed (JWT verifiers are rebuilt every reload).
+#[derive(Clone)]
+pub struct JwtKey(pub Arc<jsonwebtoken::DecodingKey>);
+
+impl std::fmt::Debug for JwtKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtKey")
+    }
 }
 
 /// `auth = { hook = ... }`: pollmux asks `upstreams[upstream]` at `path` whether a client may
@@ -1370,7 +1410,17 @@ impl Validator<'_, '_> {
                 return None;
             }
         };
-        let hook = raw.hook;
+        let hook = match (raw.hook, raw.jwt) {
+            (Some(hook), None) => hook,
+            (None, Some(jwt)) => return self.jwt(n, jwt).map(AuthConfig::Jwt),
+            _ => {
+                self.err(
+                    &["routes", n, "auth"],
+                    "give exactly one of hook = { ... } or jwt = { ... }",
+                );
+                return None;
+            }
+        };
         let upstream = self.upstream_ref(&at("upstream"), "a hook", Some(hook.upstream), upstreams);
         let path = self.upstream_path(
             &at("path"),
@@ -1412,6 +1462,111 @@ impl Validator<'_, '_> {
             ttl,
             timeout,
         }))
+    }
+
+    /// `auth = { jwt = { issuer, audience, key_file | jwks_url, algorithms, leeway,
+    /// topics_claim } }`.
+    fn jwt(&mut self, n: &str, raw: raw::Jwt) -> Option<JwtConfig> {
+        use jsonwebtoken::Algorithm;
+        let at = |key: &'static str| ["routes", n, "auth", "jwt", key];
+        const RSA: &[Algorithm] = &[
+            Algorithm::RS256,
+            Algorithm::RS384,
+            Algorithm::RS512,
+            Algorithm::PS256,
+            Algorithm::PS384,
+            Algorithm::PS512,
+        ];
+        const EC: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
+        const ED: &[Algorithm] = &[Algorithm::EdDSA];
+        let (keys, family): (JwtKeys, Vec<Algorithm>) = match (raw.key_file, raw.jwks_url) {
+            (Some(file), None) => {
+                let path = self.base_dir.join(&file.0);
+                let pem = match std::fs::read(&path) {
+                    Ok(pem) => pem,
+                    Err(e) => {
+                        self.err(
+                            &at("key_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        return None;
+                    }
+                };
+                let loaded = jsonwebtoken::DecodingKey::from_rsa_pem(&pem)
+                    .map(|k| (k, RSA))
+                    .or_else(|_| jsonwebtoken::DecodingKey::from_ec_pem(&pem).map(|k| (k, EC)))
+                    .or_else(|_| jsonwebtoken::DecodingKey::from_ed_pem(&pem).map(|k| (k, ED)));
+                match loaded {
+                    Ok((key, family)) => (JwtKeys::File(JwtKey(Arc::new(key))), family.to_vec()),
+                    Err(_) => {
+                        self.err(
+                            &at("key_file"),
+                            format!(
+                                "{} holds no RSA, EC or Ed25519 public key (PEM)",
+                                path.display()
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+            (None, Some(url)) => match url.0.parse::<Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    (JwtKeys::Jwks(uri), [RSA, EC, ED].concat())
+                }
+                _ => {
+                    self.err(
+                        &at("jwks_url"),
+                        format!("{:?} is not an http(s) URL", url.0),
+                    );
+                    return None;
+                }
+            },
+            _ => {
+                self.err(
+                    &["routes", n, "auth", "jwt"],
+                    "give exactly one of key_file (a PEM public key) or jwks_url",
+                );
+                return None;
+            }
+        };
+        let algorithms = match raw.algorithms {
+            None => family,
+            Some(names) => {
+                let mut algorithms = Vec::new();
+                for name in names {
+                    match name.0.parse::<Algorithm>() {
+                        Ok(a) if family.contains(&a) => algorithms.push(a),
+                        _ => self.err(
+                            &at("algorithms"),
+                            format!(
+                                "{:?} is not allowed here: use asymmetric algorithms matching the key ({})",
+                                name.0,
+                                family.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+                            ),
+                        ),
+                    }
+                }
+                algorithms
+            }
+        };
+        if algorithms.is_empty() {
+            self.err(&at("algorithms"), "at least one algorithm is required");
+        }
+        let topics_claim = raw
+            .topics_claim
+            .map_or(JWT_TOPICS_CLAIM_DEFAULT.to_owned(), |c| c.0);
+        Some(JwtConfig {
+            issuer: raw.issuer.0,
+            audience: raw.audience.0,
+            keys,
+            algorithms,
+            leeway: raw.leeway.map_or(JWT_LEEWAY_DEFAULT, |d| d.0),
+            topics_claim,
+        })
     }
 
     fn max_topics(&mut self, n: &str, value: Option<u64>) -> usize {
@@ -1497,7 +1652,8 @@ impl Validator<'_, '_> {
             }
             vary.push(h);
         }
-        let hooked = matches!(auth, Some(AuthConfig::Hook(_)));
+        // Clients authorized one by one (hook or JWT) may share the answer of their topic.
+        let hooked = matches!(auth, Some(AuthConfig::Hook(_) | AuthConfig::Jwt(_)));
         if !share_public && vary.is_empty() && !hooked && auth.is_some() {
             self.err(
                 &at("share"),
@@ -1901,6 +2057,57 @@ bogus = 1
             let text = format!("{COLLAPSE}share = \"public\"\n").replace("auth = \"public\"", auth);
             let errs = parse(&text).unwrap_err().to_string();
             assert!(errs.contains(path), "{auth}: missing {path} in {errs}");
+        }
+    }
+
+    #[test]
+    fn jwt_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("ec.pem"), pair.public_key_pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "not a key").unwrap();
+        let route = |auth: &str| {
+            let text = COLLAPSE.replace("auth = \"public\"", auth);
+            Config::from_toml(&text, dir.path())
+        };
+        let c =
+            route("auth = { jwt = { issuer = \"i\", audience = \"a\", key_file = \"ec.pem\" } }")
+                .unwrap();
+        let RouteKind::Collapse(r) = &c.routes[0].kind else {
+            panic!("collapse route")
+        };
+        let AuthConfig::Jwt(j) = &r.auth else {
+            panic!("jwt")
+        };
+        use jsonwebtoken::Algorithm;
+        assert_eq!(j.algorithms, [Algorithm::ES256, Algorithm::ES384]);
+        assert_eq!(j.leeway, JWT_LEEWAY_DEFAULT);
+        assert_eq!(j.topics_claim, "topics");
+        let cases = [
+            (
+                "key_file = \"ec.pem\", algorithms = [\"HS256\"]",
+                "auth.jwt.algorithms",
+            ),
+            (
+                "key_file = \"ec.pem\", algorithms = [\"RS256\"]",
+                "auth.jwt.algorithms",
+            ),
+            (
+                "key_file = \"ec.pem\", algorithms = [\"none\"]",
+                "auth.jwt.algorithms",
+            ),
+            ("key_file = \"junk.pem\"", "auth.jwt.key_file"),
+            ("key_file = \"missing.pem\"", "auth.jwt.key_file"),
+            ("jwks_url = \"ftp://x/keys\"", "auth.jwt.jwks_url"),
+            (
+                "key_file = \"ec.pem\", jwks_url = \"https://x/keys\"",
+                "routes.status.auth.jwt",
+            ),
+        ];
+        for (keys, path) in cases {
+            let auth = format!("auth = {{ jwt = {{ issuer = \"i\", audience = \"a\", {keys} }} }}");
+            let errs = route(&auth).unwrap_err().to_string();
+            assert!(errs.contains(path), "{keys}: missing {path} in {errs}");
         }
     }
 

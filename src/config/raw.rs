@@ -203,7 +203,20 @@ impl Route {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Auth {
-    pub hook: Hook,
+    pub hook: Option<Hook>,
+    pub jwt: Option<Jwt>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwt {
+    pub issuer: Str,
+    pub audience: Str,
+    pub key_file: Option<Str>,
+    pub jwks_url: Option<Str>,
+    pub algorithms: Option<Vec<Str>>,
+    pub leeway: Option<Dur>,
+    pub topics_claim: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -171,6 +171,7 @@ pub fn prepare(
     clients: &Arc<ClientPolls>,
     req: Request<Incoming>,
     params: &[(String, String)],
+    until: Option<Instant>,
 ) -> Result<Held, (Response<Body>, Outcome)> {
     let origin = match cors::check(req.headers(), &route.config.cors_origins) {
         Ok(origin) => origin,
@@ -214,7 +215,11 @@ pub fn prepare(
         _client: client,
         subscription,
         at: requested,
-        deadline: tokio::time::Instant::now() + hold - jitter(hold),
+        deadline: {
+            let deadline = tokio::time::Instant::now() + hold - jitter(hold);
+            // A poll authorized by a token ends when the token does.
+            until.map_or(deadline, |u| deadline.min(u.into()))
+        },
         close_on_drain,
         origin,
         _active: GaugeGuard::new(route.metrics.polls_active.clone()),

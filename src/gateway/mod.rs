@@ -24,7 +24,8 @@ use http::{Method, Request, Response};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 
-use crate::auth::{Decision, Hook};
+use crate::auth::jwt::Jwt;
+use crate::auth::{Authorizer, Check, Decision, Hook};
 use crate::config::AuthConfig;
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
 use crate::hub::Topic;
@@ -84,7 +85,7 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> String {
     let mut used = Vec::new();
     let hook = |auth: &AuthConfig| match auth {
         AuthConfig::Hook(h) => Some(h.upstream),
-        AuthConfig::Public => None,
+        AuthConfig::Public | AuthConfig::Jwt(_) => None,
     };
     match &route.kind {
         RouteKind::Proxy { upstream } => used.push(*upstream),
@@ -118,8 +119,8 @@ pub struct Gateway {
     route_metrics: Vec<Arc<RouteMetrics>>,
     /// Per route, what serves it.
     runtimes: Vec<Runtime>,
-    /// Per route, its authorization hook if it has one.
-    hooks: Vec<Option<Arc<Hook>>>,
+    /// Per route, its authorization (hook or JWT) unless it is public.
+    auth: Vec<Option<Authorizer>>,
     unmatched: Arc<RouteMetrics>,
     upstreams: Vec<Arc<Upstream>>,
     limits: LimitsConfig,
@@ -215,30 +216,38 @@ impl Gateway {
                 },
             )
             .collect();
-        let hooks = config
+        let auth = config
             .routes
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                if let Some((j, previous)) = kept(i).zip(previous) {
-                    return previous.hooks[j].clone();
-                }
                 let (auth, topic, cursor) = match &r.kind {
                     RouteKind::Poll(p) => (&p.auth, &p.topic, Some(longpoll::CURSOR_PARAM)),
                     RouteKind::Collapse(c) => (&c.auth, &c.topic, c.cursor.as_deref()),
                     RouteKind::Proxy { .. } => return None,
                 };
-                let AuthConfig::Hook(hook) = auth else {
-                    return None;
-                };
-                Some(Arc::new(Hook::new(
-                    &r.name,
-                    hook.clone(),
-                    topic.clone(),
-                    cursor.map(str::to_owned),
-                    upstreams[hook.upstream].clone(),
-                    metrics,
-                )))
+                match auth {
+                    AuthConfig::Public => None,
+                    // A kept route keeps its hook's cached decisions.
+                    AuthConfig::Hook(_) if let Some((j, previous)) = kept(i).zip(previous) => {
+                        previous.auth[j].clone()
+                    }
+                    AuthConfig::Hook(hook) => Some(Authorizer::Hook(Arc::new(Hook::new(
+                        &r.name,
+                        hook.clone(),
+                        topic.clone(),
+                        cursor.map(str::to_owned),
+                        upstreams[hook.upstream].clone(),
+                        metrics,
+                    )))),
+                    // Verifiers are rebuilt on every reload, so a key file rotated in place
+                    // takes effect.
+                    AuthConfig::Jwt(jwt) => Some(Authorizer::Jwt(Arc::new(Jwt::new(
+                        &r.name,
+                        jwt.clone(),
+                        topic.clone(),
+                    )))),
+                }
             })
             .collect();
         let client_polls = match previous {
@@ -251,7 +260,7 @@ impl Gateway {
             router: Router::new(&config.routes),
             route_metrics,
             runtimes,
-            hooks,
+            auth,
             unmatched: Arc::new(RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none")),
             upstreams,
             routes: config.routes.clone(),
@@ -370,8 +379,10 @@ impl Gateway {
                 _ => 0,
             })
             .sum();
-        for hook in self.hooks.iter().flatten() {
-            hook.sweep(now);
+        for auth in self.auth.iter().flatten() {
+            if let Authorizer::Hook(hook) = auth {
+                hook.sweep(now);
+            }
         }
         collapse + self.shared.hub.sweep(now)
     }
@@ -440,19 +451,19 @@ impl Gateway {
         let record = Record::new(&self.route_metrics[route]);
         let params = matched.params;
         // Authorization comes before anything touches a topic or an upstream.
-        if let Some(hook) = &self.hooks[route]
+        let mut until = None;
+        if let Some(auth) = &self.auth[route]
             && req.method() == Method::GET
         {
-            let question = hook.question(&req, &params);
-            match hook.cached(&question) {
-                Some(Decision::Allow) => {}
-                Some(refused) => return Step::Done(refuse(record, &refused)),
-                None => {
-                    let (this, hook) = (self.clone(), hook.clone());
+            match auth.check(&req, &params) {
+                Check::Now(Decision::Allow { until: expires }) => until = expires,
+                Check::Now(refused) => return Step::Done(refuse(record, &refused)),
+                Check::Later(decision) => {
+                    let this = self.clone();
                     return Step::Pending(Box::pin(async move {
-                        match hook.decide(question).await {
-                            Decision::Allow => {
-                                let step = this.serve(route, req, conn, &params, record);
+                        match decision.await {
+                            Decision::Allow { until } => {
+                                let step = this.serve(route, req, conn, &params, record, until);
                                 this.finish(step).await
                             }
                             refused => refuse(record, &refused),
@@ -461,10 +472,11 @@ impl Gateway {
                 }
             }
         }
-        self.serve(route, req, conn, &params, record)
+        self.serve(route, req, conn, &params, record, until)
     }
 
-    /// Serves a routed (and authorized) request by its route's kind.
+    /// Serves a routed (and authorized) request by its route's kind. A poll is held at most
+    /// `until` (its token's expiry).
     fn serve(
         self: &Arc<Self>,
         route: usize,
@@ -472,10 +484,12 @@ impl Gateway {
         conn: ConnInfo,
         params: &[(String, String)],
         mut record: Record,
+        until: Option<std::time::Instant>,
     ) -> Step {
         match &self.runtimes[route] {
             Runtime::Poll(poll) => {
-                match longpoll::prepare(poll, &self.shared.hub, &self.client_polls, req, params) {
+                let clients = &self.client_polls;
+                match longpoll::prepare(poll, &self.shared.hub, clients, req, params, until) {
                     Ok(held) => {
                         if let Some(topic) = held.new_topic() {
                             self.start_source(poll, route, topic, params);
@@ -611,7 +625,7 @@ fn refuse(mut record: Record, decision: &Decision) -> Response<Body> {
             403 => (Problem::Forbidden, challenge.clone()),
             _ => (Problem::NotFound, challenge.clone()),
         },
-        Decision::Allow | Decision::Unavailable => (Problem::AuthUnavailable, None),
+        Decision::Allow { .. } | Decision::Unavailable => (Problem::AuthUnavailable, None),
     };
     let mut resp = problem.response(None);
     if let Some(challenge) = challenge {

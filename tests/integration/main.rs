@@ -6,6 +6,7 @@ mod cli;
 mod collapse;
 mod common;
 mod hostile;
+mod jwt;
 mod listeners;
 mod longpoll;
 mod ops;
