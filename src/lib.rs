@@ -46,6 +46,7 @@ use gateway::{Current, Gateway, Shared};
 use hub::Hub;
 use metrics::Metrics;
 use reload::Reloader;
+use server::per_ip::PerIp;
 use server::{ConnectionLimit, Lifecycle, ListenerSettings};
 
 /// How often lingered topics are looked for: the precision of `linger`.
@@ -160,10 +161,18 @@ impl Server {
 
         let readiness = Arc::new(Readiness::default());
         let lifecycle = Lifecycle::default();
-        let shared = Arc::new(Shared::new(Arc::new(Hub::new())));
+        let per_ip = Arc::new(PerIp::new(
+            config.limits.max_connections_per_ip,
+            config.limits.new_connections_per_ip_per_second,
+        ));
+        let shared = Arc::new(Shared::new(Arc::new(Hub::new()), per_ip.clone()));
         let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
         let current = Arc::new(Current::new(gateway));
-        let limit = Arc::new(ConnectionLimit::new(max_connections));
+        let limit = Arc::new(ConnectionLimit::with_per_ip(
+            max_connections,
+            per_ip,
+            config.limits.trusted_proxies.clone(),
+        ));
         tokio::spawn(sweep_task(
             current.clone(),
             lifecycle.stop_accepting.clone(),

@@ -53,6 +53,13 @@ pub const MAX_POLLS_PER_CLIENT_DEFAULT: usize = 4;
 /// A client that reads nothing of a response for this long is disconnected, so it cannot pin
 /// a response's memory forever.
 pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Connections one client IP may hold: generous for offices behind one NAT address, far
+/// below what exhausts the server.
+pub const MAX_CONNECTIONS_PER_IP_DEFAULT: usize = 1024;
+/// New connections per second per client IP: off unless set. A rate that fits one client is
+/// far too low for thousands behind one carrier-grade NAT address, so only the operator can
+/// pick it (docs/configuration.md); the concurrent limit protects capacity meanwhile.
+pub const NEW_CONNECTIONS_PER_IP_PER_SECOND_DEFAULT: usize = 0;
 /// Concurrent streams per HTTP/2 connection: many polls per client, but bounded.
 pub const HTTP2_MAX_CONCURRENT_STREAMS_DEFAULT: usize = 256;
 /// HTTP/2 keep-alive ping interval (and the time a ping may take): finds dead connections
@@ -175,6 +182,11 @@ pub struct LimitsConfig {
     pub max_polls_per_client: usize,
     /// A connection whose client reads nothing of a response for this long is closed.
     pub write_timeout: Duration,
+    /// Connections one client IP may have open at once (requests, behind a trusted proxy);
+    /// 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// New connections (requests, behind a trusted proxy) per second per client IP; 0: no limit.
+    pub new_connections_per_ip_per_second: u32,
     /// Streams one HTTP/2 connection may have open at once.
     pub http2_max_concurrent_streams: u32,
     /// HTTP/2 connections are pinged this often when idle; one not answering within the same
@@ -442,8 +454,23 @@ enum TopicPart {
 }
 
 impl TopicTemplate {
-    /// Parses `template`; every `{name}` must be one of `params`.
+    /// Parses a topic template; every `{name}` must be one of `params`, used once (a topic is
+    /// matched back to its parameters when published).
     pub fn parse(template: &str, params: &[String]) -> Result<TopicTemplate, String> {
+        TopicTemplate::parse_inner(template, params, false)
+    }
+
+    /// Parses the path template of a request pollmux makes (a source's, a hook's), which is
+    /// only ever rendered: a parameter may appear more than once.
+    pub fn parse_path(template: &str, params: &[String]) -> Result<TopicTemplate, String> {
+        TopicTemplate::parse_inner(template, params, true)
+    }
+
+    fn parse_inner(
+        template: &str,
+        params: &[String],
+        repeats: bool,
+    ) -> Result<TopicTemplate, String> {
         let mut parts = Vec::new();
         let mut pattern = String::from("^");
         let mut rest = template;
@@ -456,12 +483,22 @@ impl TopicTemplate {
             if !params.iter().any(|p| p == name) {
                 return Err(format!("{{{name}}} is not a parameter of the route's path"));
             }
+            let seen = parts
+                .iter()
+                .any(|p| matches!(p, TopicPart::Param(n) if n == name));
+            if seen && !repeats {
+                return Err(format!(
+                    "{{{name}}} appears twice; a topic uses each parameter once"
+                ));
+            }
             if open > 0 {
                 parts.push(TopicPart::Literal(rest[..open].to_owned()));
                 pattern.push_str(&regex::escape(&rest[..open]));
             }
+            // Groups are numbered by occurrence: a parameter may appear twice, and parameter
+            // names need not be valid group names.
+            pattern.push_str(&format!("(?P<p{}>.+?)", parts.len()));
             parts.push(TopicPart::Param(name.to_owned()));
-            pattern.push_str(&format!("(?P<{name}>.+?)"));
             rest = &rest[close + 1..];
         }
         if rest.contains('}') {
@@ -522,18 +559,21 @@ impl TopicTemplate {
 
     /// The parameter values a topic string was rendered from, unvalidated; `None` if the
     /// template cannot produce it.
+    /// A parameter that appears twice must have the same value at each place.
     pub fn capture(&self, topic: &str) -> Option<Vec<(String, String)>> {
         let caps = self.matcher.captures(topic)?;
-        let values = self
-            .parts
-            .iter()
-            .filter_map(|p| match p {
-                TopicPart::Param(name) => {
-                    Some((name.clone(), caps.name(name)?.as_str().to_owned()))
-                }
-                TopicPart::Literal(_) => None,
-            })
-            .collect();
+        let mut values: Vec<(String, String)> = Vec::new();
+        for (i, part) in self.parts.iter().enumerate() {
+            let TopicPart::Param(name) = part else {
+                continue;
+            };
+            let value = caps.name(&format!("p{i}"))?.as_str();
+            match values.iter().find(|(n, _)| n == name) {
+                Some((_, first)) if first != value => return None,
+                Some(_) => {}
+                None => values.push((name.clone(), value.to_owned())),
+            }
+        }
         Some(values)
     }
 }
@@ -794,6 +834,18 @@ impl Validator<'_, '_> {
             MAX_POLLS_PER_CLIENT_DEFAULT,
             1,
         );
+        let max_connections_per_ip = size(
+            "max_connections_per_ip",
+            raw.max_connections_per_ip,
+            MAX_CONNECTIONS_PER_IP_DEFAULT,
+            0,
+        );
+        let new_connections_per_ip_per_second = size(
+            "new_connections_per_ip_per_second",
+            raw.new_connections_per_ip_per_second,
+            NEW_CONNECTIONS_PER_IP_PER_SECOND_DEFAULT,
+            0,
+        );
         let http2_max_concurrent_streams = size(
             "http2_max_concurrent_streams",
             raw.http2_max_concurrent_streams,
@@ -844,6 +896,9 @@ impl Validator<'_, '_> {
             max_message_bytes,
             max_polls_per_client,
             write_timeout,
+            max_connections_per_ip,
+            new_connections_per_ip_per_second: u32::try_from(new_connections_per_ip_per_second)
+                .unwrap_or(u32::MAX),
             http2_max_concurrent_streams: u32::try_from(http2_max_concurrent_streams)
                 .unwrap_or(u32::MAX),
             http2_keep_alive_interval,
@@ -1218,7 +1273,7 @@ impl Validator<'_, '_> {
             self.err(&at, "must start with /");
             return None;
         }
-        match TopicTemplate::parse(&path.0, allowed) {
+        match TopicTemplate::parse_path(&path.0, allowed) {
             Ok(t) => Some(t),
             Err(e) => {
                 self.err(&at, format!("{e} (the topic's parameters only)"));
@@ -2121,6 +2176,17 @@ bogus = 1
             [("id".to_string(), "42".to_string())]
         );
         assert!(t.capture("order:42").is_none());
+        // A parameter used twice, and a name that is no regex group name.
+        let names = ["id".to_string(), "1d".to_string()];
+        assert!(TopicTemplate::parse("{id}:{id}", &names).is_err());
+        let t = TopicTemplate::parse_path("/o/{id}/s?id={id}&x={1d}", &names).unwrap();
+        let params = [
+            ("id".to_string(), "7".to_string()),
+            ("1d".to_string(), "x".to_string()),
+        ];
+        assert_eq!(t.render(&params), "/o/7/s?id=7&x=x");
+        assert_eq!(t.capture("/o/7/s?id=7&x=x").unwrap(), params);
+        assert!(t.capture("/o/7/s?id=8&x=x").is_none());
         assert!(TopicTemplate::parse("x{other}", &names).is_err());
         assert!(TopicTemplate::parse("", &names).is_err());
         assert!(TopicTemplate::parse("a}", &names).is_err());

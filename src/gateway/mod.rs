@@ -33,7 +33,8 @@ use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{
     CollapseMetrics, Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics,
 };
-use crate::server::Handler;
+use crate::server::per_ip::{IpSlot, OverLimit, PerIp};
+use crate::server::{Handler, canonical_ip};
 use crate::source::SourceSlots;
 use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
@@ -64,12 +65,16 @@ pub struct Shared {
     draining: AtomicBool,
     /// Cancelled when the server drains (collapse routes wait on it).
     drain: CancellationToken,
+    /// Per-client-IP limits; the gateway applies them per request to clients behind trusted
+    /// proxies (the accept loop, per connection, to everyone else).
+    per_ip: Arc<PerIp>,
 }
 
 impl Shared {
-    pub fn new(hub: Arc<Hub>) -> Shared {
+    pub fn new(hub: Arc<Hub>, per_ip: Arc<PerIp>) -> Shared {
         Shared {
             hub,
+            per_ip,
             sources: Arc::default(),
             source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
             draining: AtomicBool::new(false),
@@ -384,6 +389,7 @@ impl Gateway {
                 hook.sweep(now);
             }
         }
+        self.shared.per_ip.sweep(now);
         collapse + self.shared.hub.sweep(now)
     }
 
@@ -448,7 +454,14 @@ impl Gateway {
             }
         };
         let route = matched.route;
-        let record = Record::new(&self.route_metrics[route]);
+        let mut record = Record::new(&self.route_metrics[route]);
+        match self.admit_forwarded_client(&req, &conn) {
+            Ok(slot) => record.client = slot,
+            Err(_) => {
+                let detail = "too many requests from this address";
+                return Step::Done(record.reject(Problem::TooManyConnections, Some(detail)));
+            }
+        }
         let params = matched.params;
         // Authorization comes before anything touches a topic or an upstream.
         let mut until = None;
@@ -473,6 +486,23 @@ impl Gateway {
             }
         }
         self.serve(route, req, conn, &params, record, until)
+    }
+
+    /// For a request through a trusted proxy, the per-IP limits of the client it names in
+    /// `X-Forwarded-For` (direct peers are limited per connection by the accept loop).
+    fn admit_forwarded_client(
+        &self,
+        req: &Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Option<IpSlot>, OverLimit> {
+        let per_ip = &self.shared.per_ip;
+        let trusted = &self.limits.trusted_proxies;
+        let peer = canonical_ip(conn.peer.ip());
+        if !per_ip.enabled() || !trusted.iter().any(|n| n.contains(&peer)) {
+            return Ok(None);
+        }
+        let client = proxy::forwarded_client(req.headers(), peer, trusted);
+        per_ip.admit(client, Instant::now()).map(Some)
     }
 
     /// Serves a routed (and authorized) request by its route's kind. A poll is held at most
@@ -653,6 +683,8 @@ struct Record {
     metrics: Arc<RouteMetrics>,
     started: Instant,
     finished: bool,
+    /// The request's place in its client's per-IP limits (behind a trusted proxy).
+    client: Option<IpSlot>,
 }
 
 impl Record {
@@ -661,6 +693,7 @@ impl Record {
             metrics: metrics.clone(),
             started: Instant::now(),
             finished: false,
+            client: None,
         }
     }
 
@@ -698,7 +731,10 @@ mod tests {
     fn pending_request_state_stays_small() {
         let config = Config::default_config();
         let metrics = Arc::new(Metrics::new(&config));
-        let shared = Arc::new(Shared::new(Arc::new(Hub::new())));
+        let shared = Arc::new(Shared::new(
+            Arc::new(Hub::new()),
+            Arc::new(PerIp::new(0, 0)),
+        ));
         let gw = Arc::new(Gateway::new(&config, &metrics, shared, None));
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),

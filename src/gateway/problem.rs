@@ -34,6 +34,8 @@ pub enum Problem {
     Overloaded,
     TooManyTopics,
     TooManyPolls,
+    /// A client IP over its connection (or request) limits: 429.
+    TooManyConnections,
     Draining,
     UpstreamUnavailable,
     UpstreamTimeout,
@@ -64,7 +66,7 @@ impl Problem {
             | Problem::Draining
             | Problem::TooManyTopics
             | Problem::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Problem::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
+            Problem::TooManyPolls | Problem::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             Problem::UpstreamUnavailable
             | Problem::UpstreamRefused
             | Problem::UpstreamUnshareable => StatusCode::BAD_GATEWAY,
@@ -91,6 +93,7 @@ impl Problem {
             Problem::Overloaded => "overloaded",
             Problem::TooManyTopics => "too-many-topics",
             Problem::TooManyPolls => "too-many-polls",
+            Problem::TooManyConnections => "too-many-connections",
             Problem::Draining => "draining",
             Problem::UpstreamUnavailable => "upstream-unavailable",
             Problem::UpstreamTimeout => "upstream-timeout",
@@ -118,6 +121,7 @@ impl Problem {
             Problem::Overloaded => "server at capacity",
             Problem::TooManyTopics => "too many topics",
             Problem::TooManyPolls => "too many polls",
+            Problem::TooManyConnections => "too many connections",
             Problem::Draining => "server shutting down",
             Problem::UpstreamUnavailable => "upstream unavailable",
             Problem::UpstreamTimeout => "upstream timed out",

@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use super::ConnInfo;
 use super::problem::Problem;
 use crate::metrics::{Outcome, RouteMetrics, UpstreamResult};
+use crate::server::canonical_ip as canonical;
 use crate::upstream::{Body, BoxError, Upstream, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -167,12 +168,22 @@ fn set_forwarded(
     }
 }
 
-/// IPv4-mapped IPv6 peers (dual-stack listeners) compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+/// The client a trusted proxy `peer` forwards for: the last `X-Forwarded-For` address that is
+/// not itself a trusted proxy (addresses to its left could be forged by the client), or the
+/// peer when there is none.
+pub fn forwarded_client(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let mut hops: Vec<IpAddr> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+        .map(canonical)
+        .collect();
+    hops.reverse();
+    hops.into_iter()
+        .find(|ip| !trusted.iter().any(|n| n.contains(ip)))
+        .unwrap_or(peer)
 }
 
 #[cfg(test)]

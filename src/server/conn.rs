@@ -56,14 +56,20 @@ impl Connection {
             peer,
             tls: settings.tls.is_some(),
         };
-        let reject = matches!(admission, Admission::Reject(_));
+        let refusal = match &admission {
+            Admission::Reject(_, problem) => Some(*problem),
+            Admission::Serve(..) => None,
+        };
+        let reject = refusal.is_some();
         let service = move |req| {
             // Called here, not inside the async block, so the block never holds the request.
             let call = (!reject).then(|| handler.call(req, info));
             async move {
-                let resp = match call {
-                    Some(call) => call.await,
-                    None => Problem::Overloaded.response(Some("max_connections reached")),
+                let resp = match (call, refusal) {
+                    (Some(call), _) => call.await,
+                    (None, Some(Problem::TooManyConnections)) => Problem::TooManyConnections
+                        .response(Some("too many connections from this address")),
+                    (None, _) => Problem::Overloaded.response(Some("max_connections reached")),
                 };
                 Ok::<_, Infallible>(resp)
             }

@@ -11,10 +11,12 @@
 //! tracked, so the caller can wait for them with a deadline.
 
 mod conn;
+pub mod per_ip;
 mod write_timeout;
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -28,8 +30,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{LimitsConfig, ListenerConfig};
 use crate::gateway::ConnInfo;
+use crate::gateway::problem::Problem;
 use crate::metrics::Metrics;
 use crate::upstream::Body;
+use ipnet::IpNet;
+use per_ip::{IpSlot, OverLimit, PerIp};
 
 /// Connections over the limit that may be answered 503 at once; beyond this they are closed
 /// unanswered, so a flood cannot use the descriptor reserve up.
@@ -99,18 +104,49 @@ pub struct Lifecycle {
     pub tasks: TaskTracker,
 }
 
-/// The connection limit shared by a server's public listeners.
+/// The connection limits shared by a server's public listeners: in all, and per client IP.
 pub struct ConnectionLimit {
     serving: Arc<Semaphore>,
     rejecting: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+    /// Peers exempt from the per-IP limits (their clients are counted per request).
+    trusted: Vec<IpNet>,
 }
 
 impl ConnectionLimit {
+    /// Only the global limit (the admin listener).
     pub fn new(max_connections: usize) -> ConnectionLimit {
+        ConnectionLimit::with_per_ip(max_connections, Arc::new(PerIp::new(0, 0)), Vec::new())
+    }
+
+    pub fn with_per_ip(
+        max_connections: usize,
+        per_ip: Arc<PerIp>,
+        trusted: Vec<IpNet>,
+    ) -> ConnectionLimit {
         ConnectionLimit {
             serving: Arc::new(Semaphore::new(max_connections)),
             rejecting: Arc::new(Semaphore::new(REJECTING_MAX)),
+            per_ip,
+            trusted,
         }
+    }
+
+    /// Whether `peer` may open one more connection: its slot when per-IP limits apply.
+    fn admit_peer(&self, peer: IpAddr) -> Result<Option<IpSlot>, OverLimit> {
+        let peer = canonical_ip(peer);
+        if !self.per_ip.enabled() || self.trusted.iter().any(|n| n.contains(&peer)) {
+            return Ok(None);
+        }
+        self.per_ip.admit(peer, std::time::Instant::now()).map(Some)
+    }
+}
+
+/// IPv4-mapped IPv6 peers (dual-stack listeners) compare as IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -155,12 +191,19 @@ pub async fn accept_loop<H: Handler>(
                 continue;
             }
         };
-        let admission = match limit.serving.clone().try_acquire_owned() {
-            Ok(permit) => Admission::Serve(permit),
-            Err(_) => {
+        let refusal = match limit.admit_peer(peer.ip()) {
+            Ok(slot) => match limit.serving.clone().try_acquire_owned() {
+                Ok(permit) => Ok(Admission::Serve(permit, slot)),
+                Err(_) => Err(Problem::Overloaded),
+            },
+            Err(_) => Err(Problem::TooManyConnections),
+        };
+        let admission = match refusal {
+            Ok(admission) => admission,
+            Err(problem) => {
                 rejected.inc();
                 match limit.rejecting.clone().try_acquire_owned() {
-                    Ok(permit) => Admission::Reject(permit),
+                    Ok(permit) => Admission::Reject(permit, problem),
                     Err(_) => continue,
                 }
             }
@@ -178,10 +221,10 @@ pub async fn accept_loop<H: Handler>(
     }
 }
 
-/// Whether a connection is served or only told that the server is full.
+/// Whether a connection is served (holding its place in the limits) or only told why not.
 pub enum Admission {
-    Serve(OwnedSemaphorePermit),
-    Reject(OwnedSemaphorePermit),
+    Serve(OwnedSemaphorePermit, Option<IpSlot>),
+    Reject(OwnedSemaphorePermit, Problem),
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

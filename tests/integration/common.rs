@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Upper bound on any wait in these tests: a failure, never a pacing device.
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A gateway serving a config on loopback ports chosen by the kernel.
 pub struct Gateway {

@@ -146,3 +146,98 @@ async fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
     assert_eq!(get(gw.addr(), "/elsewhere").await.status(), 404);
     drop(stalled);
 }
+
+fn per_ip_config(limits: &str) -> String {
+    format!(
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [limits]\n{limits}\n[routes.news]\npath = \"/news/{{topic}}\"\nkind = \"poll\"\n\
+         source.type = \"publish\"\nauth = \"public\"\nhold = \"30s\"\nmax_hold = \"30s\"\n"
+    )
+}
+
+/// Holds a poll on a connection of its own; the task ends when the poll is answered.
+fn hold(addr: std::net::SocketAddr, xff: Option<&str>) -> tokio::task::JoinHandle<u16> {
+    let xff = xff.map(str::to_owned);
+    tokio::spawn(async move {
+        let mut conn = Conn::open(addr).await;
+        let mut req = http::Request::get("/news/a").header("host", "t");
+        if let Some(x) = xff {
+            req = req.header("x-forwarded-for", x);
+        }
+        conn.send(req.body(full("")).unwrap())
+            .await
+            .status()
+            .as_u16()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let gw = Gateway::start(&per_ip_config("max_connections_per_ip = 3")).await;
+    let held: Vec<_> = (0..3).map(|_| hold(gw.addr(), None)).collect();
+    let polls = "pollmux_polls_active{route=\"news\"}";
+    eventually("3 held polls", || async { gw.metric(polls).await == 3.0 }).await;
+    let resp = get(gw.addr(), "/news/a?timeout=0").await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    assert_eq!(
+        body_json(resp).await["type"],
+        "urn:pollmux:problem:too-many-connections"
+    );
+    // One answered and closed: the address may connect again.
+    publish(gw.admin, "news/a", "text/plain", "x").await;
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    eventually("a new connection to be served", || async {
+        get(gw.addr(), "/news/a?timeout=0").await.status() == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_per_second_are_limited_per_address() {
+    let gw = Gateway::start(&per_ip_config("new_connections_per_ip_per_second = 5")).await;
+    let started = std::time::Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get(gw.addr(), "/news/a?timeout=0").await.status().as_u16());
+    }
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(served + refused, 20, "{statuses:?}");
+    // Within one second at most 5 are served; 20 attempts can straddle one window boundary.
+    let windows = started.elapsed().as_secs() as usize + 2;
+    assert!(served <= 5 * windows, "{statuses:?}");
+    assert!(refused >= 20 - 5 * windows, "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_clients_are_counted_by_forwarded_address() {
+    let limits = "max_connections_per_ip = 2\ntrusted_proxies = [\"127.0.0.1\"]";
+    let gw = Gateway::start(&per_ip_config(limits)).await;
+    // The proxy itself is exempt: its connections carry many clients.
+    let held: Vec<_> = ["198.51.100.7", "6.6.6.6, 198.51.100.7"]
+        .into_iter()
+        .map(|x| hold(gw.addr(), Some(x)))
+        .collect();
+    let polls = "pollmux_polls_active{route=\"news\"}";
+    eventually("2 held polls", || async { gw.metric(polls).await == 2.0 }).await;
+    let addr = gw.addr();
+    let ask = move |xff: &'static str| async move {
+        let req = http::Request::get("/news/a?timeout=0")
+            .header("host", "t")
+            .header("x-forwarded-for", xff)
+            .body(full(""))
+            .unwrap();
+        send(addr, req).await.status().as_u16()
+    };
+    // The forged left-hand entry does not make it another client.
+    assert_eq!(ask("9.9.9.9, 198.51.100.7").await, 429);
+    assert_eq!(ask("198.51.100.8").await, 200);
+    publish(gw.admin, "news/a", "text/plain", "x").await;
+    for h in held {
+        assert_eq!(h.await.unwrap(), 200);
+    }
+    assert_eq!(ask("198.51.100.7").await, 200);
+}

@@ -68,8 +68,8 @@ topic = "orders:{{id}}"
 kind = "poll"
 source.type = "publish"
 auth = {{ jwt = {{ issuer = "https://id.example", audience = "pollmux", {auth}, leeway = "0s" }} }}
-hold = "30s"
-max_hold = "30s"
+hold = "55s"
+max_hold = "55s"
 "#
     )
 }
@@ -172,8 +172,9 @@ async fn a_token_expiring_mid_hold_ends_the_hold() {
     let mut claims = good_claims();
     claims["exp"] = json!(now() + 2);
     let token = sign(&keys, None, &claims);
-    // Asked to hold 30 s, the poll is answered (empty, as a hold ends) when the token expires.
-    let (status, _, body) = poll(&mut conn, "/orders/42?timeout=30", Some(&token)).await;
+    // Asked to hold 55 s (longer than the test's response bound), the poll is answered (empty,
+    // as a hold ends) when the token expires.
+    let (status, _, body) = poll(&mut conn, "/orders/42?timeout=55", Some(&token)).await;
     assert_eq!(status, 200);
     assert_eq!(body["messages"], json!([]));
     // From then on the token is refused.

@@ -23,8 +23,8 @@ path = "/news/{topic}"
 kind = "poll"
 source.type = "publish"
 auth = "public"
-hold = "30s"
-max_hold = "30s"
+hold = "55s"
+max_hold = "55s"
 linger = "30s"
 "#;
 

@@ -1,0 +1,242 @@
+//! File-descriptor exhaustion: the real binary with a descriptor limit of its own far below
+//! `max_connections`, so the accept loop itself runs out (EMFILE). pollmux must count the failed
+//! accepts, keep running, keep the polls it holds, and accept again once descriptors are free.
+#![cfg(unix)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pollmux");
+
+/// The child's descriptor limit, soft and hard: pollmux raises its soft limit to the hard one at
+/// start, so both are lowered. About 20 are in use before the first client (stdio, the log pipe,
+/// two runtimes' epoll and wakers, the listeners), which leaves room for the held polls.
+const FD_LIMIT: u64 = 64;
+/// Polls held before the flood, on connections pollmux has accepted.
+const HELD: usize = 16;
+/// Connections opened on top: more than the descriptors left.
+const FLOOD: usize = 80;
+
+const CONFIG: &str = r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[limits]
+max_connections = 1000                # far above the descriptor limit: accept() fails first
+[routes.held]
+path = "/held/{topic}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+hold = "30s"
+max_hold = "30s"
+"#;
+
+/// A `pollmux run` child under the descriptor limit, its addresses read from its JSON log, and
+/// every later log event forwarded.
+struct Child {
+    child: tokio::process::Child,
+    public: SocketAddr,
+    admin: SocketAddr,
+    log: mpsc::UnboundedReceiver<serde_json::Value>,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    async fn start(config: &str) -> Child {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pollmux.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut command = tokio::process::Command::new(BIN);
+        command
+            .args([
+                "run",
+                "--config",
+                file.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
+        // closure allocates nothing.
+        unsafe {
+            command.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, FD_LIMIT, FD_LIMIT));
+        }
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut public, mut admin) = (None, None);
+        while public.is_none() || admin.is_none() {
+            let line = tokio::time::timeout(WAIT, lines.next_line())
+                .await
+                .expect("pollmux logs its listeners")
+                .unwrap()
+                .expect("pollmux is running");
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &event["fields"];
+            if fields["message"] == "listening" {
+                let addr: SocketAddr = fields["address"].as_str().unwrap().parse().unwrap();
+                match fields["listener"].as_str().unwrap() {
+                    "admin" => admin = Some(addr),
+                    _ => public = Some(addr),
+                }
+            }
+        }
+        // Keep draining the log (so the child never blocks on a full pipe), passing events on.
+        let (tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(event) = serde_json::from_str(&line) {
+                    let _ = tx.send(event);
+                }
+            }
+        });
+        Child {
+            child,
+            public: public.unwrap(),
+            admin: admin.unwrap(),
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn assert_running(&mut self) {
+        let status = self.child.try_wait().expect("child status");
+        assert!(status.is_none(), "pollmux exited: {status:?}");
+    }
+
+    /// Waits for a log event whose fields satisfy `pred`; fails after [`WAIT`].
+    async fn logged(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(event) = self.log.recv().await {
+                if pred(&event["fields"]) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "pollmux did not log {what}");
+    }
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let resp = get(admin, "/metrics").await;
+    assert_eq!(resp.status(), 200);
+    body_string(resp).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_survives_descriptor_exhaustion_and_resumes() {
+    let mut child = Child::start(CONFIG).await;
+    let (public, admin) = (child.public, child.admin);
+    let text = metrics(admin).await;
+    assert_eq!(
+        metric_value(&text, "process_max_fds"),
+        FD_LIMIT as f64,
+        "the child runs under the lowered limit"
+    );
+
+    // Polls held on accepted connections: answered only by the publish below (30 s hold).
+    let held: Vec<_> = (0..HELD)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut conn = Conn::open(public).await;
+                conn.get_json("/held/news?timeout=30").await
+            })
+        })
+        .collect();
+    eventually("every poll to be held", || async move {
+        metric_value(
+            &metrics(admin).await,
+            r#"pollmux_polls_active{route="held"}"#,
+        ) == HELD as f64
+    })
+    .await;
+
+    // The flood: each connection sends a poll too. The kernel completes every handshake (the
+    // listen backlog is 1024); pollmux accepts until it has no descriptor left.
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"GET /held/news?timeout=30 HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .expect("write");
+        flood.push(s);
+    }
+    child
+        .logged("an EMFILE accept failure on the public listener", |f| {
+            f["listener"] == "public"
+                && f["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("accept failed"))
+                && f["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("os error 24"))
+        })
+        .await;
+    child.assert_running();
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "a held poll ended during the exhaustion"
+    );
+
+    // Free the descriptors: the flood's accepted connections close, and the ones still in the
+    // backlog are accepted, read to their end and closed. The admin listener answers again.
+    drop(flood);
+    eventually("the flood's connections to be closed", || async move {
+        let text = metrics(admin).await;
+        metric_value(
+            &text,
+            r#"pollmux_connections_open{listener="public",protocol="http1"}"#,
+        ) == HELD as f64
+            && metric_value(&text, r#"pollmux_polls_active{route="held"}"#) == HELD as f64
+    })
+    .await;
+    let text = metrics(admin).await;
+    assert!(
+        metric_value(&text, r#"pollmux_accept_errors_total{listener="public"}"#) > 0.0,
+        "accept errors counted"
+    );
+    child.assert_running();
+
+    // The polls held through the exhaustion get the next message.
+    let (status, _) = publish(admin, "held/news", "text/plain", "after the flood").await;
+    assert_eq!(status, 202);
+    for h in held {
+        let (status, _, body) = tokio::time::timeout(WAIT, h)
+            .await
+            .expect("held poll answered")
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["messages"][0]["data"], "after the flood", "{body}");
+    }
+
+    // Accepting has resumed: new connections are served.
+    let fresh: Vec<_> = (0..HELD)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut conn = Conn::open(public).await;
+                conn.get_json("/held/news?cursor=earliest&timeout=0").await
+            })
+        })
+        .collect();
+    for f in fresh {
+        let (status, _, body) = f.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["messages"][0]["data"], "after the flood", "{body}");
+    }
+    child.assert_running();
+}
