@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use http_body_util::{LengthLimitError, Limited};
 
+use crate::gateway::longpoll;
 use crate::gateway::problem::Problem;
 use crate::gateway::router::percent_decode;
 use crate::gateway::{ConnInfo, Current, PublishError};
@@ -234,9 +235,7 @@ impl Admin {
                 .response(Some("no poll route with a publish source has that name")),
             Err(PublishError::InvalidTopic) => Problem::InvalidParameter
                 .response(Some("the route's topic template cannot produce that topic")),
-            Err(PublishError::TooManyTopics) => {
-                Problem::TooManyTopics.response(Some("the route has reached its max_topics"))
-            }
+            Err(PublishError::Full(full)) => longpoll::rejected_full(full).0,
         }
     }
 }

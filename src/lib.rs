@@ -165,7 +165,8 @@ impl Server {
             config.limits.max_connections_per_ip,
             config.limits.new_connections_per_ip_per_second,
         ));
-        let shared = Arc::new(Shared::new(Arc::new(Hub::new()), per_ip.clone()));
+        let hub = Arc::new(Hub::with_budget(config.limits.max_buffered_bytes));
+        let shared = Arc::new(Shared::new(hub, per_ip.clone()));
         let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
         let current = Arc::new(Current::new(gateway));
         let limit = Arc::new(ConnectionLimit::with_per_ip(
@@ -175,6 +176,7 @@ impl Server {
         ));
         tokio::spawn(sweep_task(
             current.clone(),
+            metrics.clone(),
             lifecycle.stop_accepting.clone(),
         ));
         let reloader = Arc::new(Reloader::new(
@@ -332,15 +334,23 @@ async fn reload_on_hangup(reloader: Arc<Reloader>, stop: tokio_util::sync::Cance
     }
 }
 
-/// Removes lingered topics until the server stops accepting.
-async fn sweep_task(current: Arc<Current>, stop: tokio_util::sync::CancellationToken) {
+/// Removes lingered topics (and updates `pollmux_buffered_bytes`) until the server stops
+/// accepting.
+async fn sweep_task(
+    current: Arc<Current>,
+    metrics: Arc<Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {
-                let removed = current.get().sweep(std::time::Instant::now());
+                let gateway = current.get();
+                let removed = gateway.sweep(std::time::Instant::now());
+                let buffered = i64::try_from(gateway.buffered_bytes()).unwrap_or(i64::MAX);
+                metrics.buffered_bytes.set(buffered);
                 if removed > 0 {
                     tracing::debug!(removed, "swept lingered topics");
                 }

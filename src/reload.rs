@@ -130,6 +130,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             l.max_header_bytes,
             l.max_headers,
             l.write_timeout,
+            l.max_buffered_bytes,
             l.max_connections_per_ip,
             l.new_connections_per_ip_per_second,
             l.http2_max_concurrent_streams,
@@ -147,7 +148,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         changed.push("[admin]");
     }
     if connection_limits(old) != connection_limits(new) {
-        changed.push("[limits] of connections (max_connections, per-IP limits, timeouts, header sizes, HTTP/2)");
+        changed.push("[limits] of connections (max_connections, max_buffered_bytes, per-IP limits, timeouts, header sizes, HTTP/2)");
     }
     if old.shutdown.timeout != new.shutdown.timeout {
         changed.push("[shutdown] timeout");

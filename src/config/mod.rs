@@ -53,6 +53,9 @@ pub const MAX_POLLS_PER_CLIENT_DEFAULT: usize = 4;
 /// A client that reads nothing of a response for this long is disconnected, so it cannot pin
 /// a response's memory forever.
 pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Message payload buffered over all topics (each topic also has its own `buffer` bound):
+/// beyond it new topics are refused with 503 rather than the process running out of memory.
+pub const MAX_BUFFERED_BYTES_DEFAULT: usize = 1024 * 1024 * 1024;
 /// Connections one client IP may hold: generous for offices behind one NAT address, far
 /// below what exhausts the server.
 pub const MAX_CONNECTIONS_PER_IP_DEFAULT: usize = 1024;
@@ -182,6 +185,8 @@ pub struct LimitsConfig {
     pub max_polls_per_client: usize,
     /// A connection whose client reads nothing of a response for this long is closed.
     pub write_timeout: Duration,
+    /// Message payload buffered over all topics; beyond it no new topic is made (503).
+    pub max_buffered_bytes: usize,
     /// Connections one client IP may have open at once (requests, behind a trusted proxy);
     /// 0: no limit.
     pub max_connections_per_ip: usize,
@@ -834,6 +839,12 @@ impl Validator<'_, '_> {
             MAX_POLLS_PER_CLIENT_DEFAULT,
             1,
         );
+        let max_buffered_bytes = size(
+            "max_buffered_bytes",
+            raw.max_buffered_bytes,
+            MAX_BUFFERED_BYTES_DEFAULT,
+            1,
+        );
         let max_connections_per_ip = size(
             "max_connections_per_ip",
             raw.max_connections_per_ip,
@@ -896,6 +907,7 @@ impl Validator<'_, '_> {
             max_message_bytes,
             max_polls_per_client,
             write_timeout,
+            max_buffered_bytes,
             max_connections_per_ip,
             new_connections_per_ip_per_second: u32::try_from(new_connections_per_ip_per_second)
                 .unwrap_or(u32::MAX),

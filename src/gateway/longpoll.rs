@@ -207,9 +207,9 @@ pub fn prepare(
     };
     // Nothing of the request is needed from here on.
     drop(req);
-    let Ok(subscription) = hub.subscribe(&route.topics, &topic) else {
-        let detail = "the route has reached its max_topics";
-        return Err(with_cors(rejected(Problem::TooManyTopics, detail, None)));
+    let subscription = match hub.subscribe(&route.topics, &topic) {
+        Ok(s) => s,
+        Err(full) => return Err(with_cors(rejected_full(full))),
     };
     Ok(Held {
         _client: client,
@@ -405,6 +405,22 @@ impl Held {
 /// Random part of the hold taken off, up to `hold / 16`.
 fn jitter(hold: Duration) -> Duration {
     (hold / JITTER_DIVISOR).mul_f64(fastrand::f64())
+}
+
+/// The 503 for a topic that cannot be made.
+pub fn rejected_full(full: TooManyTopics) -> (Response<Body>, Outcome) {
+    match full {
+        TooManyTopics::Route => rejected(
+            Problem::TooManyTopics,
+            "the route has reached its max_topics",
+            None,
+        ),
+        TooManyTopics::Memory => rejected(
+            Problem::Overloaded,
+            "the topics' buffers have reached max_buffered_bytes",
+            None,
+        ),
+    }
 }
 
 fn rejected(

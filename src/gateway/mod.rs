@@ -153,7 +153,8 @@ pub enum PublishError {
     NoSuchRoute,
     /// The route's topic template cannot produce that topic from valid parameters.
     InvalidTopic,
-    TooManyTopics,
+    /// No topic can be made (route or memory limit).
+    Full(crate::hub::TooManyTopics),
 }
 
 impl Gateway {
@@ -393,6 +394,11 @@ impl Gateway {
         collapse + self.shared.hub.sweep(now)
     }
 
+    /// Message payload buffered over all topics.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.hub.buffered_bytes()
+    }
+
     /// Largest message payload accepted (publish bodies above it get 413).
     pub fn max_message_bytes(&self) -> usize {
         self.limits.max_message_bytes
@@ -432,7 +438,7 @@ impl Gateway {
             return Err(PublishError::InvalidTopic);
         }
         poll.publish(&self.shared.hub, topic, message)
-            .map_err(|_| PublishError::TooManyTopics)
+            .map_err(PublishError::Full)
     }
 
     /// Routes and checks a request synchronously, so that the future a held request keeps

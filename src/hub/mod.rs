@@ -104,19 +104,70 @@ struct TopicKey {
     topic: Box<str>,
 }
 
-/// The route already has `max_topics` live topics.
+/// Why no new topic can be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the route has reached its max_topics")]
-pub struct TooManyTopics;
+pub enum TooManyTopics {
+    /// The route has `max_topics` live topics.
+    #[error("the route has reached its max_topics")]
+    Route,
+    /// All topics together buffer `max_buffered_bytes`.
+    #[error("the buffers of all topics have reached max_buffered_bytes")]
+    Memory,
+}
 
-#[derive(Default)]
+/// Payload bytes buffered over all topics, against a bound: beyond it no new topic is made
+/// (existing topics keep working within their own bounds), so memory cannot grow without limit.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    fn change(&self, before: usize, after: usize) {
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.used.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes buffered now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
 pub struct Hub {
     topics: DashMap<TopicKey, Arc<Topic>>,
+    budget: Arc<Budget>,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub::with_budget(usize::MAX)
+    }
 }
 
 impl Hub {
     pub fn new() -> Hub {
         Hub::default()
+    }
+
+    /// A hub whose topics together buffer at most about `max_bytes` of payload.
+    pub fn with_budget(max_bytes: usize) -> Hub {
+        Hub {
+            topics: DashMap::new(),
+            budget: Arc::new(Budget {
+                used: AtomicUsize::new(0),
+                max: max_bytes,
+            }),
+        }
+    }
+
+    /// Payload bytes buffered over all topics.
+    pub fn buffered_bytes(&self) -> usize {
+        self.budget.used()
     }
 
     /// Registers a reader of `topic`, creating the topic if it is new.
@@ -162,10 +213,13 @@ impl Hub {
         match self.topics.entry(key) {
             MapEntry::Occupied(o) => Ok(f(o.get(), false)),
             MapEntry::Vacant(v) => {
-                if !route.try_reserve() {
-                    return Err(TooManyTopics);
+                if self.budget.used() >= self.budget.max {
+                    return Err(TooManyTopics::Memory);
                 }
-                let t = Arc::new(Topic::new(route.clone(), topic));
+                if !route.try_reserve() {
+                    return Err(TooManyTopics::Route);
+                }
+                let t = Arc::new(Topic::new(route.clone(), topic, self.budget.clone()));
                 let r = f(&t, true);
                 v.insert(t);
                 Ok(r)
@@ -180,6 +234,7 @@ impl Hub {
             let keep = t.subscribers.load(Ordering::Acquire) > 0 || !t.lingered(now);
             if !keep {
                 t.route.release();
+                t.release_bytes();
                 t.retired.cancel();
                 removed += 1;
             }
@@ -197,6 +252,7 @@ impl Hub {
                 return true;
             }
             t.route.release();
+            t.release_bytes();
             t.retired.cancel();
             t.notify.notify_waiters();
             removed += 1;
@@ -286,6 +342,8 @@ pub struct Topic {
     subscribers: AtomicUsize,
     /// Cancelled when the sweep removes the topic: its source stops.
     retired: CancellationToken,
+    /// The hub-wide count of buffered bytes this topic's ring adds to.
+    budget: Arc<Budget>,
 }
 
 struct State {
@@ -312,7 +370,7 @@ pub enum UpstreamProblem {
 }
 
 impl Topic {
-    fn new(route: Arc<RouteTopics>, name: &str) -> Topic {
+    fn new(route: Arc<RouteTopics>, name: &str, budget: Arc<Budget>) -> Topic {
         Topic {
             binding: cursor::binding(&route.name, name),
             epoch: fastrand::u64(1..),
@@ -329,7 +387,14 @@ impl Topic {
             notify: Notify::new(),
             subscribers: AtomicUsize::new(0),
             retired: CancellationToken::new(),
+            budget,
         }
+    }
+
+    /// Gives the ring's bytes back to the hub's budget (the topic is being removed).
+    fn release_bytes(&self) {
+        let bytes = self.state().ring.bytes();
+        self.budget.change(bytes, 0);
     }
 
     /// Completes when the topic has been removed; a source feeding it stops then.
@@ -394,7 +459,9 @@ impl Topic {
             json,
             size: message.payload.len(),
         };
+        let before = st.ring.bytes();
         let stored = st.ring.push(entry, message.arrived);
+        self.budget.change(before, st.ring.bytes());
         if let Some(id) = message.id {
             st.dedupe.remember(id, seq, message.arrived);
         }
@@ -448,7 +515,11 @@ impl Topic {
 
     /// Records a gap after the current head (messages lost upstream) and wakes readers.
     pub fn record_gap(&self) {
-        self.state().ring.record_gap();
+        let mut st = self.state();
+        let before = st.ring.bytes();
+        st.ring.record_gap();
+        self.budget.change(before, 0);
+        drop(st);
         self.notify.notify_waiters();
     }
 
@@ -456,7 +527,9 @@ impl Topic {
     /// (route, topic); see [`Topic::binding`].
     pub fn poll(&self, at: Requested, now: Instant) -> Poll {
         let mut st = self.state();
+        let before = st.ring.bytes();
         st.ring.expire(now);
+        self.budget.change(before, st.ring.bytes());
         let (floor, head) = (st.ring.floor(), st.ring.head());
         let resume = self.route.settings.resume_on_gap;
         let (after, gap) = match at {
@@ -702,7 +775,7 @@ mod tests {
         let r = route(2, 50, false);
         let a = hub.subscribe(&r, "a").unwrap();
         hub.publish(&r, "b", msg("x")).unwrap();
-        assert_eq!(hub.subscribe(&r, "c").err(), Some(TooManyTopics));
+        assert_eq!(hub.subscribe(&r, "c").err(), Some(TooManyTopics::Route));
         let now = Instant::now() + Duration::from_secs(1);
         // "b" has no subscriber and lingered; "a" is held.
         assert_eq!(hub.sweep(now), 1);
@@ -712,6 +785,22 @@ mod tests {
         assert_eq!(hub.sweep(now + Duration::from_secs(1)), 2);
         assert!(hub.is_empty());
         assert_eq!(r.gauge.get(), 0);
+    }
+
+    #[test]
+    fn the_byte_budget_refuses_new_topics_until_bytes_are_freed() {
+        let hub = Hub::with_budget(3);
+        let r = route(10, 50, false);
+        hub.publish(&r, "a", msg("xyz")).unwrap();
+        assert_eq!(hub.buffered_bytes(), 3);
+        assert_eq!(hub.subscribe(&r, "b").err(), Some(TooManyTopics::Memory));
+        // The existing topic keeps working.
+        assert!(hub.publish(&r, "a", msg("x")).is_ok());
+        assert_eq!(hub.buffered_bytes(), 4);
+        // Its removal gives the bytes back.
+        assert_eq!(hub.sweep(Instant::now() + Duration::from_secs(1)), 1);
+        assert_eq!(hub.buffered_bytes(), 0);
+        assert!(hub.subscribe(&r, "b").is_ok());
     }
 
     #[test]

@@ -68,6 +68,11 @@ impl Ring {
         self.head
     }
 
+    /// Payload bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn floor(&self) -> u64 {
         self.floor
     }

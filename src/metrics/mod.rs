@@ -155,6 +155,7 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     pub draining: IntGauge,
     pub config_reloads: IntCounterVec,
+    pub buffered_bytes: IntGauge,
     pub config_last_reload_successful: IntGauge,
 }
 
@@ -333,6 +334,14 @@ impl Metrics {
         registry
             .register(Box::new(config_last_reload_successful.clone()))
             .expect("registered once");
+        let buffered_bytes = IntGauge::with_opts(opts(
+            "buffered_bytes",
+            "Message payload buffered over all topics (bounded by max_buffered_bytes).",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(buffered_bytes.clone()))
+            .expect("registered once");
         let build_info = IntGaugeVec::new(
             opts("build_info", "Build information; the value is always 1."),
             &["version"],
@@ -377,6 +386,7 @@ impl Metrics {
             draining,
             config_reloads,
             config_last_reload_successful,
+            buffered_bytes,
         };
         metrics.precreate(config);
         metrics

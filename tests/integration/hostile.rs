@@ -241,3 +241,39 @@ async fn behind_a_trusted_proxy_clients_are_counted_by_forwarded_address() {
     }
     assert_eq!(ask("198.51.100.7").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_memory_limit_turns_new_topics_into_503() {
+    let config =
+        per_ip_config("max_buffered_bytes = 100") + "linger = \"2s\"\nstart = \"earliest\"\n";
+    let gw = Gateway::start(&config).await;
+    let (status, _) = publish(gw.admin, "news/a", "text/plain", &"x".repeat(150)).await;
+    assert_eq!(status, 202);
+    let resp = get(gw.addr(), "/news/b?timeout=0").await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body = body_json(resp).await;
+    assert_eq!(body["type"], "urn:pollmux:problem:overloaded");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_buffered_bytes")
+    );
+    // The topic that holds the bytes is served as usual.
+    let resp = get(gw.addr(), "/news/a?timeout=0").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        body_json(resp).await["messages"].as_array().unwrap().len(),
+        1
+    );
+    eventually("the buffered bytes to show", || async {
+        gw.metric("pollmux_buffered_bytes").await == 150.0
+    })
+    .await;
+    // Once it lingers out, its bytes are free and new topics are made again.
+    eventually("a new topic to be served", || async {
+        get(gw.addr(), "/news/b?timeout=0").await.status() == 200
+    })
+    .await;
+}
