@@ -336,3 +336,54 @@ async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
     assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
 }
+
+/// One HTTP/2 frame read off a raw connection: (type, flags, payload).
+async fn read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((head[3], head[4], payload))
+}
+
+#[tokio::test]
+async fn http2_announces_its_stream_limit_and_drops_clients_that_ignore_pings() {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    let config = PLAIN.replace(
+        "header_read_timeout = \"500ms\"",
+        "http2_max_concurrent_streams = 7\nhttp2_keep_alive_interval = \"200ms\"",
+    );
+    let gw = Gateway::start(&config).await;
+    let mut stream = TcpStream::connect(gw.addr_of("h2c")).await.unwrap();
+    // The client preface and an empty SETTINGS frame; the client then goes silent.
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let (kind, _, payload) = read_frame(&mut stream).await.expect("server SETTINGS");
+    assert_eq!(kind, SETTINGS);
+    let announced = payload.chunks(6).find_map(|s| {
+        (u16::from_be_bytes([s[0], s[1]]) == MAX_CONCURRENT_STREAMS)
+            .then(|| u32::from_be_bytes([s[2], s[3], s[4], s[5]]))
+    });
+    assert_eq!(announced, Some(7));
+    // Pings come, go unanswered, and the server closes the connection.
+    let mut pinged = false;
+    let closed = tokio::time::timeout(WAIT, async {
+        while let Some((kind, flags, _)) = read_frame(&mut stream).await {
+            // A PING that is not an ACK is the server's keep-alive probe.
+            pinged |= kind == PING && flags & 0x1 == 0;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection was not closed");
+    assert!(pinged, "no keep-alive ping was sent");
+    let open = r#"pollmux_connections_open{listener="h2c",protocol="http2"}"#;
+    eventually("the connection to be gone", || async {
+        gw.metric(open).await == 0.0
+    })
+    .await;
+}
