@@ -143,15 +143,8 @@ fn main() -> ExitCode {
 
 /// Exit 0 when the admin listener at `address` answers `/healthz` with 200.
 fn health(address: SocketAddr, timeout: Duration) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(pollmux::admin::probe(address, "/healthz", timeout)) {
         Ok(status) if status == 200 => {
@@ -169,16 +162,20 @@ fn health(address: SocketAddr, timeout: Duration) -> ExitCode {
     }
 }
 
-fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+/// The runtime `builder` makes, or `None` (said on stderr).
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn serve(config: Config, path: Option<PathBuf>) -> ExitCode {
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         let shutdown = match shutdown_signal() {

@@ -169,17 +169,7 @@ impl Hook {
     /// The question `req` asks about the topic its validated `params` name.
     pub fn question<B>(&self, req: &Request<B>, params: &[(String, String)]) -> Question {
         let cursor = self.cursor.as_deref();
-        let credential = self
-            .config
-            .headers
-            .iter()
-            .flat_map(|name| {
-                req.headers()
-                    .get_all(name)
-                    .iter()
-                    .map(move |v| (name.clone(), v.clone()))
-            })
-            .collect();
+        let credential = listed_headers(req.headers(), &self.config.headers);
         let mut original = req.uri().path().to_owned();
         let kept = req
             .uri()
@@ -318,6 +308,23 @@ impl Hook {
             }
         }
     }
+}
+
+/// Every value of the `names` headers in `headers`, in the order of `names`: a client's
+/// credential for a hook, or the values a collapse route varies by.
+pub fn listed_headers(
+    headers: &http::HeaderMap,
+    names: &[HeaderName],
+) -> Vec<(HeaderName, HeaderValue)> {
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(move |v| (name.clone(), v.clone()))
+        })
+        .collect()
 }
 
 /// `max-age` of a `Cache-Control` value; `no-store` and `no-cache` count as 0.

@@ -36,6 +36,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::problem::Problem;
+use crate::auth::listed_headers;
 use crate::config::{CollapseConfig, NextCursor, percent_encode};
 use crate::metrics::{CollapseMetrics, GaugeGuard, Outcome, RouteMetrics, UpstreamResult};
 use crate::upstream::{Body, Upstream, UpstreamError};
@@ -257,17 +258,7 @@ impl CollapseRoute {
     /// Joins the flight of `req`'s key, starting it if there is none, or answers at once from
     /// a stored answer. `params` are the route's validated path parameters.
     pub fn join<B>(self: &Arc<Self>, req: &Request<B>, params: &[(String, String)]) -> Join {
-        let vary = self
-            .config
-            .vary
-            .iter()
-            .flat_map(|name| {
-                req.headers()
-                    .get_all(name)
-                    .iter()
-                    .map(move |v| (name.clone(), v.clone()))
-            })
-            .collect();
+        let vary = listed_headers(req.headers(), &self.config.vary);
         let group = Arc::new(Group {
             topic: self.config.topic.render(params),
             vary,

@@ -128,31 +128,13 @@ impl Child {
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (mut public, mut admin) = (None, None);
-        while public.is_none() || admin.is_none() {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .expect("pollmux logs its listeners")
-                .unwrap()
-                .expect("pollmux is running");
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let fields = &event["fields"];
-            if fields["message"] == "listening" {
-                let addr: SocketAddr = fields["address"].as_str().unwrap().parse().unwrap();
-                match fields["listener"].as_str().unwrap() {
-                    "admin" => admin = Some(addr),
-                    _ => public = Some(addr),
-                }
-            }
-        }
+        let (public, admin) = read_listening(&mut lines).await;
         // Keep draining the log so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Child {
             child,
-            public: public.unwrap(),
-            admin: admin.unwrap(),
+            public,
+            admin,
             file,
             _dir: dir,
         }

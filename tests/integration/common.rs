@@ -284,6 +284,34 @@ pub async fn publish(
     (status, body_json(resp).await)
 }
 
+/// Reads a child pollmux's JSON log (`--log-format json`) until it has logged its listeners;
+/// the public and the admin listener's addresses.
+pub async fn read_listening<R>(lines: &mut tokio::io::Lines<R>) -> (SocketAddr, SocketAddr)
+where
+    R: tokio::io::AsyncBufRead + Unpin,
+{
+    let (mut public, mut admin) = (None, None);
+    while public.is_none() || admin.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("pollmux logs its listeners")
+            .unwrap()
+            .expect("pollmux is running");
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let fields = &event["fields"];
+        if fields["message"] == "listening" {
+            let addr: SocketAddr = fields["address"].as_str().unwrap().parse().unwrap();
+            match fields["listener"].as_str().unwrap() {
+                "admin" => admin = Some(addr),
+                _ => public = Some(addr),
+            }
+        }
+    }
+    (public.unwrap(), admin.unwrap())
+}
+
 /// Writes raw bytes on a fresh connection; everything the server sent until it closed.
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -75,25 +75,7 @@ impl Child {
         }
         let mut child = command.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (mut public, mut admin) = (None, None);
-        while public.is_none() || admin.is_none() {
-            let line = tokio::time::timeout(WAIT, lines.next_line())
-                .await
-                .expect("pollmux logs its listeners")
-                .unwrap()
-                .expect("pollmux is running");
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            let fields = &event["fields"];
-            if fields["message"] == "listening" {
-                let addr: SocketAddr = fields["address"].as_str().unwrap().parse().unwrap();
-                match fields["listener"].as_str().unwrap() {
-                    "admin" => admin = Some(addr),
-                    _ => public = Some(addr),
-                }
-            }
-        }
+        let (public, admin) = read_listening(&mut lines).await;
         // Keep draining the log (so the child never blocks on a full pipe), passing events on.
         let (tx, log) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -105,8 +87,8 @@ impl Child {
         });
         Child {
             child,
-            public: public.unwrap(),
-            admin: admin.unwrap(),
+            public,
+            admin,
             log,
             _dir: dir,
         }
