@@ -63,7 +63,7 @@ impl Reloader {
             Some(path) => Config::from_file(path),
             None => Ok(Config::default_config()),
         };
-        let config = match loaded {
+        let mut config = match loaded {
             Ok(config) => config,
             Err(errors) => {
                 for e in &errors.0 {
@@ -76,6 +76,9 @@ impl Reloader {
         for what in restart_only_changes(&running, &config) {
             tracing::warn!("reload: {what} changed; that takes effect when pollmux is restarted");
         }
+        // The accept loop's per-IP limits read the trusted proxies of the start; requests must
+        // see the same list.
+        config.limits.trusted_proxies = running.limits.trusted_proxies.clone();
         self.metrics.precreate(&config);
         let previous = self.current.get();
         let next = Arc::new(Gateway::new(
@@ -149,6 +152,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if connection_limits(old) != connection_limits(new) {
         changed.push("[limits] of connections (max_connections, max_buffered_bytes, per-IP limits, timeouts, header sizes, HTTP/2)");
+    }
+    if old.limits.trusted_proxies != new.limits.trusted_proxies {
+        changed.push("[limits] trusted_proxies");
     }
     if old.shutdown.timeout != new.shutdown.timeout {
         changed.push("[shutdown] timeout");

@@ -49,7 +49,7 @@ pub struct Jwt {
 
 enum Keys {
     File(Arc<DecodingKey>),
-    Jwks(Box<Jwks>),
+    Jwks(Arc<Jwks>),
 }
 
 struct Jwks {
@@ -94,7 +94,7 @@ impl Jwt {
         }
         let keys = match &config.keys {
             JwtKeys::File(key) => Keys::File(key.0.clone()),
-            JwtKeys::Jwks(url) => Keys::Jwks(Box::new(Jwks::new(route, url))),
+            JwtKeys::Jwks(url) => Keys::Jwks(Arc::new(Jwks::new(route, url))),
         };
         Jwt {
             route: route.to_owned(),
@@ -179,12 +179,16 @@ impl Jwt {
                 )),
             };
         }
-        let exp = claims.get("exp").and_then(|e| e.as_u64()).unwrap_or(0);
+        // `exp` may be fractional; the token stays valid for `leeway` past it (as checked
+        // above), so a poll is held until then and the next one is refused: never a loop of
+        // instant empty answers.
+        let exp = claims.get("exp").and_then(|e| e.as_f64()).unwrap_or(0.0);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
-            .as_secs();
-        let left = Duration::from_secs(exp.saturating_sub(now));
+            .as_secs_f64();
+        let end = exp + self.config.leeway.as_secs_f64();
+        let left = Duration::try_from_secs_f64(end - now).unwrap_or(Duration::ZERO);
         Decision::Allow {
             until: Some(Instant::now() + left),
         }
@@ -257,8 +261,14 @@ impl Jwks {
     }
 
     /// Fetches the set unless another fetch was tried within [`JWKS_MIN_INTERVAL`]; concurrent
-    /// callers wait for one fetch.
-    async fn refresh(&self, route: &str) {
+    /// callers wait for one fetch. The fetch runs in a task of its own: a client going away
+    /// must not cancel it (and with it the refresh) for everyone.
+    async fn refresh(self: &Arc<Self>, route: &str) {
+        let (this, route) = (self.clone(), route.to_owned());
+        let _ = tokio::spawn(async move { this.refresh_now(&route).await }).await;
+    }
+
+    async fn refresh_now(&self, route: &str) {
         let mut last = self.fetching.lock().await;
         if last.is_some_and(|t| t.elapsed() < JWKS_MIN_INTERVAL) {
             return;

@@ -36,8 +36,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::problem::Problem;
+use super::router::percent_decode;
 use crate::auth::listed_headers;
-use crate::config::{CollapseConfig, NextCursor, percent_encode};
+use crate::config::{AuthConfig, CollapseConfig, NextCursor, percent_encode};
 use crate::metrics::{CollapseMetrics, GaugeGuard, Outcome, RouteMetrics, UpstreamResult};
 use crate::upstream::{Body, Upstream, UpstreamError};
 
@@ -65,6 +66,9 @@ pub struct CollapseRoute {
     fetcher: Arc<Fetcher>,
     /// Whether a `Cache-Control: private` answer may be shared (`share = "public"` or `vary`).
     shares_private: bool,
+    /// The client headers that identify a client (its hook's credential headers, or
+    /// `Authorization` for JWTs): sent upstream on a request that is the client's alone.
+    credential_headers: Vec<HeaderName>,
     flights: DashMap<Key, Arc<Flight>>,
     topics: DashMap<Arc<Group>, Arc<TopicState>>,
     /// Cancelled when the server drains: chains stop, waiters get at most `drain_window` more.
@@ -240,6 +244,11 @@ impl CollapseRoute {
                 expose_headers: config.expose_headers.clone(),
             }),
             shares_private: config.share_public || !config.vary.is_empty(),
+            credential_headers: match &config.auth {
+                AuthConfig::Hook(hook) => hook.headers.clone(),
+                AuthConfig::Jwt(_) => vec![header::AUTHORIZATION],
+                AuthConfig::Public => Vec::new(),
+            },
             config,
             metrics,
             flights: DashMap::new(),
@@ -283,7 +292,8 @@ impl CollapseRoute {
         let now_ms = self.now_ms();
         topic.last_seen.store(now_ms, Ordering::Relaxed);
         if topic.unshared_until.load(Ordering::Relaxed) > now_ms {
-            return self.unshared(key, &topic);
+            let credential = listed_headers(req.headers(), &self.credential_headers);
+            return self.unshared(key, credential, &topic);
         }
         if let Some(answer) = topic.stored(&key, Instant::now()) {
             self.metrics.stored_hits.inc();
@@ -296,6 +306,13 @@ impl CollapseRoute {
                 flight.get().subscribe()
             }
             Entry::Vacant(slot) => {
+                // The flight may have just ended with a stored answer.
+                if let Some(answer) = topic.stored(slot.key(), Instant::now()) {
+                    drop(slot);
+                    self.metrics.stored_hits.inc();
+                    self.metrics.collapsed.inc();
+                    return Join::Now(answer.response(), answer.outcome);
+                }
                 let flight = Arc::new(watch::Sender::new(None));
                 let rx = flight.subscribe();
                 let key = slot.key().clone();
@@ -311,7 +328,21 @@ impl CollapseRoute {
     }
 
     /// A request of a topic whose answers are private: an upstream request of its own.
-    fn unshared(&self, key: Key, topic: &TopicState) -> Join {
+    /// The request carries the client's own credential: the private answer is then the
+    /// client's own.
+    fn unshared(
+        &self,
+        key: Key,
+        credential: Vec<(HeaderName, HeaderValue)>,
+        topic: &TopicState,
+    ) -> Join {
+        let key = Key {
+            group: Arc::new(Group {
+                topic: key.group.topic.clone(),
+                vary: key.group.vary.iter().cloned().chain(credential).collect(),
+            }),
+            ..key
+        };
         let Ok(permit) = topic.unshared.clone().try_acquire_owned() else {
             let detail = "too many requests on this topic while its answers are private";
             return Join::Now(
@@ -360,6 +391,9 @@ impl CollapseRoute {
     /// Asks the upstream for `key`, hands the answer to the flight's waiters, and chains to the
     /// next key while the topic has clients.
     async fn run(self: Arc<Self>, mut key: Key, mut flight: Arc<Flight>, topic: Arc<TopicState>) {
+        // Answers in a row that nobody waited for: a chain nobody follows (a client's one-off
+        // query, or clients that left) stops after one such hop.
+        let mut idle = 0u32;
         loop {
             let started = Instant::now();
             let answer = {
@@ -386,7 +420,10 @@ impl CollapseRoute {
             {
                 topic.store(key.clone(), answer.clone(), now + self.config.linger);
             }
-            // Stored first, then out of the map: a client arriving in between finds one of them.
+            // Stored first, then out of the map: a client that missed the store finds the flight,
+            // or (rechecking the store under the map entry) the stored answer.
+            let demanded = flight.receiver_count() > 0;
+            idle = if demanded { 0 } else { idle + 1 };
             self.flights.remove(&key);
             flight.send_replace(Some(answer));
 
@@ -397,10 +434,11 @@ impl CollapseRoute {
             if !active || self.drain.is_cancelled() || self.retired.load(Ordering::Relaxed) {
                 return;
             }
+            let held = now.duration_since(started) >= CHAIN_MIN_HOLD;
             let next_key = match progress {
-                Progress::Moved(next) => next,
-                Progress::Same if now.duration_since(started) >= CHAIN_MIN_HOLD => key.clone(),
-                Progress::Same | Progress::None => return,
+                Progress::Moved(next) if idle <= 1 => next,
+                Progress::Same if held && idle == 0 => key.clone(),
+                Progress::Moved(_) | Progress::Same | Progress::None => return,
             };
             if topic.stored(&next_key, now).is_some() {
                 return;
@@ -441,8 +479,15 @@ impl CollapseRoute {
                     _ => None,
                 }),
         };
-        match next.and_then(|n| key.with_cursor(&n)) {
-            Some(next) if next != *key => Progress::Moved(next),
+        // Compared decoded: the client may have spelled its cursor's escapes differently.
+        let current = key
+            .cursor
+            .clone()
+            .and_then(|r| percent_decode(&key.target[r]));
+        match next {
+            Some(n) if current.as_deref() != Some(n.as_str()) => {
+                key.with_cursor(&n).map_or(Progress::Same, Progress::Moved)
+            }
             _ => Progress::Same,
         }
     }

@@ -420,6 +420,11 @@ pub fn rejected_full(full: TooManyTopics) -> (Response<Body>, Outcome) {
             "the topics' buffers have reached max_buffered_bytes",
             None,
         ),
+        TooManyTopics::Retired => rejected(
+            Problem::Overloaded,
+            "the route was just reloaded; poll again",
+            None,
+        ),
     }
 }
 

@@ -469,10 +469,14 @@ impl Gateway {
             }
         }
         let params = matched.params;
-        // Authorization comes before anything touches a topic or an upstream.
+        // Authorization comes before anything touches a topic or an upstream: for every
+        // request of a collapse route (all of them reach the upstream with pollmux's
+        // credential), for GETs of a poll route (pollmux answers its other methods itself).
         let mut until = None;
+        let guarded =
+            req.method() == Method::GET || matches!(self.runtimes[route], Runtime::Collapse(_));
         if let Some(auth) = &self.auth[route]
-            && req.method() == Method::GET
+            && guarded
         {
             match auth.check(&req, &params) {
                 Check::Now(Decision::Allow { until: expires }) => until = expires,

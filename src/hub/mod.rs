@@ -63,6 +63,9 @@ pub struct RouteTopics {
     max_topics: usize,
     count: AtomicUsize,
     gauge: IntGauge,
+    /// Set when a reload retires the route: no new topic is made for it (a request still on
+    /// the old configuration must not start a stray topic and source).
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl RouteTopics {
@@ -76,6 +79,7 @@ impl RouteTopics {
             max_topics,
             count: AtomicUsize::new(0),
             gauge,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -113,6 +117,9 @@ pub enum TooManyTopics {
     /// All topics together buffer `max_buffered_bytes`.
     #[error("the buffers of all topics have reached max_buffered_bytes")]
     Memory,
+    /// A reload has just replaced the route.
+    #[error("the route was replaced by a reload")]
+    Retired,
 }
 
 /// Payload bytes buffered over all topics, against a bound: beyond it no new topic is made
@@ -213,6 +220,9 @@ impl Hub {
         match self.topics.entry(key) {
             MapEntry::Occupied(o) => Ok(f(o.get(), false)),
             MapEntry::Vacant(v) => {
+                if route.retired.load(Ordering::Acquire) {
+                    return Err(TooManyTopics::Retired);
+                }
                 if self.budget.used() >= self.budget.max {
                     return Err(TooManyTopics::Memory);
                 }
@@ -246,6 +256,7 @@ impl Hub {
     /// Removes every topic of `route` (a route a reload removed or changed): their sources stop
     /// and their waiting readers answer at once (see [`Topic::is_retired`]). Returns how many.
     pub fn retire_route(&self, route: &RouteTopics) -> usize {
+        route.retired.store(true, Ordering::Release);
         let mut removed = 0;
         self.topics.retain(|key, t| {
             if key.route != route.id {
@@ -356,6 +367,17 @@ struct State {
     failing_since: Option<Instant>,
     /// The upstream's last definitive refusal (404, 401, 403) while failing.
     refused: Option<u16>,
+    /// Whether the ring's bytes count against the hub's budget (until the topic is removed).
+    counted: bool,
+}
+
+impl State {
+    /// Applies a ring change of `before` -> now to the budget, while the topic counts.
+    fn account(&self, budget: &Budget, before: usize) {
+        if self.counted {
+            budget.change(before, self.ring.bytes());
+        }
+    }
 }
 
 /// What a poll with nothing to read is told about its topic's upstream (PROTOCOL.md 1.3).
@@ -381,6 +403,7 @@ impl Topic {
                 last_active: Instant::now(),
                 failing_since: None,
                 refused: None,
+                counted: true,
             }),
             route,
             name: name.into(),
@@ -391,10 +414,14 @@ impl Topic {
         }
     }
 
-    /// Gives the ring's bytes back to the hub's budget (the topic is being removed).
+    /// Gives the ring's bytes back to the hub's budget (the topic is being removed); later
+    /// changes to its ring (a held reader expiring messages) no longer count.
     fn release_bytes(&self) {
-        let bytes = self.state().ring.bytes();
-        self.budget.change(bytes, 0);
+        let mut st = self.state();
+        if st.counted {
+            st.counted = false;
+            self.budget.change(st.ring.bytes(), 0);
+        }
     }
 
     /// Completes when the topic has been removed; a source feeding it stops then.
@@ -461,7 +488,7 @@ impl Topic {
         };
         let before = st.ring.bytes();
         let stored = st.ring.push(entry, message.arrived);
-        self.budget.change(before, st.ring.bytes());
+        st.account(&self.budget, before);
         if let Some(id) = message.id {
             st.dedupe.remember(id, seq, message.arrived);
         }
@@ -518,7 +545,7 @@ impl Topic {
         let mut st = self.state();
         let before = st.ring.bytes();
         st.ring.record_gap();
-        self.budget.change(before, 0);
+        st.account(&self.budget, before);
         drop(st);
         self.notify.notify_waiters();
     }
@@ -529,7 +556,7 @@ impl Topic {
         let mut st = self.state();
         let before = st.ring.bytes();
         st.ring.expire(now);
-        self.budget.change(before, st.ring.bytes());
+        st.account(&self.budget, before);
         let (floor, head) = (st.ring.floor(), st.ring.head());
         let resume = self.route.settings.resume_on_gap;
         let (after, gap) = match at {
@@ -801,6 +828,21 @@ mod tests {
         assert_eq!(hub.sweep(Instant::now() + Duration::from_secs(1)), 1);
         assert_eq!(hub.buffered_bytes(), 0);
         assert!(hub.subscribe(&r, "b").is_ok());
+    }
+
+    #[test]
+    fn a_retired_topic_gives_its_bytes_back_once() {
+        let hub = Hub::with_budget(100);
+        let r = route(10, 50, false);
+        hub.publish(&r, "a", msg("xyz")).unwrap();
+        let reader = hub.subscribe(&r, "a").unwrap();
+        assert_eq!(hub.retire_route(&r), 1);
+        assert_eq!(hub.buffered_bytes(), 0);
+        // The held reader's topic changes after its removal: nothing more is given back.
+        reader.topic().record_gap();
+        assert_eq!(hub.buffered_bytes(), 0);
+        // And the retired route makes no new topic.
+        assert_eq!(hub.subscribe(&r, "b").err(), Some(TooManyTopics::Retired));
     }
 
     #[test]

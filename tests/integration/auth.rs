@@ -280,13 +280,18 @@ async fn private_answers_are_not_shared_on_a_hook_route() {
     // The upstream's n-th answer waits until the test has released n answers.
     let served = Arc::new(AtomicU64::new(0));
     let released = Arc::new(tokio::sync::watch::Sender::new(0u64));
-    let (counter, gate) = (served.clone(), released.clone());
+    let credentials: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+    let (counter, gate, seen) = (served.clone(), released.clone(), credentials.clone());
     let upstream = Upstream::start(move |req: Request<Incoming>| {
-        let (counter, mut gate) = (counter.clone(), gate.subscribe());
+        let (counter, mut gate, seen) = (counter.clone(), gate.subscribe(), seen.clone());
         async move {
             if req.uri().path().starts_with("/can-read/") {
                 return text_response(204, "");
             }
+            let auth = req.headers().get("authorization");
+            seen.lock()
+                .unwrap()
+                .push(auth.map(|v| v.to_str().unwrap().to_owned()));
             let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
             gate.wait_for(|r| *r >= n).await.unwrap();
             Response::builder()
@@ -349,4 +354,38 @@ max_unshared = 2
         bodies.insert(body);
     }
     assert_eq!(bodies.len(), 2, "each got an answer of its own");
+    // The shared request carried no client credential; each one-by-one request its client's.
+    let mut seen = credentials.lock().unwrap().clone();
+    assert_eq!(seen.remove(0), None);
+    seen.sort();
+    let own = |u: u64| Some(format!("Bearer user-{u}"));
+    assert_eq!(seen, [own(0), own(1)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_method_on_a_collapse_route_is_authorized_first() {
+    let (backend, upstream) = start_backend().await;
+    let text = format!(
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [upstreams.backend]\nurl = \"{}\"\n[routes.c]\npath = \"/c/{{topic}}\"\n\
+         kind = \"collapse\"\nupstream = \"backend\"\n\
+         auth = {{ hook = {{ upstream = \"backend\", path = \"/can-read/{{topic}}\" }} }}\n",
+        upstream.url()
+    );
+    let gw = Gateway::start(&text).await;
+    // User 0 may not read topic 1: no method gets through to the upstream.
+    for method in ["POST", "DELETE", "HEAD", "GET"] {
+        let req = Request::builder()
+            .method(method)
+            .uri("/c/1")
+            .header("host", "t")
+            .header("authorization", "Bearer user-0")
+            .body(full(""))
+            .unwrap();
+        assert_eq!(send(gw.addr(), req).await.status(), 403, "{method}");
+    }
+    assert!(
+        backend.streams.lock().unwrap().is_empty(),
+        "a refused request reached the upstream"
+    );
 }
