@@ -301,11 +301,17 @@ impl Jwks {
         let mut by_kid = HashMap::new();
         let mut all = Vec::new();
         for jwk in &set.keys {
-            // Symmetric (oct) keys are never accepted: only asymmetric verification keys.
-            if matches!(
+            // Only asymmetric keys meant for signatures: never symmetric (oct) keys, never keys
+            // published for encryption.
+            let symmetric = matches!(
                 jwk.algorithm,
                 jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
-            ) {
+            );
+            let encryption = matches!(
+                jwk.common.public_key_use,
+                Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+            );
+            if symmetric || encryption {
                 continue;
             }
             let Ok(key) = DecodingKey::from_jwk(jwk) else {

@@ -1578,16 +1578,18 @@ impl Validator<'_, '_> {
                 }
             }
             (None, Some(url)) => match url.0.parse::<Uri>() {
+                // Keys decide who may read: fetched over TLS, or from this machine.
                 Ok(uri)
-                    if matches!(uri.scheme_str(), Some("http" | "https"))
-                        && uri.authority().is_some() =>
+                    if uri.scheme_str() == Some("https")
+                        || (uri.scheme_str() == Some("http")
+                            && uri.host().is_some_and(is_loopback_host)) =>
                 {
                     (JwtKeys::Jwks(uri), [RSA, EC, ED].concat())
                 }
                 _ => {
                     self.err(
                         &at("jwks_url"),
-                        format!("{:?} is not an http(s) URL", url.0),
+                        format!("{:?} is not an https URL (http only on loopback)", url.0),
                     );
                     return None;
                 }
@@ -1800,6 +1802,15 @@ pub fn percent_encode(value: &str) -> String {
         }
     }
     out
+}
+
+/// `localhost` or a loopback IP (brackets of an IPv6 host allowed).
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A query parameter name that needs no encoding: unreserved characters only.
@@ -2166,6 +2177,7 @@ bogus = 1
             ("key_file = \"junk.pem\"", "auth.jwt.key_file"),
             ("key_file = \"missing.pem\"", "auth.jwt.key_file"),
             ("jwks_url = \"ftp://x/keys\"", "auth.jwt.jwks_url"),
+            ("jwks_url = \"http://id.example/keys\"", "auth.jwt.jwks_url"),
             (
                 "key_file = \"ec.pem\", jwks_url = \"https://x/keys\"",
                 "routes.status.auth.jwt",

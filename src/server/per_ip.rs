@@ -56,7 +56,12 @@ impl PerIp {
     }
 
     /// Admits one more connection (or request) from `ip`, or says which limit it is over.
+    /// IPv6 clients are counted per /64: one host usually has a whole /64 to pick from.
     pub fn admit(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<IpSlot, OverLimit> {
+        let ip = match ip {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            v4 => v4,
+        };
         let mut client = self.clients.entry(ip).or_insert_with(|| Client {
             open: 0,
             window: now,
@@ -117,6 +122,18 @@ mod tests {
         // Three started this second: the fourth waits for the next one.
         assert_eq!(limits.admit(ip, t0).err(), Some(OverLimit::Rate));
         assert!(limits.admit(ip, t0 + WINDOW).is_ok());
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        let limits = Arc::new(PerIp::new(1, 0));
+        let t0 = Instant::now();
+        let _held = limits
+            .admit("2001:db8:1:2::1".parse().unwrap(), t0)
+            .unwrap();
+        let same_64 = limits.admit("2001:db8:1:2:ffff::9".parse().unwrap(), t0);
+        assert_eq!(same_64.err(), Some(OverLimit::Open));
+        assert!(limits.admit("2001:db8:1:3::1".parse().unwrap(), t0).is_ok());
     }
 
     #[test]
