@@ -229,3 +229,57 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     };
     tokio::time::timeout(timeout, decide).await.ok().flatten()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::gateway::{Current, Gateway, Shared};
+    use crate::hub::Hub;
+    use crate::server::per_ip::PerIp;
+
+    /// What every open connection (a held poll's included) keeps in its task, besides hyper's
+    /// boxed request future and buffers. A regression here is memory per held poll; see
+    /// docs/BENCHMARKS.md.
+    #[test]
+    fn connection_task_stays_small() {
+        let config = Config::default_config();
+        let metrics = Arc::new(Metrics::new(&config));
+        let shared = Arc::new(Shared::new(
+            Arc::new(Hub::new()),
+            Arc::new(PerIp::new(0, 0)),
+        ));
+        let gw = Arc::new(Gateway::new(&config, &metrics, shared, None));
+        let handler = Arc::new(Current::new(gw));
+        fn size<F: Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let stream = TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let peer = stream.peer_addr().unwrap();
+            let conn = Connection {
+                stream,
+                peer,
+                settings: Arc::new(ListenerSettings::new(&config.listeners[0], &config.limits)),
+                metrics,
+                drain: CancellationToken::new(),
+            };
+            let permit = Arc::new(tokio::sync::Semaphore::new(1))
+                .try_acquire_owned()
+                .unwrap();
+            let fut = conn.serve(handler, Admission::Serve(permit, None));
+            let size = size(&fut);
+            eprintln!("connection task future: {size} bytes");
+            assert!(size <= CONNECTION_TASK_BYTES_MAX, "{size} bytes");
+        });
+    }
+
+    const CONNECTION_TASK_BYTES_MAX: usize = 1664;
+}
