@@ -532,29 +532,27 @@ impl TopicTemplate {
     /// Renders the template as a URL path: parameter values are percent-encoded, so no value
     /// can add a segment, a query or a fragment.
     pub fn render_path(&self, params: &[(String, String)]) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                TopicPart::Literal(l) => out.push_str(l),
-                TopicPart::Param(name) => {
-                    if let Some((_, v)) = params.iter().find(|(n, _)| n == name) {
-                        out.push_str(&percent_encode(v));
-                    }
-                }
-            }
-        }
-        out
+        self.render_with(params, |v, out| out.push_str(&percent_encode(v)))
     }
 
     /// The topic for validated parameter values.
     pub fn render(&self, params: &[(String, String)]) -> String {
+        self.render_with(params, |v, out| out.push_str(v))
+    }
+
+    /// The template with each parameter's value written by `value`.
+    fn render_with(
+        &self,
+        params: &[(String, String)],
+        value: impl Fn(&str, &mut String),
+    ) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 TopicPart::Literal(l) => out.push_str(l),
                 TopicPart::Param(name) => {
                     if let Some((_, v)) = params.iter().find(|(n, _)| n == name) {
-                        out.push_str(v);
+                        value(v, &mut out);
                     }
                 }
             }

@@ -613,6 +613,20 @@ impl Handler for Current {
     }
 }
 
+#[cfg(test)]
+impl Gateway {
+    /// A gateway for `config` with a hub of its own and no per-IP limits; and its metrics.
+    pub(crate) fn for_tests(config: &Config) -> (Arc<Metrics>, Arc<Gateway>) {
+        let metrics = Arc::new(Metrics::new(config));
+        let shared = Arc::new(Shared::new(
+            Arc::new(Hub::new()),
+            Arc::new(PerIp::new(0, 0)),
+        ));
+        let gateway = Arc::new(Gateway::new(config, &metrics, shared, None));
+        (metrics, gateway)
+    }
+}
+
 impl Handler for Gateway {
     fn call(
         self: &Arc<Self>,
@@ -739,13 +753,7 @@ mod tests {
     /// here is memory per held poll; see docs/BENCHMARKS.md.
     #[test]
     fn pending_request_state_stays_small() {
-        let config = Config::default_config();
-        let metrics = Arc::new(Metrics::new(&config));
-        let shared = Arc::new(Shared::new(
-            Arc::new(Hub::new()),
-            Arc::new(PerIp::new(0, 0)),
-        ));
-        let gw = Arc::new(Gateway::new(&config, &metrics, shared, None));
+        let (_, gw) = Gateway::for_tests(&Config::default_config());
         let conn = ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             tls: false,

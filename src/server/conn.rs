@@ -234,9 +234,7 @@ async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::gateway::{Current, Gateway, Shared};
-    use crate::hub::Hub;
-    use crate::server::per_ip::PerIp;
+    use crate::gateway::{Current, Gateway};
 
     /// What every open connection (a held poll's included) keeps in its task, besides hyper's
     /// boxed request future and buffers. A regression here is memory per held poll; see
@@ -244,12 +242,7 @@ mod tests {
     #[test]
     fn connection_task_stays_small() {
         let config = Config::default_config();
-        let metrics = Arc::new(Metrics::new(&config));
-        let shared = Arc::new(Shared::new(
-            Arc::new(Hub::new()),
-            Arc::new(PerIp::new(0, 0)),
-        ));
-        let gw = Arc::new(Gateway::new(&config, &metrics, shared, None));
+        let (metrics, gw) = Gateway::for_tests(&config);
         let handler = Arc::new(Current::new(gw));
         fn size<F: Future>(_: &F) -> usize {
             std::mem::size_of::<F>()
