@@ -42,7 +42,7 @@ fn fanout(c: &mut Criterion) {
         c.bench_function(&format!("fanout_hub_1topic_{readers}_readers_256b"), |b| {
             b.iter(|| {
                 let at = match sub.topic().poll(Requested::Latest, Instant::now()) {
-                    Poll::Empty { at } => Requested::At(at),
+                    Poll::Empty { at, .. } => Requested::At(at),
                     other => panic!("{other:?}"),
                 };
                 let message = NewMessage {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
 use std::time::Instant;
 
@@ -21,7 +20,7 @@ use http_body_util::{LengthLimitError, Limited};
 use crate::gateway::longpoll;
 use crate::gateway::problem::Problem;
 use crate::gateway::router::percent_decode;
-use crate::gateway::{ConnInfo, Current, PublishError};
+use crate::gateway::{ClientBody, ConnInfo, Current, PublishError};
 use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
 use crate::reload::Reloader;
@@ -93,18 +92,18 @@ pub struct Admin {
 }
 
 impl Handler for Admin {
-    fn call(
+    fn call<B: ClientBody>(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         _conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<B> {
         let this = self.clone();
         async move { this.handle(req).await }
     }
 }
 
 impl Admin {
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle<B: ClientBody>(&self, req: Request<B>) -> Response<Body> {
         if let Some(rest) = req.uri().path().strip_prefix("/publish/") {
             let rest = rest.to_owned();
             return self.publish(req, &rest).await;
@@ -179,7 +178,7 @@ impl Admin {
         }
     }
 
-    async fn publish(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
+    async fn publish<B: ClientBody>(&self, req: Request<B>, path: &str) -> Response<Body> {
         if req.method() != Method::POST {
             let mut resp = Problem::MethodNotAllowed.response(Some("use POST"));
             resp.headers_mut()

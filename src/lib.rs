@@ -166,6 +166,7 @@ impl Server {
             config.limits.new_connections_per_ip_per_second,
         ));
         let hub = Arc::new(Hub::with_budget(config.limits.max_buffered_bytes));
+        hub.fan_out_on(tokio::runtime::Handle::current());
         let shared = Arc::new(Shared::new(hub, per_ip.clone()));
         let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
         let current = Arc::new(Current::new(gateway));

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Incoming};
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cors;
@@ -24,7 +24,7 @@ use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
 use crate::hub::{
-    Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, Topic,
+    Batch, Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, Topic,
     TopicSettings, UpstreamProblem,
 };
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
@@ -151,6 +151,8 @@ pub struct Held {
     /// Where the client stands; fixed to a concrete position once the poll waits.
     at: Requested,
     deadline: tokio::time::Instant,
+    /// The server drains: the deadline was moved to a moment within `drain_window`.
+    draining: bool,
     /// HTTP/1.1 answers to a drain say `Connection: close`.
     close_on_drain: bool,
     origin: Option<HeaderValue>,
@@ -165,11 +167,11 @@ pub struct Held {
     clippy::result_large_err,
     reason = "the answer is returned to hyper at once; boxing it would only add an allocation"
 )]
-pub fn prepare(
+pub fn prepare<B: hyper::body::Body>(
     route: &PollRoute,
     hub: &Hub,
     clients: &Arc<ClientPolls>,
-    req: Request<Incoming>,
+    req: Request<B>,
     params: &[(String, String)],
     until: Option<Instant>,
 ) -> Result<Held, (Response<Body>, Outcome)> {
@@ -220,6 +222,7 @@ pub fn prepare(
             // A poll authorized by a token ends when the token does.
             until.map_or(deadline, |u| deadline.min(u.into()))
         },
+        draining: false,
         close_on_drain,
         origin,
         _active: GaugeGuard::new(route.metrics.polls_active.clone()),
@@ -231,9 +234,9 @@ pub fn prepare(
     clippy::result_large_err,
     reason = "the answer is returned to hyper at once; boxing it would only add an allocation"
 )]
-fn check(
+fn check<B: hyper::body::Body>(
     route: &PollRoute,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     params: &[(String, String)],
 ) -> Result<(Requested, Duration, String), (Response<Body>, Outcome)> {
     if req.method() != Method::GET {
@@ -310,96 +313,155 @@ impl Held {
         draining: &AtomicBool,
         drain_window: Duration,
     ) -> (Response<Body>, Outcome) {
-        let (mut resp, outcome) = self.wait_inner(route, draining, drain_window).await;
-        if let Some(origin) = &self.origin {
-            cors::apply(&mut resp, origin);
-        }
-        (resp, outcome)
-    }
-
-    async fn wait_inner(
-        &mut self,
-        route: &PollRoute,
-        server_draining: &AtomicBool,
-        drain_window: Duration,
-    ) -> (Response<Body>, Outcome) {
-        let topic = self.subscription.topic();
+        let topic = self.subscription.topic_arc();
         let timer = tokio::time::sleep_until(self.deadline);
         let mut timer = std::pin::pin!(timer);
-        let mut draining = false;
         loop {
             let changed = topic.changed();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let position = match topic.poll(self.at, Instant::now()) {
-                Poll::Batch(batch) => {
-                    route.metrics.delivered.inc_by(batch.messages as u64);
-                    if batch.gap {
-                        route.metrics.cursor_expired.inc();
-                    }
-                    if batch.messages > 0 {
-                        let latency = batch.oldest.elapsed().as_secs_f64();
-                        route.metrics.delivery_latency.observe(latency);
-                    }
-                    let cursor = batch.cursor_header.clone();
-                    let resp = poll_response(batch.body.clone(), cursor, batch.gap, false);
-                    return (resp, Outcome::Message);
-                }
-                Poll::Expired { earliest, latest } => {
-                    route.metrics.cursor_expired.inc();
-                    let extra = [
-                        ("earliest_cursor", earliest.as_str()),
-                        ("latest_cursor", latest.as_str()),
-                    ];
-                    return rejected(Problem::CursorExpired, "cursor expired", Some(&extra));
-                }
-                Poll::Ahead => {
-                    let detail = "cursor is ahead of the topic";
-                    return rejected(Problem::InvalidCursor, detail, None);
-                }
-                Poll::Empty { at } => at,
-            };
-            if let Some(problem) =
-                topic.upstream_problem(route.config.upstream_grace, Instant::now())
-            {
-                let (problem, detail) = match problem {
-                    UpstreamProblem::NotFound => {
-                        (Problem::NotFound, "the upstream has no such topic")
-                    }
-                    UpstreamProblem::Refused => (
-                        Problem::UpstreamRefused,
-                        "the upstream refused pollmux's credential",
-                    ),
-                    UpstreamProblem::Down => (Problem::UpstreamDown, "the upstream is unavailable"),
-                };
-                return rejected(problem, detail, None);
+            if let Next::Answer(resp, outcome) = self.next(route, draining, drain_window) {
+                return (resp, outcome);
             }
-            // The route was removed or changed by a reload: the normal empty answer, now.
-            if topic.is_retired() {
-                return (empty_response(&position, false), Outcome::Timeout);
-            }
-            // Wait from a fixed position: `latest` must not move on while we wait.
-            self.at = Requested::At(position);
-            // The drain wakes every topic after setting the flag, and `changed` was enabled
-            // before this check, so a drain starting now is never missed.
-            if !draining && server_draining.load(Ordering::Acquire) {
-                draining = true;
-                let spread = drain_window.mul_f64(fastrand::f64());
-                let answer_at = (tokio::time::Instant::now() + spread).min(self.deadline);
-                timer.as_mut().reset(answer_at);
+            if timer.deadline() != self.deadline {
+                timer.as_mut().reset(self.deadline);
             }
             tokio::select! {
                 () = &mut changed => {}
-                () = timer.as_mut() => {
-                    return if draining {
-                        (empty_response(&position, self.close_on_drain), Outcome::Shutdown)
-                    } else {
-                        (empty_response(&position, false), Outcome::Timeout)
-                    };
-                }
+                () = timer.as_mut() => return self.expire(),
             }
         }
     }
+
+    /// Looks at the topic: the answer, or that the poll must wait (until a change of the
+    /// topic after `generation`, or [`Held::deadline`], which a drain moves closer).
+    pub fn next(
+        &mut self,
+        route: &PollRoute,
+        server_draining: &AtomicBool,
+        drain_window: Duration,
+    ) -> Next {
+        match self.look(route, server_draining, drain_window) {
+            Ok(answer) => Next::Answer(self.with_cors(answer.0), answer.1),
+            Err(generation) => Next::Wait { generation },
+        }
+    }
+
+    /// When a waiting poll answers with [`Held::expire`].
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.deadline
+    }
+
+    /// The answer at the deadline: no messages (a timeout, or the drain's answer).
+    pub fn expire(&self) -> (Response<Body>, Outcome) {
+        let Requested::At(position) = &self.at else {
+            unreachable!("a poll waits only from a fixed position");
+        };
+        let (resp, outcome) = if self.draining {
+            let resp = empty_response(position, self.close_on_drain);
+            (resp, Outcome::Shutdown)
+        } else {
+            (empty_response(position, false), Outcome::Timeout)
+        };
+        (self.with_cors(resp), outcome)
+    }
+
+    /// The topic the poll reads.
+    pub fn topic(&self) -> &Arc<Topic> {
+        self.subscription.topic()
+    }
+
+    /// The allowed `Origin` of a cross-origin poll.
+    pub fn origin(&self) -> Option<&HeaderValue> {
+        self.origin.as_ref()
+    }
+
+    /// Counts a batch this poll is answered with.
+    pub fn delivered(&self, route: &PollRoute, batch: &Batch) {
+        route.metrics.delivered.inc_by(batch.messages as u64);
+        if batch.gap {
+            route.metrics.cursor_expired.inc();
+        }
+        if batch.messages > 0 {
+            let latency = batch.oldest.elapsed().as_secs_f64();
+            route.metrics.delivery_latency.observe(latency);
+        }
+    }
+
+    fn with_cors(&self, mut resp: Response<Body>) -> Response<Body> {
+        if let Some(origin) = &self.origin {
+            cors::apply(&mut resp, origin);
+        }
+        resp
+    }
+
+    fn look(
+        &mut self,
+        route: &PollRoute,
+        server_draining: &AtomicBool,
+        drain_window: Duration,
+    ) -> Result<(Response<Body>, Outcome), u64> {
+        let topic = self.subscription.topic();
+        let (position, generation) = match topic.poll(self.at, Instant::now()) {
+            Poll::Batch(batch) => {
+                self.delivered(route, &batch);
+                return Ok((batch_response(&batch), Outcome::Message));
+            }
+            Poll::Expired { earliest, latest } => {
+                route.metrics.cursor_expired.inc();
+                let extra = [
+                    ("earliest_cursor", earliest.as_str()),
+                    ("latest_cursor", latest.as_str()),
+                ];
+                return Ok(rejected(
+                    Problem::CursorExpired,
+                    "cursor expired",
+                    Some(&extra),
+                ));
+            }
+            Poll::Ahead => {
+                let detail = "cursor is ahead of the topic";
+                return Ok(rejected(Problem::InvalidCursor, detail, None));
+            }
+            Poll::Empty { at, generation } => (at, generation),
+        };
+        if let Some(problem) = topic.upstream_problem(route.config.upstream_grace, Instant::now()) {
+            let (problem, detail) = match problem {
+                UpstreamProblem::NotFound => (Problem::NotFound, "the upstream has no such topic"),
+                UpstreamProblem::Refused => (
+                    Problem::UpstreamRefused,
+                    "the upstream refused pollmux's credential",
+                ),
+                UpstreamProblem::Down => (Problem::UpstreamDown, "the upstream is unavailable"),
+            };
+            return Ok(rejected(problem, detail, None));
+        }
+        // The route was removed or changed by a reload: the normal empty answer, now.
+        if topic.is_retired() {
+            return Ok((empty_response(&position, false), Outcome::Timeout));
+        }
+        // Wait from a fixed position: `latest` must not move on while we wait.
+        self.at = Requested::At(position);
+        // The drain wakes every topic after setting the flag, and the caller registered for
+        // changes after `generation` before this check, so a drain starting now is never
+        // missed.
+        if !self.draining && server_draining.load(Ordering::Acquire) {
+            self.draining = true;
+            let spread = drain_window.mul_f64(fastrand::f64());
+            self.deadline = (tokio::time::Instant::now() + spread).min(self.deadline);
+        }
+        Err(generation)
+    }
+}
+
+/// What a held poll does next.
+pub enum Next {
+    Answer(Response<Body>, Outcome),
+    /// Nothing to answer yet: wait for a change of the topic after `generation` (see
+    /// [`Topic::park`]) or the deadline.
+    Wait {
+        generation: u64,
+    },
 }
 
 /// Random part of the hold taken off, up to `hold / 16`.
@@ -435,6 +497,12 @@ fn rejected(
 ) -> (Response<Body>, Outcome) {
     let resp = problem.response_with(Some(detail), extra.unwrap_or_default());
     (resp, Outcome::Rejected)
+}
+
+/// The answer with a batch of messages (without CORS headers).
+pub fn batch_response(batch: &Batch) -> Response<Body> {
+    let cursor = batch.cursor_header.clone();
+    poll_response(batch.body.clone(), cursor, batch.gap, false)
 }
 
 fn empty_response(at: &Cursor, close: bool) -> Response<Body> {

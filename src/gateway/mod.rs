@@ -20,9 +20,8 @@ use std::time::Instant;
 
 use std::time::Duration;
 
-use http::{Method, Request, Response};
-use hyper::body::Body as _;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response};
 
 use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
@@ -39,9 +38,9 @@ use crate::source::SourceSlots;
 use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
-use crate::upstream::{Body, Upstream};
+use crate::upstream::{Body, BoxError, Upstream};
 use collapse::{CollapseRoute, Join};
-use longpoll::{ClientPolls, Held, PollRoute};
+use longpoll::{ClientPolls, Held, Next, PollRoute};
 use problem::Problem;
 use router::{RouteError, Router};
 use tokio::sync::Semaphore;
@@ -54,6 +53,22 @@ pub struct ConnInfo {
     /// Whether the client connected over TLS (sets `X-Forwarded-Proto`).
     pub tls: bool,
 }
+
+/// A client request's body: hyper's, or none at all (a request read without hyper).
+pub trait ClientBody:
+    hyper::body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Sync + 'static
+{
+}
+
+impl<B> ClientBody for B
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+}
+
+/// The body of a request read without hyper: it has none.
+pub type NoBody = http_body_util::Empty<Bytes>;
 
 /// What outlives a configuration: the hub, the source slots and gates, and the drain.
 pub struct Shared {
@@ -443,7 +458,7 @@ impl Gateway {
 
     /// Routes and checks a request synchronously, so that the future a held request keeps
     /// carries only what its wait needs (never the request itself; see `Handler`).
-    fn prepare(self: &Arc<Self>, req: Request<Incoming>, conn: ConnInfo) -> Step {
+    fn prepare<B: ClientBody>(self: &Arc<Self>, req: Request<B>, conn: ConnInfo) -> Step {
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.limits.max_uri_bytes {
             return Step::Done(Record::new(&self.unmatched).reject(Problem::UriTooLong, None));
@@ -487,7 +502,7 @@ impl Gateway {
                         match decision.await {
                             Decision::Allow { until } => {
                                 let step = this.serve(route, req, conn, &params, record, until);
-                                this.finish(step).await
+                                finish(step).await
                             }
                             refused => refuse(record, &refused),
                         }
@@ -500,9 +515,9 @@ impl Gateway {
 
     /// For a request through a trusted proxy, the per-IP limits of the client it names in
     /// `X-Forwarded-For` (direct peers are limited per connection by the accept loop).
-    fn admit_forwarded_client(
+    fn admit_forwarded_client<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         conn: &ConnInfo,
     ) -> Result<Option<IpSlot>, OverLimit> {
         let per_ip = &self.shared.per_ip;
@@ -517,10 +532,10 @@ impl Gateway {
 
     /// Serves a routed (and authorized) request by its route's kind. A poll is held at most
     /// `until` (its token's expiry).
-    fn serve(
+    fn serve<B: ClientBody>(
         self: &Arc<Self>,
         route: usize,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: ConnInfo,
         params: &[(String, String)],
         mut record: Record,
@@ -534,11 +549,13 @@ impl Gateway {
                         if let Some(topic) = held.new_topic() {
                             self.start_source(poll, route, topic, params);
                         }
-                        Step::Poll {
-                            route,
+                        Step::Poll(HeldPoll {
+                            route: poll.clone(),
+                            shared: self.shared.clone(),
+                            drain_window: self.drain_window,
                             held,
                             record,
-                        }
+                        })
                     }
                     Err((resp, outcome)) => Step::Done(record.finish(resp, outcome)),
                 }
@@ -564,10 +581,10 @@ impl Gateway {
     }
 
     /// Proxies `req` to `upstreams[upstream]`.
-    fn forward(
+    fn forward<B: ClientBody>(
         self: &Arc<Self>,
         upstream: usize,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: ConnInfo,
         mut record: Record,
     ) -> Step {
@@ -604,12 +621,17 @@ impl Current {
 }
 
 impl Handler for Current {
-    fn call(
+    const HOLDS_POLLS: bool = true;
+    fn call<B: ClientBody>(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<B> {
         self.get().call(req, conn)
+    }
+
+    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
+        self.get().prepare_held(req, conn)
     }
 }
 
@@ -628,46 +650,95 @@ impl Gateway {
 }
 
 impl Handler for Gateway {
-    fn call(
+    const HOLDS_POLLS: bool = true;
+    fn call<B: ClientBody>(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<> {
-        let step = self.prepare(req, conn);
-        self.clone().finish(step)
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<B> {
+        finish(self.prepare(req, conn))
+    }
+
+    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
+        let matched = self.router.resolve(&self.routes, req.uri().path()).ok()?;
+        let poll = matches!(self.runtimes[matched.route], Runtime::Poll(_));
+        poll.then(|| self.prepare(req, conn))
     }
 }
 
-impl Gateway {
-    /// Awaits what is left of a request after its synchronous part. (A plain `async fn` would
-    /// keep `step` twice in its state: argument and local.)
-    #[expect(
-        clippy::manual_async_fn,
-        reason = "an async fn's state is 184 bytes larger here (see pending_request_state_stays_small)"
-    )]
-    fn finish(
-        self: Arc<Self>,
-        mut step: Step,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static {
-        async move {
-            match &mut step {
-                Step::Done(resp) => std::mem::take(resp),
-                Step::Pending(pending) => pending.await,
-                Step::Poll {
-                    route,
-                    held,
-                    record,
-                } => {
-                    let Runtime::Poll(poll) = &self.runtimes[*route] else {
-                        unreachable!("Step::Poll is only made for poll routes");
-                    };
-                    let (resp, outcome) = held
-                        .wait(poll, &self.shared.draining, self.drain_window)
-                        .await;
-                    record.finish(resp, outcome)
-                }
-            }
+/// Awaits what is left of a request after its synchronous part. (A plain `async fn` would keep
+/// `step` twice in its state: argument and local.)
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn's state is 184 bytes larger here (see pending_request_state_stays_small)"
+)]
+fn finish(mut step: Step) -> impl Future<Output = Response<Body>> + Send + 'static {
+    async move {
+        match &mut step {
+            Step::Done(resp) => std::mem::take(resp),
+            Step::Pending(pending) => pending.await,
+            Step::Poll(held) => held.wait().await,
         }
+    }
+}
+
+/// A poll that passed every check and waits on its topic: all it needs until its answer.
+pub struct HeldPoll {
+    route: Arc<PollRoute>,
+    shared: Arc<Shared>,
+    drain_window: Duration,
+    held: Held,
+    record: Record,
+}
+
+impl HeldPoll {
+    /// Waits on the topic's notifications for the answer.
+    async fn wait(&mut self) -> Response<Body> {
+        let shared = &self.shared;
+        let (resp, outcome) = self
+            .held
+            .wait(&self.route, &shared.draining, self.drain_window)
+            .await;
+        self.record.finish(resp, outcome)
+    }
+
+    /// The answer if there is one now (it is counted), else the topic generation to park at
+    /// (see [`crate::hub::Topic::park`]).
+    pub fn look(&mut self) -> Result<Response<Body>, u64> {
+        let shared = &self.shared;
+        match self
+            .held
+            .next(&self.route, &shared.draining, self.drain_window)
+        {
+            Next::Answer(resp, outcome) => Ok(self.record.finish(resp, outcome)),
+            Next::Wait { generation } => Err(generation),
+        }
+    }
+
+    /// When the poll must answer with [`HeldPoll::expire`].
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.held.deadline()
+    }
+
+    /// The answer at the deadline (counted).
+    pub fn expire(&mut self) -> Response<Body> {
+        let (resp, outcome) = self.held.expire();
+        self.record.finish(resp, outcome)
+    }
+
+    pub fn topic(&self) -> &Arc<Topic> {
+        self.held.topic()
+    }
+
+    /// The allowed `Origin` of a cross-origin poll.
+    pub fn origin(&self) -> Option<&HeaderValue> {
+        self.held.origin()
+    }
+
+    /// Counts the poll as answered with `batch`, written by its topic's publisher.
+    pub fn delivered(mut self, batch: &crate::hub::Batch) {
+        self.held.delivered(&self.route, batch);
+        self.record.answered(http::StatusCode::OK, Outcome::Message);
     }
 }
 
@@ -690,15 +761,11 @@ fn refuse(mut record: Record, decision: &Decision) -> Response<Body> {
 }
 
 /// A request after its synchronous part: answered, or what is left to await.
-enum Step {
+pub enum Step {
     Done(Response<Body>),
-    /// A proxied request or a collapse waiter.
+    /// A proxied request, a collapse waiter, or a poll waiting for its authorization.
     Pending(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
-    Poll {
-        route: usize,
-        held: Held,
-        record: Record,
-    },
+    Poll(HeldPoll),
 }
 
 /// Records one client request's metrics exactly once: on `finish`, or as `client_gone` when
@@ -722,10 +789,14 @@ impl Record {
     }
 
     fn finish(&mut self, resp: Response<Body>, outcome: Outcome) -> Response<Body> {
+        self.answered(resp.status(), outcome);
+        resp
+    }
+
+    fn answered(&mut self, status: http::StatusCode, outcome: Outcome) {
         self.finished = true;
         self.metrics
-            .answered(resp.status().as_u16(), outcome, self.started.elapsed());
-        resp
+            .answered(status.as_u16(), outcome, self.started.elapsed());
     }
 
     fn reject(mut self, problem: Problem, detail: Option<&str>) -> Response<Body> {
@@ -758,7 +829,7 @@ mod tests {
             peer: "127.0.0.1:1".parse().unwrap(),
             tls: false,
         };
-        let size = future_size(|req: Request<Incoming>| gw.call(req, conn));
+        let size = future_size(|req: Request<hyper::body::Incoming>| gw.call(req, conn));
         eprintln!("pending request future: {size} bytes");
         assert!(size <= PENDING_REQUEST_BYTES_MAX, "{size} bytes");
     }

@@ -12,11 +12,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use ipnet::IpNet;
 
-use super::ConnInfo;
 use super::problem::Problem;
+use super::{ClientBody, ConnInfo};
 use crate::metrics::{Outcome, RouteMetrics, UpstreamResult};
 use crate::server::canonical_ip as canonical;
 use crate::upstream::{Body, BoxError, Upstream, UpstreamError};
@@ -41,10 +40,10 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Forwards `req` to `upstream` and relays its answer; returns the response and its outcome.
-pub async fn forward(
+pub async fn forward<B: ClientBody>(
     upstream: &Upstream,
     metrics: &RouteMetrics,
-    req: Request<Incoming>,
+    req: Request<B>,
     conn: &ConnInfo,
     trusted_proxies: &[IpNet],
 ) -> (Response<Body>, Outcome) {
@@ -71,7 +70,7 @@ pub async fn forward(
     let flag = client_body_failed.clone();
     let body = body.map_err(move |e| {
         flag.store(true, Ordering::Release);
-        BoxError::from(e)
+        e.into()
     });
     let req = Request::from_parts(parts, body.boxed());
 

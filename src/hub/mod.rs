@@ -12,6 +12,10 @@
 //!   publisher.
 //! - A batch for a given (topic, position) is encoded once and shared by every reader at that
 //!   position: fan-out to 10,000 waiters costs one encoding.
+//! - A reader waits either on the topic's [`Notify`] (it is woken and polls again) or parked
+//!   ([`Parked`]): the publisher hands parked readers their batch itself, so a fan-out wakes no
+//!   task. Parking succeeds only if nothing changed since the reader's poll (its generation),
+//!   and every change takes the whole parked list, so a parked reader is never missed.
 //!
 //! The hub imports no gateway, source or server code; it is a data structure.
 
@@ -20,8 +24,9 @@ pub mod message;
 pub mod ring;
 
 use std::collections::{HashMap, VecDeque};
+use std::mem;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -148,6 +153,39 @@ impl Budget {
 pub struct Hub {
     topics: DashMap<TopicKey, Arc<Topic>>,
     budget: Arc<Budget>,
+    fanout: Arc<Fanout>,
+}
+
+/// Parked readers answered by one task at most: a publish to more is spread over the runtime's
+/// workers.
+const FANOUT_CHUNK: usize = 256;
+
+/// Where answers to parked readers are written: in tasks of at most [`FANOUT_CHUNK`] readers
+/// on a runtime's workers (so the publisher, perhaps the admin thread, returns at once and a
+/// large fan-out uses every worker), or by the publisher itself when there is no runtime.
+#[derive(Default)]
+struct Fanout {
+    runtime: OnceLock<tokio::runtime::Handle>,
+}
+
+impl Fanout {
+    fn deliver(&self, parked: HashMap<u64, (Arc<dyn Parked>, u64)>, batch: Arc<Batch>) {
+        let mut readers: Vec<_> = parked.into_values().collect();
+        let Some(runtime) = self.runtime.get() else {
+            return deliver_to(readers, &batch);
+        };
+        while !readers.is_empty() {
+            let chunk = readers.split_off(readers.len().saturating_sub(FANOUT_CHUNK));
+            let batch = batch.clone();
+            runtime.spawn(async move { deliver_to(chunk, &batch) });
+        }
+    }
+}
+
+fn deliver_to(readers: Vec<(Arc<dyn Parked>, u64)>, batch: &Arc<Batch>) {
+    for (reader, ticket) in readers {
+        reader.deliver(ticket, batch);
+    }
 }
 
 impl Default for Hub {
@@ -169,7 +207,13 @@ impl Hub {
                 used: AtomicUsize::new(0),
                 max: max_bytes,
             }),
+            fanout: Arc::default(),
         }
+    }
+
+    /// Spreads answers to many parked readers over `runtime`'s workers (see [`Parked`]).
+    pub fn fan_out_on(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.fanout.runtime.set(runtime);
     }
 
     /// Payload bytes buffered over all topics.
@@ -229,7 +273,12 @@ impl Hub {
                 if !route.try_reserve() {
                     return Err(TooManyTopics::Route);
                 }
-                let t = Arc::new(Topic::new(route.clone(), topic, self.budget.clone()));
+                let t = Arc::new(Topic::new(
+                    route.clone(),
+                    topic,
+                    self.budget.clone(),
+                    self.fanout.clone(),
+                ));
                 let r = f(&t, true);
                 v.insert(t);
                 Ok(r)
@@ -265,7 +314,7 @@ impl Hub {
             t.route.release();
             t.release_bytes();
             t.retired.cancel();
-            t.notify.notify_waiters();
+            t.wake();
             removed += 1;
             false
         });
@@ -275,7 +324,7 @@ impl Hub {
     /// Wakes every waiting reader of every topic (the server is draining).
     pub fn wake_all(&self) {
         for t in self.topics.iter() {
-            t.notify.notify_waiters();
+            t.wake();
         }
     }
 
@@ -321,6 +370,9 @@ pub struct Batch {
     /// Arrival of the oldest message in the batch (delivery latency).
     pub oldest: Instant,
     pub gap: bool,
+    /// The batch's HTTP/1.1 answer after its status and `Date` lines (headers and body),
+    /// encoded once by the first connection that writes it for a parked reader.
+    pub http1: OnceLock<Bytes>,
     from: u64,
     head: u64,
 }
@@ -329,9 +381,11 @@ pub struct Batch {
 #[derive(Debug)]
 pub enum Poll {
     Batch(Arc<Batch>),
-    /// Nothing newer; `at` is where the reader stands.
+    /// Nothing newer; `at` is where the reader stands, `generation` the topic's state it saw
+    /// (see [`Topic::park`]).
     Empty {
         at: Cursor,
+        generation: u64,
     },
     /// The reader missed messages (PROTOCOL.md 1.3, 410).
     Expired {
@@ -355,6 +409,7 @@ pub struct Topic {
     retired: CancellationToken,
     /// The hub-wide count of buffered bytes this topic's ring adds to.
     budget: Arc<Budget>,
+    fanout: Arc<Fanout>,
 }
 
 struct State {
@@ -369,7 +424,28 @@ struct State {
     refused: Option<u16>,
     /// Whether the ring's bytes count against the hub's budget (until the topic is removed).
     counted: bool,
+    /// Bumped by every change a waiting reader must see (message, gap, upstream state, wake).
+    generation: u64,
+    /// Readers parked at the head, answered in place by the next change.
+    parked: HashMap<u64, (Arc<dyn Parked>, u64)>,
+    next_park: u64,
 }
+
+/// A reader waiting at a topic's head that is answered in place: the publisher hands it its
+/// batch instead of waking its task, so a fan-out to 10,000 readers switches no task.
+/// `ticket` is the reader's own mark for this wait, given to [`Topic::park`]; an answer for an
+/// older wait must be ignored.
+pub trait Parked: Send + Sync {
+    /// Messages arrived after the parked position: `batch` is the reader's answer.
+    fn deliver(&self, ticket: u64, batch: &Arc<Batch>);
+    /// Anything else changed (a gap, the upstream's state, a drain, retirement): the reader
+    /// must poll again.
+    fn wake(&self, ticket: u64);
+}
+
+/// A parked reader's place in its topic, for [`Topic::unpark`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParkId(u64);
 
 impl State {
     /// Applies a ring change of `before` -> now to the budget, while the topic counts.
@@ -392,7 +468,7 @@ pub enum UpstreamProblem {
 }
 
 impl Topic {
-    fn new(route: Arc<RouteTopics>, name: &str, budget: Arc<Budget>) -> Topic {
+    fn new(route: Arc<RouteTopics>, name: &str, budget: Arc<Budget>, fanout: Arc<Fanout>) -> Topic {
         Topic {
             binding: cursor::binding(&route.name, name),
             epoch: fastrand::u64(1..),
@@ -404,6 +480,9 @@ impl Topic {
                 failing_since: None,
                 refused: None,
                 counted: true,
+                generation: 0,
+                parked: HashMap::new(),
+                next_park: 0,
             }),
             route,
             name: name.into(),
@@ -411,6 +490,7 @@ impl Topic {
             subscribers: AtomicUsize::new(0),
             retired: CancellationToken::new(),
             budget,
+            fanout,
         }
     }
 
@@ -492,7 +572,25 @@ impl Topic {
         if let Some(id) = message.id {
             st.dedupe.remember(id, seq, message.arrived);
         }
+        st.generation += 1;
+        let parked = mem::take(&mut st.parked);
+        let answer = (!parked.is_empty()).then(|| {
+            // Every parked reader stands at the head this message follows.
+            let at = Cursor {
+                binding: self.binding,
+                epoch: self.epoch,
+                seq: seq - 1,
+            };
+            self.poll_locked(&mut st, Requested::At(at), message.arrived)
+        });
         drop(st);
+        match answer {
+            Some(Poll::Batch(batch)) => self.fanout.deliver(parked, batch),
+            // The message went straight into a gap, or the buffer's age limit moved past the
+            // parked position: each reader sorts out its own answer.
+            Some(_) => wake_parked(parked),
+            None => {}
+        }
         self.notify.notify_waiters();
         Published {
             cursor,
@@ -514,8 +612,7 @@ impl Topic {
         let mut st = self.state();
         st.failing_since.get_or_insert(now);
         st.refused = status.filter(|s| matches!(s, 401 | 403 | 404));
-        drop(st);
-        self.notify.notify_waiters();
+        self.changed_now(st);
     }
 
     /// Since when the source has been failing, if it is.
@@ -523,8 +620,17 @@ impl Topic {
         self.state().failing_since
     }
 
-    /// Wakes every waiting reader (to re-check the upstream's state).
+    /// Wakes every waiting reader (to re-check the upstream's state, a drain, retirement).
     pub fn wake(&self) {
+        self.changed_now(self.state());
+    }
+
+    /// A change every waiting reader must look at: parked ones are woken too.
+    fn changed_now(&self, mut st: MutexGuard<'_, State>) {
+        st.generation += 1;
+        let parked = mem::take(&mut st.parked);
+        drop(st);
+        wake_parked(parked);
         self.notify.notify_waiters();
     }
 
@@ -546,14 +652,37 @@ impl Topic {
         let before = st.ring.bytes();
         st.ring.record_gap();
         st.account(&self.budget, before);
-        drop(st);
-        self.notify.notify_waiters();
+        self.changed_now(st);
     }
 
     /// What a reader at `at` finds now. Cursors must already be checked to belong to this
     /// (route, topic); see [`Topic::binding`].
     pub fn poll(&self, at: Requested, now: Instant) -> Poll {
+        self.poll_locked(&mut self.state(), at, now)
+    }
+
+    /// Parks `reader` at the head, where its poll found nothing, unless the topic changed
+    /// since that poll (`generation` of its `Poll::Empty`): then `None`, and it polls again.
+    /// Until the next change answers it, or [`Topic::unpark`], the topic keeps `reader`.
+    pub fn park(&self, generation: u64, reader: Arc<dyn Parked>, ticket: u64) -> Option<ParkId> {
         let mut st = self.state();
+        if st.generation != generation {
+            return None;
+        }
+        let id = st.next_park;
+        st.next_park += 1;
+        st.parked.insert(id, (reader, ticket));
+        Some(ParkId(id))
+    }
+
+    /// Takes a parked reader back (its wait ended otherwise); a no-op once a change took it.
+    pub fn unpark(&self, id: ParkId) {
+        let removed = self.state().parked.remove(&id.0);
+        // Dropped outside the lock: it may be the reader's last reference.
+        drop(removed);
+    }
+
+    fn poll_locked(&self, st: &mut State, at: Requested, now: Instant) -> Poll {
         let before = st.ring.bytes();
         st.ring.expire(now);
         st.account(&self.budget, before);
@@ -583,11 +712,10 @@ impl Topic {
                     epoch: self.epoch,
                     seq: after,
                 },
+                generation: st.generation,
             },
-            Read::Empty => Poll::Batch(self.encode(&mut st, after, after, false, true)),
-            Read::Messages { from, to, more } => {
-                Poll::Batch(self.encode(&mut st, from, to, more, gap))
-            }
+            Read::Empty => Poll::Batch(self.encode(st, after, after, false, true)),
+            Read::Messages { from, to, more } => Poll::Batch(self.encode(st, from, to, more, gap)),
         }
     }
 
@@ -632,6 +760,7 @@ impl Topic {
             messages,
             oldest: oldest.unwrap_or_else(Instant::now),
             gap,
+            http1: OnceLock::new(),
             from,
             head,
         });
@@ -651,6 +780,13 @@ impl Topic {
     }
 }
 
+/// Tells parked readers that something other than a message changed.
+fn wake_parked(parked: HashMap<u64, (Arc<dyn Parked>, u64)>) {
+    for (reader, ticket) in parked.into_values() {
+        reader.wake(ticket);
+    }
+}
+
 /// A registered reader of a topic; dropping it (however the request ends) unregisters it and
 /// starts the topic's linger.
 pub struct Subscription {
@@ -659,7 +795,7 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn topic(&self) -> &Topic {
+    pub fn topic(&self) -> &Arc<Topic> {
         &self.topic
     }
 
@@ -749,7 +885,7 @@ mod tests {
         let r = route(10, 1000, false);
         let sub = hub.subscribe(&r, "t").unwrap();
         let start = match sub.topic().poll(Requested::Latest, Instant::now()) {
-            Poll::Empty { at } => Requested::At(at),
+            Poll::Empty { at, .. } => Requested::At(at),
             other => panic!("{other:?}"),
         };
         hub.publish(&r, "t", msg("one")).unwrap();
@@ -871,6 +1007,58 @@ mod tests {
         assert_eq!(first.cursor, again.cursor);
         m.arrived += DEDUPE_WINDOW;
         assert!(!hub.publish(&r, "t", m).unwrap().duplicate);
+    }
+
+    /// A parked reader's log of what its topic told it: "ticket:messages" or "ticket:wake".
+    #[derive(Default)]
+    struct Log(Mutex<Vec<String>>);
+
+    impl Parked for Log {
+        fn deliver(&self, ticket: u64, batch: &Arc<Batch>) {
+            let entry = format!("{ticket}:{}", batch.messages);
+            self.0.lock().unwrap().push(entry);
+        }
+
+        fn wake(&self, ticket: u64) {
+            self.0.lock().unwrap().push(format!("{ticket}:wake"));
+        }
+    }
+
+    fn empty(p: Poll) -> (Cursor, u64) {
+        match p {
+            Poll::Empty { at, generation } => (at, generation),
+            other => panic!("expected nothing new, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parked_readers_get_the_next_batch_once_or_a_wake() {
+        let hub = Hub::new();
+        let r = route(10, 1000, false);
+        let sub = hub.subscribe(&r, "t").unwrap();
+        let t = sub.topic();
+        let log = Arc::new(Log::default());
+        let (_, stale) = empty(t.poll(Requested::Latest, Instant::now()));
+        hub.publish(&r, "t", msg("one")).unwrap();
+        // The topic changed since that poll: parking is refused, so the message is not missed.
+        assert!(t.park(stale, log.clone(), 1).is_none());
+
+        let (at, generation) = empty(t.poll(Requested::Latest, Instant::now()));
+        t.park(generation, log.clone(), 2).unwrap();
+        hub.publish(&r, "t", msg("two")).unwrap();
+        // Taken by the first change: the next one does not reach it again.
+        hub.publish(&r, "t", msg("three")).unwrap();
+        let delivered = batch(t.poll(Requested::At(at), Instant::now()));
+        assert_eq!(delivered.messages, 2);
+
+        let (_, generation) = empty(t.poll(Requested::Latest, Instant::now()));
+        t.park(generation, log.clone(), 3).unwrap();
+        t.record_gap();
+        let (_, generation) = empty(t.poll(Requested::Latest, Instant::now()));
+        let id = t.park(generation, log.clone(), 4).unwrap();
+        t.unpark(id);
+        hub.publish(&r, "t", msg("four")).unwrap();
+        assert_eq!(*log.0.lock().unwrap(), ["2:1", "3:wake"]);
     }
 
     #[tokio::test]

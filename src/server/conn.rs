@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::h1;
 use super::write_timeout::WriteTimeout;
 use super::{Admission, Handler, ListenerSettings, tune};
 use crate::gateway::ConnInfo;
@@ -51,7 +52,6 @@ impl Connection {
         } = self;
         tune(&stream);
         let limits = &settings.limits;
-        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let info = ConnInfo {
             peer,
             tls: settings.tls.is_some(),
@@ -61,6 +61,7 @@ impl Connection {
             Admission::Serve(..) => None,
         };
         let reject = refusal.is_some();
+        let held_path = (H::HOLDS_POLLS && !reject).then(|| handler.clone());
         let service = move |req| {
             // Called here, not inside the async block, so the block never holds the request.
             let call = (!reject).then(|| handler.call(req, info));
@@ -84,26 +85,39 @@ impl Connection {
         // HTTP/2 paths (rustls and h2 state are kilobytes) are boxed: a cleartext HTTP/1.1
         // connection, the held-poll case, pays only for what it uses.
         let serve = async {
+            let write_timeout = limits.write_timeout;
             match settings.tls_acceptor() {
                 Some(acceptor) => {
+                    let stream = WriteTimeout::new(stream, write_timeout);
                     Box::pin(serving.serve_tls(&acceptor, stream, peer, service)).await;
                 }
                 None => {
                     let protocol = if settings.http2 {
-                        match sniff(stream.get_ref(), limits.header_read_timeout).await {
+                        match sniff(&stream, limits.header_read_timeout).await {
                             Some(p) => p,
                             None => return,
                         }
                     } else {
                         Protocol::Http1
                     };
-                    serving.run(TokioIo::new(stream), protocol, service).await;
+                    match held_path {
+                        Some(handler) if protocol == Protocol::Http1 => {
+                            serving.run_held(stream, &handler, info, service).await;
+                        }
+                        _ => {
+                            let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
+                            // Boxed: hyper's connection state is only paid for by connections
+                            // that use it (held polls take the path above).
+                            Box::pin(serving.run(io, protocol, service)).await;
+                        }
+                    }
                 }
             }
         };
         if reject {
-            // An over-limit connection gets one answer and no more of our time.
-            let _ = tokio::time::timeout(limits.header_read_timeout, serve).await;
+            // An over-limit connection gets one answer and no more of our time. (Boxed, so
+            // the task does not keep room for `serve` twice.)
+            let _ = Box::pin(tokio::time::timeout(limits.header_read_timeout, serve)).await;
         } else {
             serve.await;
         }
@@ -148,17 +162,56 @@ impl Serving<'_> {
         self.run(TokioIo::new(tls), protocol, service).await;
     }
 
+    /// Serves a cleartext HTTP/1.1 connection on the held-poll path (`h1`), and with hyper
+    /// once a request needs it.
+    async fn run_held<H, S, F>(
+        &self,
+        stream: TcpStream,
+        handler: &Arc<H>,
+        info: ConnInfo,
+        service: S,
+    ) where
+        H: Handler,
+        S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
+    {
+        let _open = self.open(Protocol::Http1);
+        let limits = &self.settings.limits;
+        match h1::serve(stream, handler, info, limits, self.drain).await {
+            h1::End::Closed => {}
+            h1::End::Hyper(handoff) => {
+                let io = TokioIo::new(WriteTimeout::new(handoff, limits.write_timeout));
+                // Boxed: hyper's connection state is only paid for by connections that use it.
+                Box::pin(self.drive(io, Protocol::Http1, service)).await;
+            }
+        }
+    }
+
+    fn open(&self, protocol: Protocol) -> GaugeGuard {
+        GaugeGuard::new(
+            self.metrics
+                .connections_open
+                .with_label_values(&[&self.settings.name, protocol.label()]),
+        )
+    }
+
     async fn run<I, S, F>(&self, io: I, protocol: Protocol, service: S)
     where
         I: Read + Write + Unpin + Send + 'static,
         S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
     {
-        let _open = GaugeGuard::new(
-            self.metrics
-                .connections_open
-                .with_label_values(&[&self.settings.name, protocol.label()]),
-        );
+        let _open = self.open(protocol);
+        self.drive(io, protocol, service).await;
+    }
+
+    /// hyper serving the connection until it ends or the server drains.
+    async fn drive<I, S, F>(&self, io: I, protocol: Protocol, service: S)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+        S: Fn(http::Request<hyper::body::Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
+    {
         let limits = &self.settings.limits;
         let service = service_fn(service);
         let result = match protocol {
@@ -274,5 +327,5 @@ mod tests {
         });
     }
 
-    const CONNECTION_TASK_BYTES_MAX: usize = 1664;
+    const CONNECTION_TASK_BYTES_MAX: usize = 1560;
 }

@@ -11,6 +11,7 @@
 //! tracked, so the caller can wait for them with a deadline.
 
 mod conn;
+pub mod h1;
 pub mod per_ip;
 mod write_timeout;
 
@@ -22,15 +23,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{LimitsConfig, ListenerConfig};
-use crate::gateway::ConnInfo;
 use crate::gateway::problem::Problem;
+use crate::gateway::{ClientBody, ConnInfo, NoBody, Step};
 use crate::metrics::Metrics;
 use crate::upstream::Body;
 use ipnet::IpNet;
@@ -48,14 +48,25 @@ const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A request handler served on a listener.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether cleartext HTTP/1.1 connections take the held-poll path (`h1`) first.
+    const HOLDS_POLLS: bool = false;
+
     /// The returned future is what hyper keeps while a request is pending (for a held poll,
     /// for its whole hold): implementations do their synchronous work before returning it and
     /// move into it only what the wait needs, never the request.
-    fn call(
+    fn call<B: ClientBody>(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<Self>;
+    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<Self, B>;
+
+    /// A plain HTTP/1.1 GET that a connection may serve without hyper (see `h1`): `Some` when
+    /// it is for a route that holds polls, prepared as `call` would; `None`, with nothing
+    /// done, leaves it to hyper.
+    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
+        let _ = (req, conn);
+        None
+    }
 }
 
 /// Per-listener settings the connection tasks read.

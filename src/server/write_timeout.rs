@@ -29,10 +29,6 @@ impl<S> WriteTimeout<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Passes a ready result through (ending any stall); a pending one fails once it has been
     /// pending for the whole timeout.
     fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {

@@ -6,6 +6,7 @@ mod cli;
 mod collapse;
 mod common;
 mod exhaustion;
+mod held;
 mod hostile;
 mod jwt;
 mod listeners;

@@ -1,0 +1,706 @@
+//! The HTTP/1.1 path of cleartext connections, built for held polls.
+//!
+//! A connection reads its request heads itself (parsed by `httparse`). A plain GET for a poll
+//! route is served here; anything else (another route or method, a body, `Upgrade`, `Expect`,
+//! `Connection` options, HTTP/1.0, a malformed or oversized head) is handed to hyper with the
+//! bytes read so far, and hyper serves the connection from then on with its own checks and
+//! errors.
+//!
+//! Why: a held poll here costs its task and one [`Socket`], not hyper's two 8 KiB buffers per
+//! connection; and a waiting poll parks with its topic ([`Parked`]), so the publisher writes
+//! the shared, once-encoded answer into every parked socket itself instead of waking one task
+//! per client. See docs/BENCHMARKS.md.
+//!
+//! After an answer written in place, the connection notices it when the client sends its next
+//! request (or closes); a client that does neither is closed at the end of the poll's hold plus
+//! the header read timeout.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::{BufMut, Bytes};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Handler;
+use crate::config::LimitsConfig;
+use crate::gateway::longpoll::batch_response;
+use crate::gateway::{ConnInfo, HeldPoll, NoBody, Step, cors};
+use crate::hub::{Batch, ParkId, Parked, Topic};
+use crate::upstream::Body;
+
+/// First read buffer for a request head; doubled as needed up to `max_header_bytes`.
+const HEAD_BUFFER: usize = 512;
+const STATUS_OK: &[u8] = b"HTTP/1.1 200 OK\r\n";
+
+/// A connection's socket, shared with the topic its poll is parked on.
+pub struct Socket {
+    stream: TcpStream,
+    slot: Mutex<Slot>,
+    /// Signalled when the slot needs the connection (not after an answer written in full).
+    attention: Notify,
+}
+
+/// Where a connection's poll stands.
+enum Slot {
+    Idle,
+    Parked {
+        ticket: u64,
+        poll: HeldPoll,
+        /// The connection holds the client's next request already and no longer watches the
+        /// socket: an answer written in place must wake it.
+        pipelined: bool,
+    },
+    /// The topic changed otherwise: the poll looks again.
+    Woken(HeldPoll),
+    /// The publisher wrote the whole answer.
+    Answered,
+    /// The publisher wrote the start of the answer (or none of it): the rest.
+    Unwritten(Vec<u8>),
+    /// The publisher's write failed: the connection is done.
+    Broken,
+}
+
+impl Socket {
+    /// Read readiness, registered in the socket itself (only the connection's task waits
+    /// for it), so the waiting future is a reference.
+    fn read_ready(&self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(|cx| self.stream.poll_read_ready(cx))
+    }
+
+    fn write_ready(&self) -> impl Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(|cx| self.stream.poll_write_ready(cx))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the slot's poll if it is parked for `ticket`.
+    fn take_parked(slot: &mut Slot, ticket: u64) -> Option<HeldPoll> {
+        match mem::replace(slot, Slot::Idle) {
+            Slot::Parked {
+                ticket: t, poll, ..
+            } if t == ticket => Some(poll),
+            other => {
+                *slot = other;
+                None
+            }
+        }
+    }
+}
+
+impl Parked for Socket {
+    fn deliver(&self, ticket: u64, batch: &Arc<Batch>) {
+        let mut slot = self.lock();
+        let pipelined = matches!(
+            *slot,
+            Slot::Parked {
+                pipelined: true,
+                ..
+            }
+        );
+        let Some(poll) = Socket::take_parked(&mut slot, ticket) else {
+            return;
+        };
+        let tail = batch.http1.get_or_init(|| batch_tail(batch));
+        let cors = poll.origin().map(cors_lines).unwrap_or_default();
+        let written = with_date(|date| write_now(&self.stream, &[STATUS_OK, date, &cors, tail]));
+        *slot = match written {
+            Ok(None) => Slot::Answered,
+            Ok(Some(rest)) => Slot::Unwritten(rest),
+            Err(_) => Slot::Broken,
+        };
+        if pipelined || !matches!(*slot, Slot::Answered) {
+            self.attention.notify_one();
+        }
+        drop(slot);
+        poll.delivered(batch);
+    }
+
+    fn wake(&self, ticket: u64) {
+        let mut slot = self.lock();
+        if let Some(poll) = Socket::take_parked(&mut slot, ticket) {
+            *slot = Slot::Woken(poll);
+            self.attention.notify_one();
+        }
+    }
+}
+
+/// How the connection's own part ended.
+pub enum End {
+    Closed,
+    /// hyper serves the rest of the connection.
+    Hyper(Handoff),
+}
+
+/// What a poll's hold ended with.
+enum Held {
+    Respond(Response<Body>),
+    /// Its answer is on the wire.
+    Written,
+    Closed,
+}
+
+/// A response to come: boxed, so the connection's own future does not keep its room.
+type Answer = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// What is left of a request once it is prepared.
+enum Then {
+    Answer(Answer),
+    /// The poll waits in the socket's slot.
+    Hold,
+}
+
+/// Serves `stream` until it closes or a request for hyper arrives.
+///
+/// Memory: this future is what every connection keeps, so nothing large lives across an
+/// `.await` here: a waiting poll is kept in the socket's slot, and responses are written by a
+/// boxed future.
+pub async fn serve<H: Handler>(
+    stream: TcpStream,
+    handler: &Arc<H>,
+    info: ConnInfo,
+    limits: &LimitsConfig,
+    drain: &CancellationToken,
+) -> End {
+    let socket = Arc::new(Socket {
+        stream,
+        slot: Mutex::new(Slot::Idle),
+        attention: Notify::new(),
+    });
+    let mut buf = Vec::new();
+    let mut ticket = 0;
+    loop {
+        let then = match read_head(&socket, &mut buf, limits, drain).await {
+            Head::Ours(req, len) => match handler.prepare_held(req, info) {
+                Some(step) => {
+                    buf.drain(..len);
+                    if buf.is_empty() {
+                        // Nothing pipelined: a held poll keeps no buffer.
+                        buf = Vec::new();
+                    }
+                    socket.start(step)
+                }
+                None => return End::Hyper(Handoff::new(socket, buf)),
+            },
+            Head::Hyper => return End::Hyper(Handoff::new(socket, buf)),
+            Head::Closed => return End::Closed,
+        };
+        let answer = match then {
+            Then::Answer(answer) => answer,
+            Then::Hold => match hold(&socket, &mut ticket, &mut buf, limits, drain).await {
+                Held::Respond(resp) => Box::pin(std::future::ready(resp)),
+                Held::Written => continue,
+                Held::Closed => return End::Closed,
+            },
+        };
+        let written = Box::pin(respond(&socket, answer, drain, limits.write_timeout)).await;
+        if !matches!(written, Ok(Keep::Open)) {
+            return End::Closed;
+        }
+    }
+}
+
+/// A request head read off the connection.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request, never kept across an await"
+)]
+enum Head {
+    /// A GET this path serves; its length in the buffer.
+    Ours(Request<NoBody>, usize),
+    Hyper,
+    Closed,
+}
+
+/// Reads until the buffer holds a complete request head, within the header read timeout (an
+/// idle connection closes then, or at once when the server drains).
+async fn read_head(
+    socket: &Socket,
+    buf: &mut Vec<u8>,
+    limits: &LimitsConfig,
+    drain: &CancellationToken,
+) -> Head {
+    let deadline = Instant::now() + limits.header_read_timeout;
+    loop {
+        if !buf.is_empty() {
+            match parse(buf, limits.max_headers) {
+                Parsed::Complete(req, len) => return Head::Ours(req, len),
+                Parsed::Partial if buf.len() < limits.max_header_bytes => {}
+                Parsed::Partial | Parsed::NotOurs => return Head::Hyper,
+            }
+        }
+        tokio::select! {
+            r = socket.read_ready() => {
+                if r.is_err() {
+                    return Head::Closed;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Head::Closed,
+            () = drain.cancelled(), if buf.is_empty() => return Head::Closed,
+        }
+        let spare = if buf.is_empty() {
+            HEAD_BUFFER
+        } else {
+            buf.len()
+        };
+        buf.reserve(spare);
+        match socket.stream.try_read_buf(buf) {
+            Ok(0) => return Head::Closed,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Head::Closed,
+        }
+    }
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per request, never kept across an await"
+)]
+enum Parsed {
+    Complete(Request<NoBody>, usize),
+    Partial,
+    NotOurs,
+}
+
+/// Parses the head at the start of `buf`: a GET this path serves, or not.
+fn parse(buf: &[u8], max_headers: usize) -> Parsed {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut head = httparse::Request::new(&mut headers);
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::NotOurs,
+    };
+    match request(&head) {
+        Some(req) => Parsed::Complete(req, len),
+        None => Parsed::NotOurs,
+    }
+}
+
+/// The request of a head this path serves: HTTP/1.1 GET in origin form, without a body, an
+/// upgrade, an expectation or connection options.
+fn request(head: &httparse::Request<'_, '_>) -> Option<Request<NoBody>> {
+    if head.method != Some("GET") || head.version != Some(1) {
+        return None;
+    }
+    let path = head.path.filter(|p| p.starts_with('/'))?;
+    let mut req = Request::new(NoBody::new());
+    *req.method_mut() = Method::GET;
+    *req.version_mut() = Version::HTTP_11;
+    *req.uri_mut() = path.parse().ok()?;
+    let map = req.headers_mut();
+    for h in head.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        let plain = match name {
+            header::TRANSFER_ENCODING | header::UPGRADE | header::EXPECT => false,
+            header::CONTENT_LENGTH => value == "0",
+            header::CONNECTION => value.as_bytes().eq_ignore_ascii_case(b"keep-alive"),
+            _ => true,
+        };
+        if !plain {
+            return None;
+        }
+        map.append(name, value);
+    }
+    Some(req)
+}
+
+/// Waits for the answer of the poll in the socket's slot, parked with its topic.
+async fn hold(
+    socket: &Arc<Socket>,
+    ticket: &mut u64,
+    buf: &mut Vec<u8>,
+    limits: &LimitsConfig,
+    drain: &CancellationToken,
+) -> Held {
+    loop {
+        let (topic, id, deadline) = match socket.park(ticket, !buf.is_empty()) {
+            Park::Answer(resp) => return Held::Respond(resp),
+            Park::Again => continue,
+            Park::Parked(topic, id, deadline) => (topic, id, deadline),
+        };
+        let woke = wait_parked(socket, *ticket, deadline, buf, drain).await;
+        match woke {
+            Woke::Again => {}
+            Woke::Expired => {
+                topic.unpark(id);
+                let mut poll = socket.take_poll();
+                return Held::Respond(poll.expire());
+            }
+            Woke::Gone => {
+                topic.unpark(id);
+                drop(socket.take_poll());
+                return Held::Closed;
+            }
+            Woke::Answered => return Held::Written,
+            Woke::Unwritten(rest) => {
+                let bufs = &mut [IoSlice::new(&rest)];
+                // Boxed: rare (the socket was full), and kept out of every connection's future.
+                let written = Box::pin(write_all(socket, bufs, limits.write_timeout));
+                return match written.await {
+                    Ok(()) => Held::Written,
+                    Err(_) => Held::Closed,
+                };
+            }
+            Woke::Broken => return Held::Closed,
+        }
+    }
+}
+
+/// The slot's poll after a look at its topic.
+enum Park {
+    Answer(Response<Body>),
+    /// The topic changed meanwhile: look again.
+    Again,
+    Parked(Arc<Topic>, ParkId, Instant),
+}
+
+impl Socket {
+    fn start(&self, step: Step) -> Then {
+        match step {
+            Step::Done(resp) => Then::Answer(Box::pin(std::future::ready(resp))),
+            Step::Pending(pending) => Then::Answer(pending),
+            Step::Poll(poll) => {
+                *self.lock() = Slot::Woken(poll);
+                Then::Hold
+            }
+        }
+    }
+
+    /// Looks at the topic for the slot's poll (which must be `Woken`), and parks it there
+    /// when there is nothing to answer yet.
+    fn park(self: &Arc<Self>, ticket: &mut u64, pipelined: bool) -> Park {
+        let mut poll = self.take_poll();
+        let generation = match poll.look() {
+            Ok(resp) => return Park::Answer(resp),
+            Err(generation) => generation,
+        };
+        let deadline = poll.deadline();
+        let topic = poll.topic().clone();
+        *ticket += 1;
+        *self.lock() = Slot::Parked {
+            ticket: *ticket,
+            poll,
+            pipelined,
+        };
+        match topic.park(generation, self.clone(), *ticket) {
+            Some(id) => Park::Parked(topic, id, deadline),
+            None => {
+                let mut slot = self.lock();
+                if let Some(poll) = Socket::take_parked(&mut slot, *ticket) {
+                    *slot = Slot::Woken(poll);
+                }
+                Park::Again
+            }
+        }
+    }
+
+    /// The slot's poll, which the connection holds (parked and taken back, or woken).
+    fn take_poll(&self) -> HeldPoll {
+        match mem::replace(&mut *self.lock(), Slot::Idle) {
+            Slot::Parked { poll, .. } | Slot::Woken(poll) => poll,
+            _ => unreachable!("take_poll is only called while the connection holds the poll"),
+        }
+    }
+}
+
+/// Why a parked poll's connection woke up.
+enum Woke {
+    /// The topic changed otherwise: the poll (in the slot, `Woken`) looks again.
+    Again,
+    /// The hold (or the drain's moment) is over; the poll is in the slot, `Parked`.
+    Expired,
+    /// The client closed; the poll is in the slot, `Parked`.
+    Gone,
+    Answered,
+    Unwritten(Vec<u8>),
+    Broken,
+}
+
+/// Waits until the parked poll is answered, woken, over, or its client gone. Bytes the client
+/// sends meanwhile (its next request, pipelined) are kept in `buf`.
+async fn wait_parked(
+    socket: &Socket,
+    ticket: u64,
+    deadline: Instant,
+    buf: &mut Vec<u8>,
+    drain: &CancellationToken,
+) -> Woke {
+    let sleep = tokio::time::sleep_until(deadline);
+    let mut sleep = std::pin::pin!(sleep);
+    let mut reading = buf.is_empty();
+    let mut drained = drain.is_cancelled();
+    loop {
+        let (mut expired, mut gone) = (false, false);
+        tokio::select! {
+            () = socket.attention.notified() => {}
+            () = sleep.as_mut() => expired = true,
+            r = socket.read_ready(), if reading => {
+                gone = r.is_err();
+                if !gone {
+                    buf.reserve(HEAD_BUFFER);
+                    match socket.stream.try_read_buf(buf) {
+                        Ok(0) => gone = true,
+                        Ok(_) => {
+                            reading = false;
+                            if let Slot::Parked { pipelined, .. } = &mut *socket.lock() {
+                                *pipelined = true;
+                            }
+                        }
+                        Err(e) => gone = e.kind() != io::ErrorKind::WouldBlock,
+                    }
+                }
+            }
+            // The drain answers parked polls through their topics; this only ends a
+            // connection whose answer was written in place meanwhile.
+            () = drain.cancelled(), if !drained => drained = true,
+        }
+        let mut slot = socket.lock();
+        match &*slot {
+            Slot::Parked { ticket: t, .. } if *t == ticket && gone => return Woke::Gone,
+            Slot::Parked { ticket: t, .. } if *t == ticket && expired => return Woke::Expired,
+            Slot::Parked { .. } => continue,
+            Slot::Woken(_) => return Woke::Again,
+            _ => {}
+        }
+        return match mem::replace(&mut *slot, Slot::Idle) {
+            Slot::Answered => Woke::Answered,
+            Slot::Unwritten(rest) => Woke::Unwritten(rest),
+            _ => Woke::Broken,
+        };
+    }
+}
+
+/// Writes `parts` now if the socket takes them: `None` when all was written, else the rest.
+fn write_now(stream: &TcpStream, parts: &[&[u8]; 4]) -> io::Result<Option<Vec<u8>>> {
+    let slices = parts.map(IoSlice::new);
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let written = match stream.try_write_vectored(&slices) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if written == total {
+        return Ok(None);
+    }
+    Ok(Some(parts.concat().split_off(written)))
+}
+
+/// Writes all of `bufs`; a write blocked for `timeout` fails.
+async fn write_all(socket: &Socket, bufs: &mut [IoSlice<'_>], timeout: Duration) -> io::Result<()> {
+    let mut bufs = bufs;
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match socket.stream.try_write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::timeout(timeout, socket.write_ready())
+                    .await
+                    .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a connection goes on after a response.
+enum Keep {
+    Open,
+    Close,
+}
+
+/// Awaits and writes a response; it closes the connection when it says so or the server drains.
+async fn respond(
+    socket: &Socket,
+    answer: Answer,
+    drain: &CancellationToken,
+    timeout: Duration,
+) -> io::Result<Keep> {
+    let resp = answer.await;
+    let close = drain.is_cancelled() || says_close(resp.headers());
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.put_u8(b' ');
+    head.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    with_date(|date| head.extend_from_slice(date));
+    header_lines(&parts.headers, &mut head);
+    if close && !parts.headers.contains_key(header::CONNECTION) {
+        head.extend_from_slice(b"connection: close\r\n");
+    }
+    let no_body = parts.status == StatusCode::NO_CONTENT || parts.status.is_informational();
+    if !no_body {
+        content_length(body.len(), &mut head);
+    }
+    head.extend_from_slice(b"\r\n");
+    let bufs = &mut [IoSlice::new(&head), IoSlice::new(&body)];
+    write_all(socket, bufs, timeout).await?;
+    Ok(if close { Keep::Close } else { Keep::Open })
+}
+
+/// Whether a response closes its connection.
+fn says_close(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// A batch's answer after its status and date lines: headers, then the body.
+fn batch_tail(batch: &Batch) -> Bytes {
+    let resp = batch_response(batch);
+    let mut out = Vec::with_capacity(160 + batch.body.len());
+    header_lines(resp.headers(), &mut out);
+    content_length(batch.body.len(), &mut out);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&batch.body);
+    out.into()
+}
+
+/// The CORS header lines of an answer to `origin`.
+fn cors_lines(origin: &HeaderValue) -> Vec<u8> {
+    let mut resp = Response::new(Body::default());
+    cors::apply(&mut resp, origin);
+    let mut out = Vec::new();
+    header_lines(resp.headers(), &mut out);
+    out
+}
+
+fn header_lines(headers: &HeaderMap, out: &mut Vec<u8>) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn content_length(len: usize, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Calls `f` with this second's `date` header line (formatted once per second and thread).
+fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local! {
+        static DATE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, line)| {
+        if *at != second {
+            *at = second;
+            line.clear();
+            line.extend_from_slice(b"date: ");
+            line.extend_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            line.extend_from_slice(b"\r\n");
+        }
+        f(line)
+    })
+}
+
+/// The connection, handed to hyper: the bytes read so far come first.
+pub struct Handoff {
+    socket: Arc<Socket>,
+    read: Bytes,
+}
+
+impl Handoff {
+    fn new(socket: Arc<Socket>, read: Vec<u8>) -> Handoff {
+        Handoff {
+            socket,
+            read: read.into(),
+        }
+    }
+
+    fn stream(&self) -> &TcpStream {
+        &self.socket.stream
+    }
+}
+
+impl AsyncRead for Handoff {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            ready!(self.stream().poll_read_ready(cx))?;
+            match self.stream().try_read_buf(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r.map(drop)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Handoff {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream().poll_write_ready(cx))?;
+            match self.stream().try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.stream().poll_write_ready(cx))?;
+            match self.stream().try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let sock = socket2::SockRef::from(self.stream());
+        Poll::Ready(sock.shutdown(std::net::Shutdown::Write))
+    }
+}
