@@ -112,10 +112,17 @@ fn main() {
     let cli = Cli::parse();
     // A worker holds thousands of sockets: take every descriptor the hard limit allows.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // A worker process runs on one thread: its connections wait for the server and need no
+    // second thread, and cross-thread wake-ups would be CPU taken from the server measured.
+    let runtime = match cli.command {
+        Command::Worker => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Worker => {
@@ -156,13 +163,16 @@ async fn run(args: RunArgs) -> Result<(), String> {
     }
     let ctx = Ctx {
         args: args.clone(),
-        started: std::sync::atomic::AtomicU8::new(0),
+        // Runs start at a random block, so back-to-back runs do not reuse source addresses
+        // whose ports are still in TIME-WAIT from the run before.
+        started: std::sync::atomic::AtomicU8::new((now_ns() % 250) as u8),
         sub_addr,
         sub_path,
         pub_addr,
         pub_path,
         held_addr,
         held_path,
+        status: tokio::sync::Mutex::new(None),
         run_id: format!("{:x}", now_ns() % 0xffff_ffff),
     };
     let mut rows = Vec::new();
@@ -206,6 +216,9 @@ struct Ctx {
     pub_path: String,
     held_addr: SocketAddr,
     held_path: String,
+    /// A keep-alive connection to the status page (a new one per look would leave thousands of
+    /// TIME-WAIT sockets per run and, over runs, use the loopback's ephemeral ports up).
+    status: tokio::sync::Mutex<Option<Conn>>,
     run_id: String,
 }
 
@@ -222,13 +235,27 @@ impl Ctx {
 
     /// Subscribers held by the server now, as its status page says.
     async fn held(&self) -> Result<u64, String> {
-        let mut conn = Conn::open(self.held_addr, None)
-            .await
-            .map_err(|e| format!("status page: {e}"))?;
-        let reply = conn
-            .request(&client::get("status", &self.held_path, &[]))
-            .await
-            .map_err(|e| format!("status page: {e}"))?;
+        let mut status = self.status.lock().await;
+        let request = client::get("status", &self.held_path, &[]);
+        let reused = match status.as_mut() {
+            Some(conn) => conn.request(&request).await.ok(),
+            None => None,
+        };
+        let reply = match reused {
+            Some(reply) => reply,
+            // First look, or the server closed the idle connection: a new one.
+            None => {
+                let mut conn = Conn::open(self.held_addr, None)
+                    .await
+                    .map_err(|e| format!("status page: {e}"))?;
+                let reply = conn
+                    .request(&request)
+                    .await
+                    .map_err(|e| format!("status page: {e}"))?;
+                *status = Some(conn);
+                reply
+            }
+        };
         let text = String::from_utf8_lossy(&reply.body);
         let value = text
             .lines()
@@ -603,22 +630,32 @@ fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
         a.first().map(name).unwrap_or_default(),
         b.first().map(name).unwrap_or_default(),
     );
-    println!("| scenario | figure | {an} | {bn} | {an} / {bn} |");
-    println!("|---|---|---|---|---|");
-    for ra in &a {
-        let scenario = ra["scenario"].as_str().unwrap_or("?");
-        let Some(rb) = b.iter().find(|r| r["scenario"] == ra["scenario"]) else {
-            continue;
+    println!("| scenario | figure | rounds | {an} | {bn} | {an} / {bn} |");
+    println!("|---|---|---|---|---|---|");
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in &a {
+        let s = r["scenario"].as_str().unwrap_or("?");
+        if !scenarios.contains(&s) {
+            scenarios.push(s);
+        }
+    }
+    for scenario in scenarios {
+        let rounds = |rows: &[Value]| -> Vec<Value> {
+            rows.iter()
+                .filter(|r| r["scenario"] == scenario)
+                .cloned()
+                .collect()
         };
-        if ra["opened"] != rb["opened"] {
-            println!(
-                "| {scenario} | opened (not comparable) | {} | {} | |",
-                ra["opened"], rb["opened"]
-            );
+        let (ra, rb) = (rounds(&a), rounds(&b));
+        if rb.is_empty() {
+            continue;
+        }
+        if ra.iter().chain(&rb).any(|r| r["opened"] != ra[0]["opened"]) {
+            println!("| {scenario} | opened (not comparable) | | | | |");
             continue;
         }
         for key in COMPARED {
-            let (Some(x), Some(y)) = (ra[key].as_f64(), rb[key].as_f64()) else {
+            let (Some(x), Some(y)) = (summary(&ra, key), summary(&rb, key)) else {
                 continue;
             };
             let ratio = if y == 0.0 {
@@ -630,8 +667,45 @@ fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
             } else {
                 format!("{:.2}", x / y)
             };
-            println!("| {scenario} | {key} | {x} | {y} | {ratio} |");
+            let n = ra.len().min(rb.len());
+            println!("| {scenario} | {key} | {n} | {x} | {y} | {ratio} |");
         }
     }
     0
+}
+
+/// One figure over a scenario's rounds: the worst for counts of lost, duplicated or reordered
+/// messages (one bad round must show), the median for the others (this machine is noisy).
+fn summary(rounds: &[Value], key: &str) -> Option<f64> {
+    let mut values: Vec<f64> = rounds.iter().filter_map(|r| r[key].as_f64()).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    if matches!(key, "lost" | "duplicated" | "out_of_order") {
+        return values.last().copied();
+    }
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_are_summarized_by_median_and_losses_by_the_worst() {
+        let rounds: Vec<Value> = [(3.0, 0), (1.0, 7), (2.0, 0)]
+            .iter()
+            .map(|(p99, lost)| serde_json::json!({"fanout_p99_ms": p99, "lost": lost}))
+            .collect();
+        assert_eq!(summary(&rounds, "fanout_p99_ms"), Some(2.0));
+        assert_eq!(summary(&rounds, "lost"), Some(7.0));
+        assert_eq!(summary(&rounds[..2], "fanout_p99_ms"), Some(2.0));
+        assert_eq!(summary(&rounds, "deliveries_per_s"), None);
+    }
 }

@@ -812,8 +812,20 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.topic.state().last_active = Instant::now();
-        self.topic.subscribers.fetch_sub(1, Ordering::AcqRel);
+        // Only the last reader to leave starts the linger: the others leave without the
+        // topic's lock (a fan-out ends thousands of subscriptions at once). The last one marks
+        // the time before it leaves, so a sweep never sees a readerless topic with a stale
+        // mark.
+        let subscribers = &self.topic.subscribers;
+        let others_stay = subscribers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n > 1).then(|| n - 1)
+            })
+            .is_ok();
+        if !others_stay {
+            self.topic.state().last_active = Instant::now();
+            subscribers.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -181,6 +181,7 @@ pub async fn serve<H: Handler>(
         slot: Mutex::new(Slot::Idle),
         attention: Notify::new(),
     });
+    let _clear = ClearSlot(socket.clone());
     let mut buf = Vec::new();
     let mut ticket = 0;
     loop {
@@ -330,21 +331,20 @@ async fn hold(
     drain: &CancellationToken,
 ) -> Held {
     loop {
-        let (topic, id, deadline) = match socket.park(ticket, !buf.is_empty()) {
+        let (parked, deadline) = match socket.park(ticket, !buf.is_empty()) {
             Park::Answer(resp) => return Held::Respond(resp),
             Park::Again => continue,
-            Park::Parked(topic, id, deadline) => (topic, id, deadline),
+            Park::Parked(parked, deadline) => (parked, deadline),
         };
         let woke = wait_parked(socket, *ticket, deadline, buf, drain).await;
+        drop(parked);
         match woke {
             Woke::Again => {}
             Woke::Expired => {
-                topic.unpark(id);
                 let mut poll = socket.take_poll();
                 return Held::Respond(poll.expire());
             }
             Woke::Gone => {
-                topic.unpark(id);
                 drop(socket.take_poll());
                 return Held::Closed;
             }
@@ -368,7 +368,32 @@ enum Park {
     Answer(Response<Body>),
     /// The topic changed meanwhile: look again.
     Again,
-    Parked(Arc<Topic>, ParkId, Instant),
+    /// Parked until the deadline.
+    Parked(ParkedAt, Instant),
+}
+
+/// A poll's place in its topic's parked list, given up when dropped (a no-op once a change
+/// took it), however the wait ends.
+struct ParkedAt {
+    topic: Arc<Topic>,
+    id: ParkId,
+}
+
+impl Drop for ParkedAt {
+    fn drop(&mut self) {
+        self.topic.unpark(self.id);
+    }
+}
+
+/// Clears the socket's slot when the connection ends, however it ends: a poll left there
+/// would keep its subscription (and the socket would keep its topic) alive.
+struct ClearSlot(Arc<Socket>);
+
+impl Drop for ClearSlot {
+    fn drop(&mut self) {
+        let poll = mem::replace(&mut *self.0.lock(), Slot::Idle);
+        drop(poll);
+    }
 }
 
 impl Socket {
@@ -400,7 +425,7 @@ impl Socket {
             pipelined,
         };
         match topic.park(generation, self.clone(), *ticket) {
-            Some(id) => Park::Parked(topic, id, deadline),
+            Some(id) => Park::Parked(ParkedAt { topic, id }, deadline),
             None => {
                 let mut slot = self.lock();
                 if let Some(poll) = Socket::take_parked(&mut slot, *ticket) {
@@ -488,10 +513,14 @@ async fn wait_parked(
 }
 
 /// Writes `parts` now if the socket takes them: `None` when all was written, else the rest.
+///
+/// Written to the socket directly, past tokio's readiness bookkeeping (which costs a cache miss
+/// per socket in a fan-out): a full socket only means that the connection's own next wait for
+/// write readiness returns once at once, finds the socket still full, and waits properly.
 fn write_now(stream: &TcpStream, parts: &[&[u8]; 4]) -> io::Result<Option<Vec<u8>>> {
     let slices = parts.map(IoSlice::new);
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let written = match stream.try_write_vectored(&slices) {
+    let written = match socket2::SockRef::from(stream).send_vectored(&slices) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
