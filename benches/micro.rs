@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths (names carry scenario, scale and payload):
-//! the hub's share of a fan-out, cursor encoding and decoding, route matching, and the SSE and
-//! NDJSON decoders of the upstream sources.
+//! the hub's share of a fan-out (readers polling, and readers parked), cursor encoding and
+//! decoding, route matching, and the SSE and NDJSON decoders of the upstream sources.
 //! Run with `cargo bench --bench micro`; results in docs/BENCHMARKS.md.
 
 use std::hint::black_box;
@@ -14,7 +14,7 @@ use pollmux::config::Config;
 use pollmux::gateway::router::Router;
 use pollmux::hub::cursor::{Cursor, Requested};
 use pollmux::hub::ring::BufferLimits;
-use pollmux::hub::{Hub, NewMessage, Poll, RouteTopics, TopicSettings};
+use pollmux::hub::{Batch, Hub, NewMessage, Parked, Poll, RouteTopics, TopicSettings};
 
 fn route() -> Arc<RouteTopics> {
     let settings = TopicSettings {
@@ -55,6 +55,50 @@ fn fanout(c: &mut Criterion) {
                 for _ in 0..readers {
                     black_box(sub.topic().poll(at, Instant::now()));
                 }
+            })
+        });
+    }
+}
+
+/// A parked reader that only counts its answers (the socket write is the kernel's share).
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl Parked for Counting {
+    fn deliver(&self, _: u64, batch: &Arc<Batch>) {
+        black_box(batch);
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn wake(&self, _: u64) {}
+}
+
+/// `readers` park at the head, then one publish of a 256-byte JSON message hands each its
+/// batch: the hub's share of an in-place fan-out (parking, taking the list, handing out).
+fn fanout_parked(c: &mut Criterion) {
+    let payload = Bytes::from(format!("{{\"v\":\"{}\"}}", "x".repeat(248)));
+    for readers in [10usize, 1_000, 10_000] {
+        let hub = Hub::new();
+        let r = route();
+        let sub = hub.subscribe(&r, "t").expect("topic");
+        let parked: Vec<Arc<Counting>> =
+            (0..readers).map(|_| Arc::new(Counting(0.into()))).collect();
+        c.bench_function(&format!("fanout_hub_1topic_{readers}_parked_256b"), |b| {
+            b.iter(|| {
+                let generation = match sub.topic().poll(Requested::Latest, Instant::now()) {
+                    Poll::Empty { generation, .. } => generation,
+                    other => panic!("{other:?}"),
+                };
+                for (ticket, reader) in parked.iter().enumerate() {
+                    let reader: Arc<dyn Parked> = reader.clone();
+                    sub.topic().park(generation, reader, ticket as u64);
+                }
+                let message = NewMessage {
+                    id: None,
+                    content_type: Some("application/json".into()),
+                    payload: payload.clone(),
+                    arrived: Instant::now(),
+                };
+                hub.publish(&r, "t", message).expect("publish");
             })
         });
     }
@@ -126,5 +170,5 @@ fn decoders(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, fanout, cursors, router, decoders);
+criterion_group!(benches, fanout, fanout_parked, cursors, router, decoders);
 criterion_main!(benches);

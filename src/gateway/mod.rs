@@ -735,6 +735,11 @@ impl HeldPoll {
         self.held.origin()
     }
 
+    /// Whether the server drains (answers then close their HTTP/1.1 connections).
+    pub fn draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Counts the poll as answered with `batch`, written by its topic's publisher.
     pub fn delivered(mut self, batch: &crate::hub::Batch) {
         self.held.delivered(&self.route, batch);

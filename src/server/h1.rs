@@ -67,8 +67,11 @@ enum Slot {
     Woken(HeldPoll),
     /// The publisher wrote the whole answer.
     Answered,
-    /// The publisher wrote the start of the answer (or none of it): the rest.
-    Unwritten(Vec<u8>),
+    /// The publisher wrote the whole answer, which closes the connection (the server drains).
+    Closing,
+    /// The publisher wrote the start of the answer (or none of it): the rest, and whether the
+    /// connection closes after it.
+    Unwritten(Vec<u8>, bool),
     /// The publisher's write failed: the connection is done.
     Broken,
 }
@@ -116,18 +119,28 @@ impl Parked for Socket {
             return;
         };
         let tail = batch.http1.get_or_init(|| batch_tail(batch));
-        let cors = poll.origin().map(cors_lines).unwrap_or_default();
-        let written = with_date(|date| write_now(&self.stream, &[STATUS_OK, date, &cors, tail]));
-        *slot = match written {
+        let mut extra = poll.origin().map(cors_lines).unwrap_or_default();
+        // While the server drains, the connection closes after its answer (as hyper's do).
+        let close = poll.draining();
+        if close {
+            extra.extend_from_slice(b"connection: close\r\n");
+        }
+        let written = with_date(|date| write_now(&self.stream, &[STATUS_OK, date, &extra, tail]));
+        *slot = match &written {
+            Ok(None) if close => Slot::Closing,
             Ok(None) => Slot::Answered,
-            Ok(Some(rest)) => Slot::Unwritten(rest),
+            Ok(Some(rest)) => Slot::Unwritten(rest.clone(), close),
             Err(_) => Slot::Broken,
         };
-        if pipelined || !matches!(*slot, Slot::Answered) {
+        if pipelined || close || !matches!(*slot, Slot::Answered) {
             self.attention.notify_one();
         }
         drop(slot);
-        poll.delivered(batch);
+        match written {
+            Ok(_) => poll.delivered(batch),
+            // Not answered: dropped, the poll counts as its client gone.
+            Err(_) => drop(poll),
+        }
     }
 
     fn wake(&self, ticket: u64) {
@@ -208,7 +221,8 @@ pub async fn serve<H: Handler>(
                 Held::Closed => return End::Closed,
             },
         };
-        let written = Box::pin(respond(&socket, answer, drain, limits.write_timeout)).await;
+        let respond = respond(&socket, answer, &mut buf, drain, limits.write_timeout);
+        let written = Box::pin(respond).await;
         if !matches!(written, Ok(Keep::Open)) {
             return End::Closed;
         }
@@ -236,13 +250,25 @@ async fn read_head(
     drain: &CancellationToken,
 ) -> Head {
     let deadline = Instant::now() + limits.header_read_timeout;
+    // Bytes already searched for the end of the head: a head arriving in pieces is searched
+    // once, and parsed only when it may be whole.
+    let mut searched: usize = 0;
     loop {
-        if !buf.is_empty() {
+        let from = searched.saturating_sub(3);
+        searched = buf.len();
+        let ended = buf[from..].windows(2).any(|w| w == b"\n\n")
+            || buf[from..].windows(3).any(|w| w == b"\n\r\n");
+        if ended {
             match parse(buf, limits.max_headers) {
+                Parsed::Complete(_, len) if len > limits.max_header_bytes => return Head::Hyper,
                 Parsed::Complete(req, len) => return Head::Ours(req, len),
-                Parsed::Partial if buf.len() < limits.max_header_bytes => {}
-                Parsed::Partial | Parsed::NotOurs => return Head::Hyper,
+                Parsed::Partial => {}
+                Parsed::NotOurs => return Head::Hyper,
             }
+        }
+        if buf.len() >= limits.max_header_bytes {
+            // hyper answers an oversized head (431).
+            return Head::Hyper;
         }
         tokio::select! {
             r = socket.read_ready() => {
@@ -335,31 +361,30 @@ async fn hold(
             Park::Answer(resp) => return Held::Respond(resp),
             Park::Again => continue,
             Park::Parked(parked, deadline) => (parked, deadline),
+            Park::Lost => return Held::Closed,
         };
-        let woke = wait_parked(socket, *ticket, deadline, buf, drain).await;
-        drop(parked);
-        match woke {
-            Woke::Again => {}
-            Woke::Expired => {
-                let mut poll = socket.take_poll();
+        let (rest, close) = match wait_parked(socket, *ticket, deadline, buf, drain).await {
+            Woke::Again => continue,
+            Woke::Expired(mut poll) => {
+                drop(parked);
                 return Held::Respond(poll.expire());
             }
-            Woke::Gone => {
-                drop(socket.take_poll());
+            Woke::Gone(poll) => {
+                drop((parked, poll));
                 return Held::Closed;
             }
             Woke::Answered => return Held::Written,
-            Woke::Unwritten(rest) => {
-                let bufs = &mut [IoSlice::new(&rest)];
-                // Boxed: rare (the socket was full), and kept out of every connection's future.
-                let written = Box::pin(write_all(socket, bufs, limits.write_timeout));
-                return match written.await {
-                    Ok(()) => Held::Written,
-                    Err(_) => Held::Closed,
-                };
-            }
-            Woke::Broken => return Held::Closed,
-        }
+            Woke::Closing | Woke::Broken => return Held::Closed,
+            Woke::Unwritten(rest, close) => (rest, close),
+        };
+        let bufs = &mut [IoSlice::new(&rest)];
+        // Boxed: rare (the socket was full), and kept out of every connection's future.
+        let written = Box::pin(write_all(socket, bufs, limits.write_timeout)).await;
+        return if written.is_ok() && !close {
+            Held::Written
+        } else {
+            Held::Closed
+        };
     }
 }
 
@@ -370,18 +395,23 @@ enum Park {
     Again,
     /// Parked until the deadline.
     Parked(ParkedAt, Instant),
+    /// The slot held no poll to look at.
+    Lost,
 }
 
 /// A poll's place in its topic's parked list, given up when dropped (a no-op once a change
-/// took it), however the wait ends.
+/// took it), however the wait ends. (A weak reference: an answered connection waiting for its
+/// client's next request does not keep a removed topic's buffer alive.)
 struct ParkedAt {
-    topic: Arc<Topic>,
+    topic: std::sync::Weak<Topic>,
     id: ParkId,
 }
 
 impl Drop for ParkedAt {
     fn drop(&mut self) {
-        self.topic.unpark(self.id);
+        if let Some(topic) = self.topic.upgrade() {
+            topic.unpark(self.id);
+        }
     }
 }
 
@@ -411,7 +441,11 @@ impl Socket {
     /// Looks at the topic for the slot's poll (which must be `Woken`), and parks it there
     /// when there is nothing to answer yet.
     fn park(self: &Arc<Self>, ticket: &mut u64, pipelined: bool) -> Park {
-        let mut poll = self.take_poll();
+        let mut poll = match mem::replace(&mut *self.lock(), Slot::Idle) {
+            Slot::Woken(poll) => poll,
+            // Nothing else is ever left for this look; should it be, the connection ends.
+            _ => return Park::Lost,
+        };
         let generation = match poll.look() {
             Ok(resp) => return Park::Answer(resp),
             Err(generation) => generation,
@@ -425,7 +459,10 @@ impl Socket {
             pipelined,
         };
         match topic.park(generation, self.clone(), *ticket) {
-            Some(id) => Park::Parked(ParkedAt { topic, id }, deadline),
+            Some(id) => {
+                let topic = Arc::downgrade(&topic);
+                Park::Parked(ParkedAt { topic, id }, deadline)
+            }
             None => {
                 let mut slot = self.lock();
                 if let Some(poll) = Socket::take_parked(&mut slot, *ticket) {
@@ -435,26 +472,19 @@ impl Socket {
             }
         }
     }
-
-    /// The slot's poll, which the connection holds (parked and taken back, or woken).
-    fn take_poll(&self) -> HeldPoll {
-        match mem::replace(&mut *self.lock(), Slot::Idle) {
-            Slot::Parked { poll, .. } | Slot::Woken(poll) => poll,
-            _ => unreachable!("take_poll is only called while the connection holds the poll"),
-        }
-    }
 }
 
 /// Why a parked poll's connection woke up.
 enum Woke {
     /// The topic changed otherwise: the poll (in the slot, `Woken`) looks again.
     Again,
-    /// The hold (or the drain's moment) is over; the poll is in the slot, `Parked`.
-    Expired,
-    /// The client closed; the poll is in the slot, `Parked`.
-    Gone,
+    /// The hold (or the drain's moment) is over: the poll, taken back.
+    Expired(HeldPoll),
+    /// The client closed: the poll, taken back.
+    Gone(HeldPoll),
     Answered,
-    Unwritten(Vec<u8>),
+    Closing,
+    Unwritten(Vec<u8>, bool),
     Broken,
 }
 
@@ -497,16 +527,25 @@ async fn wait_parked(
             () = drain.cancelled(), if !drained => drained = true,
         }
         let mut slot = socket.lock();
-        match &*slot {
-            Slot::Parked { ticket: t, .. } if *t == ticket && gone => return Woke::Gone,
-            Slot::Parked { ticket: t, .. } if *t == ticket && expired => return Woke::Expired,
-            Slot::Parked { .. } => continue,
-            Slot::Woken(_) => return Woke::Again,
-            _ => {}
+        if let Slot::Parked { .. } = &*slot {
+            // Taken back under the lock, so a publisher holding the topic's list finds it gone.
+            if gone || expired {
+                return match (Socket::take_parked(&mut slot, ticket), gone) {
+                    (Some(poll), true) => Woke::Gone(poll),
+                    (Some(poll), false) => Woke::Expired(poll),
+                    // Parked under another ticket: not this wait's poll.
+                    (None, _) => Woke::Broken,
+                };
+            }
+            continue;
+        }
+        if let Slot::Woken(_) = &*slot {
+            return Woke::Again;
         }
         return match mem::replace(&mut *slot, Slot::Idle) {
             Slot::Answered => Woke::Answered,
-            Slot::Unwritten(rest) => Woke::Unwritten(rest),
+            Slot::Closing => Woke::Closing,
+            Slot::Unwritten(rest, close) => Woke::Unwritten(rest, close),
             _ => Woke::Broken,
         };
     }
@@ -557,13 +596,42 @@ enum Keep {
 }
 
 /// Awaits and writes a response; it closes the connection when it says so or the server drains.
+/// While the answer is awaited (an authorization decision, then a poll's whole hold), the
+/// client is watched: if it closes, the answer is dropped (its poll counts as its client gone).
 async fn respond(
     socket: &Socket,
     answer: Answer,
+    buf: &mut Vec<u8>,
     drain: &CancellationToken,
     timeout: Duration,
 ) -> io::Result<Keep> {
-    let resp = answer.await;
+    let mut answer = answer;
+    let mut reading = buf.is_empty();
+    let resp = loop {
+        tokio::select! {
+            resp = &mut answer => break resp,
+            r = socket.read_ready(), if reading => {
+                let gone = match r {
+                    Err(_) => true,
+                    Ok(()) => {
+                        buf.reserve(HEAD_BUFFER);
+                        match socket.stream.try_read_buf(buf) {
+                            Ok(0) => true,
+                            // The client's next request, pipelined: kept for later.
+                            Ok(_) => {
+                                reading = false;
+                                false
+                            }
+                            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+                        }
+                    }
+                };
+                if gone {
+                    return Ok(Keep::Close);
+                }
+            }
+        }
+    };
     let close = drain.is_cancelled() || says_close(resp.headers());
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
@@ -578,7 +646,11 @@ async fn respond(
     if close && !parts.headers.contains_key(header::CONNECTION) {
         head.extend_from_slice(b"connection: close\r\n");
     }
-    let no_body = parts.status == StatusCode::NO_CONTENT || parts.status.is_informational();
+    // Statuses without a body (RFC 9110 6.4.1): none is written, whatever the response held.
+    let no_body = parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED
+        || parts.status.is_informational();
+    let body = if no_body { Bytes::new() } else { body };
     if !no_body {
         content_length(body.len(), &mut head);
     }
@@ -588,11 +660,13 @@ async fn respond(
     Ok(if close { Keep::Close } else { Keep::Open })
 }
 
-/// Whether a response closes its connection.
+/// Whether a response closes its connection (`close` among its `Connection` options).
 fn says_close(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONNECTION)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|option| option.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
 }
 
 /// A batch's answer after its status and date lines: headers, then the body.
@@ -731,5 +805,94 @@ impl AsyncWrite for Handoff {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         let sock = socket2::SockRef::from(self.stream());
         Poll::Ready(sock.shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind(head: &str) -> &'static str {
+        match parse(head.as_bytes(), 64) {
+            Parsed::Complete(..) => "ours",
+            Parsed::Partial => "partial",
+            Parsed::NotOurs => "hyper",
+        }
+    }
+
+    #[test]
+    fn only_plain_http11_gets_without_a_body_are_served_here() {
+        let ours = [
+            "GET /news/a HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /news/a?cursor=x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n",
+        ];
+        for head in ours {
+            assert_eq!(kind(head), "ours", "{head}");
+        }
+        let hyper = [
+            "POST /news/a HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi",
+            "GET /news/a HTTP/1.0\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nContent-Length: 00\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET http://x/news/a HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "GET /news/a HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "G\0T / HTTP/1.1\r\n\r\n",
+        ];
+        for head in hyper {
+            assert_eq!(kind(head), "hyper", "{head:?}");
+        }
+        assert_eq!(kind("GET /news/a HTTP/1.1\r\nHost: x\r\n"), "partial");
+        let many: String = (0..65).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(kind(&format!("GET / HTTP/1.1\r\n{many}\r\n")), "hyper");
+    }
+
+    #[test]
+    fn a_served_request_keeps_its_target_and_headers() {
+        let head =
+            b"GET /news/a?cursor=c HTTP/1.1\r\nHost: x\r\nOrigin: https://o\r\n\r\nGET /next";
+        let Parsed::Complete(req, len) = parse(head, 64) else {
+            panic!("a plain GET");
+        };
+        assert_eq!(&head[len..], b"GET /next");
+        assert_eq!(req.uri().path(), "/news/a");
+        assert_eq!(req.uri().query(), Some("cursor=c"));
+        assert_eq!(req.headers()["origin"], "https://o");
+        assert_eq!(req.headers()["host"], "x");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes, 64);
+        }
+
+        #[test]
+        fn a_served_request_ends_where_its_head_ends(
+            path in "/[a-z0-9/]{0,20}",
+            values in proptest::collection::vec("[ -~]{0,16}", 0..8),
+        ) {
+            let mut head = format!("GET {path} HTTP/1.1\r\n");
+            for (i, v) in values.iter().enumerate() {
+                head.push_str(&format!("X-{i}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let len = head.len();
+            head.push_str("rest");
+            match parse(head.as_bytes(), 64) {
+                Parsed::Complete(req, at) => {
+                    prop_assert_eq!(at, len);
+                    prop_assert_eq!(req.uri().path(), path.as_str());
+                    prop_assert_eq!(req.headers().len(), values.len());
+                }
+                _ => prop_assert!(false, "a plain GET is served here"),
+            }
+        }
     }
 }

@@ -238,3 +238,45 @@ async fn an_answer_larger_than_the_socket_takes_at_once_arrives_whole() {
         .unwrap();
     assert_eq!(read_answer(&mut s, &mut buf).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_while_its_authorized_poll_waits_frees_it() {
+    // Every poll asks the hook (nothing cached): its wait begins after the hook's answer.
+    let hook = Upstream::start(|_| async { text_response(200, "") }).await;
+    let config = format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[upstreams.auth]
+url = "{}"
+[routes.news]
+path = "/news/{{channel}}"
+kind = "poll"
+source.type = "publish"
+auth = {{ hook = {{ upstream = "auth", path = "/can-read/{{channel}}", ttl = "0s" }} }}
+hold = "60s"
+max_hold = "60s"
+"#,
+        hook.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let mut s = connect(&gw).await;
+        let credential = format!("Authorization: Bearer t{i}\r\n");
+        s.write_all(&get("/news/private", &credential))
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    wait_held(&gw, 20.0).await;
+    drop(clients);
+    let gone = r#"pollmux_request_duration_seconds_count{outcome="client_gone",route="news"}"#;
+    eventually("20 polls counted as client_gone", || async {
+        gw.metric(gone).await == 20.0
+    })
+    .await;
+    wait_held(&gw, 0.0).await;
+}
