@@ -31,6 +31,16 @@ fn route() -> Arc<RouteTopics> {
     Arc::new(RouteTopics::new("bench", settings, 100_000, gauge))
 }
 
+/// A JSON message arriving now.
+fn message(payload: &Bytes) -> NewMessage {
+    NewMessage {
+        id: None,
+        content_type: Some("application/json".into()),
+        payload: payload.clone(),
+        arrived: Instant::now(),
+    }
+}
+
 /// One publish of a 256-byte JSON message, then every reader at the previous head reads it:
 /// the work the hub does for one message fanned out to `readers` waiters.
 fn fanout(c: &mut Criterion) {
@@ -45,13 +55,7 @@ fn fanout(c: &mut Criterion) {
                     Poll::Empty { at, .. } => Requested::At(at),
                     other => panic!("{other:?}"),
                 };
-                let message = NewMessage {
-                    id: None,
-                    content_type: Some("application/json".into()),
-                    payload: payload.clone(),
-                    arrived: Instant::now(),
-                };
-                hub.publish(&r, "t", message).expect("publish");
+                hub.publish(&r, "t", message(&payload)).expect("publish");
                 for _ in 0..readers {
                     black_box(sub.topic().poll(at, Instant::now()));
                 }
@@ -92,13 +96,7 @@ fn fanout_parked(c: &mut Criterion) {
                     let reader: Arc<dyn Parked> = reader.clone();
                     sub.topic().park(generation, reader, ticket as u64);
                 }
-                let message = NewMessage {
-                    id: None,
-                    content_type: Some("application/json".into()),
-                    payload: payload.clone(),
-                    arrived: Instant::now(),
-                };
-                hub.publish(&r, "t", message).expect("publish");
+                hub.publish(&r, "t", message(&payload)).expect("publish");
             })
         });
     }

@@ -260,10 +260,9 @@ async fn read_head(
             || buf[from..].windows(3).any(|w| w == b"\n\r\n");
         if ended {
             match parse(buf, limits.max_headers) {
-                Parsed::Complete(_, len) if len > limits.max_header_bytes => return Head::Hyper,
-                Parsed::Complete(req, len) => return Head::Ours(req, len),
-                Parsed::Partial => {}
-                Parsed::NotOurs => return Head::Hyper,
+                Some(Head::Ours(_, len)) if len > limits.max_header_bytes => return Head::Hyper,
+                Some(head) => return head,
+                None => {}
             }
         }
         if buf.len() >= limits.max_header_bytes {
@@ -294,29 +293,20 @@ async fn read_head(
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "returned once per request, never kept across an await"
-)]
-enum Parsed {
-    Complete(Request<NoBody>, usize),
-    Partial,
-    NotOurs,
-}
-
-/// Parses the head at the start of `buf`: a GET this path serves, or not.
-fn parse(buf: &[u8], max_headers: usize) -> Parsed {
+/// Parses the head at the start of `buf`: a GET this path serves, or one for hyper; `None`
+/// while it is incomplete.
+fn parse(buf: &[u8], max_headers: usize) -> Option<Head> {
     let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
     let mut head = httparse::Request::new(&mut headers);
     let len = match head.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Parsed::Partial,
-        Err(_) => return Parsed::NotOurs,
+        Ok(httparse::Status::Partial) => return None,
+        Err(_) => return Some(Head::Hyper),
     };
-    match request(&head) {
-        Some(req) => Parsed::Complete(req, len),
-        None => Parsed::NotOurs,
-    }
+    Some(match request(&head) {
+        Some(req) => Head::Ours(req, len),
+        None => Head::Hyper,
+    })
 }
 
 /// The request of a head this path serves: HTTP/1.1 GET in origin form, without a body, an
@@ -815,9 +805,9 @@ mod tests {
 
     fn kind(head: &str) -> &'static str {
         match parse(head.as_bytes(), 64) {
-            Parsed::Complete(..) => "ours",
-            Parsed::Partial => "partial",
-            Parsed::NotOurs => "hyper",
+            Some(Head::Ours(..)) => "ours",
+            None => "partial",
+            Some(_) => "hyper",
         }
     }
 
@@ -857,7 +847,7 @@ mod tests {
     fn a_served_request_keeps_its_target_and_headers() {
         let head =
             b"GET /news/a?cursor=c HTTP/1.1\r\nHost: x\r\nOrigin: https://o\r\n\r\nGET /next";
-        let Parsed::Complete(req, len) = parse(head, 64) else {
+        let Some(Head::Ours(req, len)) = parse(head, 64) else {
             panic!("a plain GET");
         };
         assert_eq!(&head[len..], b"GET /next");
@@ -886,7 +876,7 @@ mod tests {
             let len = head.len();
             head.push_str("rest");
             match parse(head.as_bytes(), 64) {
-                Parsed::Complete(req, at) => {
+                Some(Head::Ours(req, at)) => {
                     prop_assert_eq!(at, len);
                     prop_assert_eq!(req.uri().path(), path.as_str());
                     prop_assert_eq!(req.headers().len(), values.len());

@@ -93,6 +93,14 @@ async fn wait_held(gw: &Gateway, n: f64) {
     .await;
 }
 
+async fn wait_gone(gw: &Gateway, n: f64) {
+    let gone = r#"pollmux_request_duration_seconds_count{outcome="client_gone",route="news"}"#;
+    eventually(&format!("{n} polls counted as client_gone"), || async {
+        gw.metric(gone).await == n
+    })
+    .await;
+}
+
 fn get(path: &str, extra: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n").into_bytes()
 }
@@ -176,11 +184,7 @@ async fn clients_that_leave_parked_polls_free_them() {
     }
     wait_held(&gw, 50.0).await;
     drop(clients);
-    let gone = r#"pollmux_request_duration_seconds_count{outcome="client_gone",route="news"}"#;
-    eventually("50 polls counted as client_gone", || async {
-        gw.metric(gone).await == 50.0
-    })
-    .await;
+    wait_gone(&gw, 50.0).await;
     wait_held(&gw, 0.0).await;
     // Nobody is left to answer: a publish now writes nowhere and loses nothing for later
     // readers.
@@ -273,10 +277,6 @@ max_hold = "60s"
     }
     wait_held(&gw, 20.0).await;
     drop(clients);
-    let gone = r#"pollmux_request_duration_seconds_count{outcome="client_gone",route="news"}"#;
-    eventually("20 polls counted as client_gone", || async {
-        gw.metric(gone).await == 20.0
-    })
-    .await;
+    wait_gone(&gw, 20.0).await;
     wait_held(&gw, 0.0).await;
 }
