@@ -126,20 +126,22 @@ impl Parked for Socket {
             extra.extend_from_slice(b"connection: close\r\n");
         }
         let written = with_date(|date| write_now(&self.stream, &[STATUS_OK, date, &extra, tail]));
-        *slot = match &written {
+        let answered = written.is_ok();
+        *slot = match written {
             Ok(None) if close => Slot::Closing,
             Ok(None) => Slot::Answered,
-            Ok(Some(rest)) => Slot::Unwritten(rest.clone(), close),
+            Ok(Some(rest)) => Slot::Unwritten(rest, close),
             Err(_) => Slot::Broken,
         };
         if pipelined || close || !matches!(*slot, Slot::Answered) {
             self.attention.notify_one();
         }
         drop(slot);
-        match written {
-            Ok(_) => poll.delivered(batch),
+        if answered {
+            poll.delivered(batch);
+        } else {
             // Not answered: dropped, the poll counts as its client gone.
-            Err(_) => drop(poll),
+            drop(poll);
         }
     }
 
