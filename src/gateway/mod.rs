@@ -622,6 +622,7 @@ impl Current {
 
 impl Handler for Current {
     const HOLDS_POLLS: bool = true;
+
     fn call<B: ClientBody>(
         self: &Arc<Self>,
         req: Request<B>,
@@ -651,6 +652,7 @@ impl Gateway {
 
 impl Handler for Gateway {
     const HOLDS_POLLS: bool = true;
+
     fn call<B: ClientBody>(
         self: &Arc<Self>,
         req: Request<B>,
