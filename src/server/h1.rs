@@ -252,15 +252,17 @@ async fn read_head(
     drain: &CancellationToken,
 ) -> Head {
     let deadline = Instant::now() + limits.header_read_timeout;
-    // Bytes already searched for the end of the head: a head arriving in pieces is searched
-    // once, and parsed only when it may be whole.
-    let mut searched: usize = 0;
+    // Bytes already searched for the end of the head, and the length last parsed: a head
+    // arriving in pieces is searched once, and parsed when it may be whole, or when it has
+    // doubled (so bytes that are no HTTP at all are handed to hyper, which answers them, early).
+    let (mut searched, mut parsed): (usize, usize) = (0, 0);
     loop {
         let from = searched.saturating_sub(3);
         searched = buf.len();
         let ended = buf[from..].windows(2).any(|w| w == b"\n\n")
             || buf[from..].windows(3).any(|w| w == b"\n\r\n");
-        if ended {
+        if !buf.is_empty() && (ended || buf.len() >= 2 * parsed) {
+            parsed = buf.len();
             match parse(buf, limits.max_headers) {
                 Some(Head::Ours(_, len)) if len > limits.max_header_bytes => return Head::Hyper,
                 Some(head) => return head,
