@@ -1,6 +1,7 @@
 //! How a message's payload appears in a poll response (PROTOCOL.md 1.3): JSON media types with a
-//! valid JSON body are embedded as `data`; `text/*` in valid UTF-8 becomes a JSON string in
-//! `data`; anything else is base64 in `data_b64`. Encoded once per message, when it arrives.
+//! valid JSON body are embedded as `data`; `text/*` and form-encoded bodies
+//! (`application/x-www-form-urlencoded`, what `curl -d` sends) in valid UTF-8 become a JSON
+//! string in `data`, exactly as sent; anything else is base64 in `data_b64`. Encoded once per message, when it arrives.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -24,7 +25,7 @@ pub fn encode(cursor: &str, id: Option<&str>, content_type: Option<&str>, payloa
     if is_json && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(payload.trim_ascii());
-    } else if let (true, Ok(text)) = (essence.starts_with("text/"), std::str::from_utf8(payload)) {
+    } else if let (true, Ok(text)) = (is_text(&essence), std::str::from_utf8(payload)) {
         out.extend_from_slice(b",\"data\":");
         push_json_string(&mut out, text);
     } else {
@@ -34,6 +35,12 @@ pub fn encode(cursor: &str, id: Option<&str>, content_type: Option<&str>, payloa
     }
     out.push(b'}');
     Bytes::from(out)
+}
+
+/// Media types whose bodies are text: `text/*`, and form-encoded bodies, which are ASCII by
+/// construction (delivered as sent, not form-decoded).
+fn is_text(essence: &str) -> bool {
+    essence.starts_with("text/") || essence == "application/x-www-form-urlencoded"
 }
 
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
@@ -80,5 +87,21 @@ mod tests {
         assert_eq!(decoded(None, b"hello")["data_b64"], "aGVsbG8=");
         let v: Value = serde_json::from_slice(&encode("C", None, None, b"")).unwrap();
         assert_eq!(v["id"], Value::Null);
+    }
+
+    /// `curl -d hello` sends `application/x-www-form-urlencoded`: a first publish must read back.
+    #[test]
+    fn form_encoded_bodies_are_text_as_sent() {
+        let form = "application/x-www-form-urlencoded";
+        assert_eq!(decoded(Some(form), b"hello")["data"], "hello");
+        assert_eq!(decoded(Some(form), b"a=1&b=x%20y")["data"], "a=1&b=x%20y");
+        assert_eq!(
+            decoded(
+                Some("Application/X-WWW-Form-URLEncoded; charset=utf-8"),
+                b"k=v"
+            )["data"],
+            "k=v"
+        );
+        assert_eq!(decoded(Some(form), &[0xff])["data_b64"], "/w==");
     }
 }
