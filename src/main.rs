@@ -2,6 +2,7 @@
 //! the configuration, and hands it to `pollmux::run`. Exit codes: 0 ok, 1 runtime failure,
 //! 2 usage error, 78 (EX_CONFIG) invalid configuration.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +25,9 @@ const EXIT_CONFIG: u8 = 78;
 #[command(
     name = "pollmux",
     version,
-    about = "A long-polling gateway: one upstream subscription per topic, fanned out to every waiting client"
+    about = "A long-polling gateway: one upstream subscription per topic, fanned out to every waiting client",
+    // `pollmux --config FILE` is `pollmux run --config FILE`, as the synopsis `pollmux [run]` says.
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     /// Log filter (e.g. "info", "pollmux=debug"); RUST_LOG wins when set.
@@ -33,9 +36,19 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "POLLMUX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Without a subcommand: `run` with the embedded default configuration.
+    /// Without a subcommand: `run`.
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The arguments of `run`, also accepted without the subcommand.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The configuration file (default: the embedded default configuration).
+    #[arg(short, long, env = "POLLMUX_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,10 +60,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve; without --config, the embedded default configuration.
-    Run {
-        #[arg(short, long, env = "POLLMUX_CONFIG")]
-        config: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Validate a configuration (including TLS files) without binding sockets.
     Check {
         #[arg(short, long, env = "POLLMUX_CONFIG")]
@@ -81,7 +91,7 @@ fn main() -> ExitCode {
     // Every TLS config names aws-lc-rs explicitly; installing it as the process default too keeps
     // any library that asks for the default on the same single provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    match cli.command.unwrap_or(Command::Run { config: None }) {
+    match cli.command.unwrap_or(Command::Run(cli.run)) {
         Command::PrintDefaultConfig => {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
@@ -124,7 +134,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => {
+        Command::Run(RunArgs { config }) => {
             let loaded = match &config {
                 Some(path) => Config::from_file(path),
                 None => Ok(Config::default_config()),
@@ -216,8 +226,10 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: journald, container logs and files get text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),

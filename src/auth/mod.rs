@@ -277,12 +277,12 @@ impl Hook {
         let resp = match tokio::time::timeout(self.config.timeout, self.upstream.send(req)).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                tracing::warn!(route = %self.route, error = %e, "authorization hook failed");
+                tracing::warn!(route = %self.route, topic = %q.key.topic, error = %e, "authorization hook failed");
                 self.metrics.unavailable.inc();
                 return (Decision::Unavailable, None);
             }
             Err(_) => {
-                tracing::warn!(route = %self.route, "authorization hook timed out");
+                tracing::warn!(route = %self.route, topic = %q.key.topic, "authorization hook timed out");
                 self.metrics.unavailable.inc();
                 return (Decision::Unavailable, None);
             }
@@ -302,7 +302,7 @@ impl Hook {
                 (Decision::Deny { status, challenge }, Some(DENY_TTL))
             }
             _ => {
-                tracing::warn!(route = %self.route, %status, "authorization hook answered neither yes nor no");
+                tracing::warn!(route = %self.route, topic = %q.key.topic, %status, "authorization hook answered neither yes nor no");
                 self.metrics.unavailable.inc();
                 (Decision::Unavailable, None)
             }

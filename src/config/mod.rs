@@ -6,6 +6,7 @@
 //! Callers may rely on a [`Config`] being internally consistent (names resolve, templates do not
 //! conflict, TLS material loads).
 
+mod path;
 mod raw;
 mod source;
 mod tls;
@@ -21,8 +22,9 @@ use ipnet::IpNet;
 use regex::Regex;
 use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
-use toml::de::{DeValue, ValueDeserializer};
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+pub use path::PathTemplate;
 use source::Source;
 pub use source::{ConfigError, ConfigErrors};
 
@@ -226,8 +228,8 @@ pub struct UpstreamConfig {
 pub struct RouteConfig {
     /// The `route` metric label.
     pub name: String,
-    /// matchit template: `{name}` parameters, `{*rest}` tail.
-    pub path: String,
+    /// The path template: `{name}` parameters, `{*rest}` tail.
+    pub path: PathTemplate,
     /// Every parameter of the template, in path order.
     pub params: Vec<Param>,
     pub kind: RouteKind,
@@ -374,8 +376,22 @@ pub struct PollConfig {
     pub max_topics: usize,
     /// An upstream source failing for longer than this turns waiting polls into 503.
     pub upstream_grace: Duration,
-    /// Exact origins allowed by CORS; empty: no cross-origin access.
-    pub cors_origins: Vec<String>,
+    /// Who may read cross-origin (`cors`).
+    pub cors: CorsConfig,
+}
+
+/// A poll route's CORS policy (docs/protocol.md 1.6).
+#[derive(Debug, Clone)]
+pub struct CorsConfig {
+    /// Exact origins allowed; with neither these nor `any_origin`, no cross-origin access.
+    pub origins: Vec<String>,
+    /// `origins = ["*"]`: any origin may read, answered with `Access-Control-Allow-Origin: *`.
+    pub any_origin: bool,
+    /// Credentialed requests (cookies, `Authorization`) may read: the exact origin is
+    /// reflected with `Access-Control-Allow-Credentials: true`. Never with `any_origin`.
+    pub credentials: bool,
+    /// `Access-Control-Allow-Headers` of a preflight answer.
+    pub allow_headers: HeaderValue,
 }
 
 /// What feeds a poll route's topics.
@@ -590,6 +606,8 @@ impl Config {
             src: &src,
             base_dir,
             errors: Vec::new(),
+            left_out: Vec::new(),
+            declared_upstreams: Vec::new(),
         };
         let config = v.config();
         match (config, v.errors.is_empty()) {
@@ -626,6 +644,11 @@ struct Validator<'a, 'i> {
     src: &'a Source<'i>,
     base_dir: &'a Path,
     errors: Vec<ConfigError>,
+    /// Dotted paths of keys already reported as bad and left out of their table.
+    left_out: Vec<String>,
+    /// Every name under [upstreams], valid or not: a reference to an invalid upstream is not
+    /// also reported as unknown.
+    declared_upstreams: Vec<String>,
 }
 
 /// The optional route keys each kind takes (`upstream` alone for proxy routes).
@@ -669,6 +692,15 @@ const SECTIONS: &[&str] = &[
 
 impl Validator<'_, '_> {
     fn err(&mut self, path: &[&str], message: impl Into<String>) {
+        let joined = path.join(".");
+        let reported = self.left_out.iter().any(|k| {
+            joined
+                .strip_prefix(k.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        });
+        if reported {
+            return;
+        }
         let e = self.src.error_at_path(path, message);
         self.errors.push(e);
     }
@@ -687,6 +719,7 @@ impl Validator<'_, '_> {
         let limits: raw::Limits = self.section("limits").unwrap_or_default();
         let shutdown: raw::Shutdown = self.section("shutdown").unwrap_or_default();
         let listeners: Vec<(String, raw::Listener)> = self.named("listeners");
+        self.declared_upstreams = self.table_names("upstreams");
         let upstreams: Vec<(String, raw::Upstream)> = self.named("upstreams");
         let routes: Vec<(String, raw::Route)> = self.named("routes");
 
@@ -735,10 +768,21 @@ impl Validator<'_, '_> {
         })
     }
 
+    /// The names of the entries of a table of named tables.
+    fn table_names(&self, section: &str) -> Vec<String> {
+        match self.src.root.iter().find(|(k, _)| k.get_ref() == section) {
+            Some((_, value)) => match value.get_ref() {
+                DeValue::Table(t) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        }
+    }
+
     /// Deserializes one top-level table; absent is `None`.
     fn section<T: DeserializeOwned>(&mut self, name: &str) -> Option<T> {
         let (_, value) = self.src.root.iter().find(|(k, _)| k.get_ref() == name)?;
-        self.deserialize(value.clone())
+        self.deserialize(&[name], value.clone())
     }
 
     /// Deserializes every entry of a table of named tables, each on its own.
@@ -766,7 +810,7 @@ impl Validator<'_, '_> {
                 );
                 continue;
             }
-            if let Some(parsed) = self.deserialize(value.clone()) {
+            if let Some(parsed) = self.deserialize(&[section, &name], value.clone()) {
                 out.push((name, parsed));
             }
         }
@@ -774,14 +818,44 @@ impl Validator<'_, '_> {
         out
     }
 
-    fn deserialize<T: DeserializeOwned>(&mut self, value: toml::Spanned<DeValue<'_>>) -> Option<T> {
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let located = self.src.error_at_span(e.span(), e.message());
-                self.errors.push(located);
-                None
+    /// Deserializes the table at `at`, reporting every bad key rather than the first: a key
+    /// that fails (unknown, wrong type, bad value) is reported and left out, and the rest is
+    /// deserialized again, so that what the rest says (e.g. an unknown upstream) is checked in
+    /// the same pass. Later errors at a left-out key are not reported twice ([`Self::err`]).
+    fn deserialize<T: DeserializeOwned>(
+        &mut self,
+        at: &[&str],
+        mut value: toml::Spanned<DeValue<'_>>,
+    ) -> Option<T> {
+        let mut left_out: Vec<String> = Vec::new();
+        loop {
+            let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            // A required key that was left out for its bad value: already reported.
+            if left_out
+                .iter()
+                .any(|k| e.message() == format!("missing field `{k}`"))
+            {
+                return None;
             }
+            let mut located = self.src.error_at_span(e.span(), e.message());
+            let DeValue::Table(table) = value.get_mut() else {
+                self.errors.push(located);
+                return None;
+            };
+            if let Some(hint) = unknown_key_hint(at, table, e.message()) {
+                located.message = hint;
+            }
+            self.errors.push(located);
+            let key = e
+                .span()
+                .and_then(|span| source::path_at(table, span.start).into_iter().next());
+            let key = key.filter(|k| !left_out.contains(k))?;
+            table.remove(key.as_str());
+            self.left_out.push(format!("{}.{key}", at.join(".")));
+            left_out.push(key);
         }
     }
 
@@ -1046,19 +1120,19 @@ impl Validator<'_, '_> {
         upstreams: &[UpstreamConfig],
     ) -> Option<RouteConfig> {
         let n = name.as_str();
-        let path = raw.path.0.clone();
-        let names = match template_params(&path) {
-            Ok(names) => names,
+        let path = match PathTemplate::parse(&raw.path.0) {
+            Ok(path) => path,
             Err(e) => {
                 self.err(&["routes", n, "path"], e);
                 return None;
             }
         };
+        let names = path.params().to_vec();
         for key in raw.params.keys() {
             if !names.iter().any(|(name, _)| name == key) {
                 self.err(
                     &["routes", n, "params", key],
-                    format!("the path {path:?} has no parameter {{{key}}}"),
+                    format!("the path {:?} has no parameter {{{key}}}", path.as_str()),
                 );
             }
         }
@@ -1246,7 +1320,7 @@ impl Validator<'_, '_> {
             return None;
         };
         let found = upstreams.iter().position(|u| u.name == name.0);
-        if found.is_none() {
+        if found.is_none() && !self.declared_upstreams.contains(&name.0) {
             self.err(at, format!("no upstream named {:?} in [upstreams]", name.0));
         }
         found
@@ -1369,27 +1443,7 @@ impl Validator<'_, '_> {
             );
         }
         let max_topics = self.max_topics(n, raw.max_topics);
-        let mut cors_origins = Vec::new();
-        for origin in raw.cors.map(|c| c.origins).unwrap_or_default() {
-            let ok = origin.0.parse::<Uri>().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https"))
-                    && u.authority().is_some()
-                    && u.path_and_query()
-                        .is_none_or(|pq| pq.as_str() == "/" || pq.as_str().is_empty())
-                    && !origin.0.ends_with('/')
-            });
-            if ok {
-                cors_origins.push(origin.0);
-            } else {
-                self.err(
-                    &["routes", n, "cors", "origins"],
-                    format!(
-                        "{:?} is not an origin like \"https://app.example\"",
-                        origin.0
-                    ),
-                );
-            }
-        }
+        let cors = self.cors(n, raw.cors, auth.as_ref());
         Some(PollConfig {
             topic: topic?,
             auth: auth?,
@@ -1403,8 +1457,65 @@ impl Validator<'_, '_> {
             linger: raw.linger.map_or(LINGER_DEFAULT, |d| d.0),
             max_topics,
             upstream_grace: raw.upstream_grace.map_or(UPSTREAM_GRACE_DEFAULT, |d| d.0),
-            cors_origins,
+            cors,
         })
+    }
+
+    /// A poll route's `cors` table. Credentials with a wildcard would let any site read with
+    /// its visitors' cookies and tokens: refused.
+    fn cors(&mut self, n: &str, raw: Option<raw::Cors>, auth: Option<&AuthConfig>) -> CorsConfig {
+        let raw = raw.unwrap_or_default();
+        let mut cors = CorsConfig {
+            origins: Vec::new(),
+            any_origin: false,
+            credentials: raw.credentials.unwrap_or(false),
+            allow_headers: HeaderValue::from_static("Authorization, Last-Event-ID"),
+        };
+        for origin in raw.origins {
+            if origin.0 == "*" {
+                cors.any_origin = true;
+                continue;
+            }
+            let ok = origin.0.parse::<Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.authority().is_some()
+                    && u.path_and_query()
+                        .is_none_or(|pq| pq.as_str() == "/" || pq.as_str().is_empty())
+                    && !origin.0.ends_with('/')
+            });
+            if ok {
+                cors.origins.push(origin.0);
+            } else {
+                self.err(
+                    &["routes", n, "cors", "origins"],
+                    format!(
+                        "{:?} is not \"*\" or an origin like \"https://app.example\"",
+                        origin.0
+                    ),
+                );
+            }
+        }
+        if cors.any_origin && cors.credentials {
+            self.err(
+                &["routes", n, "cors", "credentials"],
+                "cannot be used with origins = [\"*\"]: list the exact origins that may send \
+                 credentials",
+            );
+        }
+        // Request headers a preflight allows: the credential a poll may carry, the SSE resume
+        // header, and whatever the hook is given. Cookies need no listing (and may not be).
+        let mut allow = vec!["Authorization".to_owned(), "Last-Event-ID".to_owned()];
+        if let Some(AuthConfig::Hook(hook)) = auth {
+            for h in &hook.headers {
+                let listed = allow.iter().any(|a| a.eq_ignore_ascii_case(h.as_str()));
+                if !listed && *h != http::header::COOKIE {
+                    allow.push(h.as_str().to_owned());
+                }
+            }
+        }
+        cors.allow_headers = HeaderValue::from_str(&allow.join(", "))
+            .expect("header names are valid header value text");
+        cors
     }
 
     /// A route's topic template; without `topic`, the path parameters joined by `/`.
@@ -1774,18 +1885,77 @@ impl Validator<'_, '_> {
         }
     }
 
-    /// Two templates that could match the same request are rejected (matchit's own rule).
+    /// Two templates that some path matches equally well are refused: neither could win.
     fn distinct_templates(&mut self, routes: &[RouteConfig]) {
-        let mut router = matchit::Router::new();
-        for r in routes {
-            if let Err(e) = router.insert(r.path.as_str(), ()) {
+        for (i, r) in routes.iter().enumerate() {
+            if let Some(other) = routes[..i].iter().find(|o| o.path.ambiguous_with(&r.path)) {
                 self.err(
                     &["routes", &r.name, "path"],
-                    format!("conflicts with another route: {e}"),
+                    format!(
+                        "conflicts with another route: {:?} and {:?} (routes.{}) match the same \
+                         paths equally well, so neither can win",
+                        r.path.as_str(),
+                        other.path.as_str(),
+                        other.name
+                    ),
                 );
             }
         }
     }
+}
+
+/// For an unknown key of a route, the keys its own kind takes (serde would offer every route
+/// key of every kind), and the nearest of them when one is close.
+fn unknown_key_hint(at: &[&str], table: &DeTable<'_>, message: &str) -> Option<String> {
+    let ["routes", _] = at else {
+        return None;
+    };
+    let unknown = message.strip_prefix("unknown field `")?.split('`').next()?;
+    let kind = table.iter().find(|(k, _)| k.get_ref() == "kind")?.1;
+    let DeValue::String(kind) = kind.get_ref() else {
+        return None;
+    };
+    let own: &[&str] = match kind.as_ref() {
+        "poll" => POLL_KEYS,
+        "collapse" => COLLAPSE_KEYS,
+        "proxy" => &["upstream"],
+        _ => return None,
+    };
+    let keys: Vec<&str> = ["path", "kind", "params"]
+        .into_iter()
+        .chain(own.iter().copied())
+        .collect();
+    let nearest = keys
+        .iter()
+        .map(|k| (edit_distance(unknown, k), *k))
+        .filter(|(d, k)| *d <= 2 && *d < k.len())
+        .min();
+    let mut hint = format!(
+        "unknown field `{unknown}`; kind = {kind:?} takes {}",
+        keys.join(", ")
+    );
+    if let Some((_, k)) = nearest {
+        hint.push_str(&format!(" (did you mean `{k}`?)"));
+    }
+    Some(hint)
+}
+
+/// Levenshtein distance, for "did you mean" hints on short key names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986), for a value placed in a
@@ -1832,39 +2002,6 @@ fn valid_name(name: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase())
         && name.len() <= 64
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
-
-/// The parameter names of a path template, in path order, each with whether it is the
-/// `{*tail}`; a tail may only end the path.
-pub fn template_params(path: &str) -> Result<Vec<(String, bool)>, String> {
-    if !path.starts_with('/') {
-        return Err(format!("{path:?} must start with /"));
-    }
-    let mut names = Vec::new();
-    let mut rest = path;
-    while let Some(open) = rest.find('{') {
-        let close = rest[open..]
-            .find('}')
-            .ok_or_else(|| format!("unclosed {{ in {path:?}"))?
-            + open;
-        let inner = &rest[open + 1..close];
-        let (name, tail) = match inner.strip_prefix('*') {
-            Some(n) => (n, true),
-            None => (inner, false),
-        };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("invalid parameter name {inner:?} in {path:?}"));
-        }
-        if tail && close + 1 != rest.len() {
-            return Err(format!("{{*{name}}} must end the path {path:?}"));
-        }
-        if names.iter().any(|(n, _)| n == name) {
-            return Err(format!("parameter {{{name}}} appears twice in {path:?}"));
-        }
-        names.push((name.to_owned(), tail));
-        rest = &rest[close + 1..];
-    }
-    Ok(names)
 }
 
 #[cfg(test)]
@@ -1919,6 +2056,92 @@ bogus = 1
         assert!(rendered.contains("invalid duration"), "{rendered}");
     }
 
+    /// Unknown keys, bad values and references come out in one pass, with nothing reported
+    /// twice and no error invented for a key that was already reported.
+    #[test]
+    fn one_pass_reports_keys_values_and_references_together() {
+        let text = r#"
+[listeners.public]
+address = "127.0.0.1:1"
+
+[upstreams.broken]
+url = "ftp://x"
+
+[routes.feed]
+path = "/feed/{id}"
+kind = "poll"
+source = { type = "upstream-sse", upstream = "nowhere", path = "/s/{id}" }
+auth = "public"
+hodl = "5s"
+max_batch = "many"
+
+[routes.api]
+path = "/api/{*rest}"
+kind = "proxy"
+upstream = "broken"
+share = "public"
+
+[routes.other]
+path = "/other"
+kind = "proxy"
+upstream = "missing"
+"#;
+        let errs = parse(text).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams.broken.url",
+                "routes.feed.source.upstream",
+                "routes.feed.hodl",
+                "routes.feed.max_batch",
+                "routes.api.share",
+                "routes.other.upstream",
+            ],
+            "{errs}"
+        );
+        let hint = &errs.0[2].message;
+        assert!(
+            hint.contains("kind = \"poll\" takes path, kind, params, topic"),
+            "{hint}"
+        );
+        assert!(hint.contains("(did you mean `hold`?)"), "{hint}");
+        assert!(
+            !hint.contains("share") && !hint.contains("next_cursor"),
+            "{hint}"
+        );
+        assert!(
+            errs.0[4].message.contains("not used by kind = \"proxy\""),
+            "{errs}"
+        );
+    }
+
+    #[test]
+    fn cors_wildcard_and_credentials() {
+        let route = |cors: &str| format!("{POLL}cors = {cors}\n");
+        let c = parse(&route("{ origins = [\"*\"] }")).unwrap();
+        let RouteKind::Poll(p) = &c.routes[0].kind else {
+            panic!("a poll route")
+        };
+        assert!(p.cors.any_origin && !p.cors.credentials);
+        let c = parse(&route(
+            "{ origins = [\"https://a.example\"], credentials = true }",
+        ))
+        .unwrap();
+        let RouteKind::Poll(p) = &c.routes[0].kind else {
+            panic!("a poll route")
+        };
+        assert_eq!(p.cors.origins, ["https://a.example"]);
+        assert!(p.cors.credentials);
+        let errs = parse(&route("{ origins = [\"*\"], credentials = true }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("routes.orders.cors.credentials") && errs.contains("exact origins"),
+            "{errs}"
+        );
+    }
+
     #[test]
     fn semantic_errors_point_at_values() {
         let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[upstreams.u]\nurl = \"ftp://x\"\n\
@@ -1960,18 +2183,6 @@ bogus = 1
         let text = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[admin]\naddress = \"0.0.0.0:9\"\n";
         let errs = parse(text).unwrap_err().to_string();
         assert!(errs.contains("admin.publish_token"), "{errs}");
-    }
-
-    #[test]
-    fn template_params_are_checked() {
-        assert_eq!(
-            template_params("/a/{x}/b/{*rest}").unwrap(),
-            [("x".to_string(), false), ("rest".to_string(), true)]
-        );
-        assert!(template_params("a").is_err());
-        assert!(template_params("/{*rest}/x").is_err());
-        assert!(template_params("/{x}/{x}").is_err());
-        assert!(template_params("/{x").is_err());
     }
 
     const POLL: &str = "[listeners.p]\naddress = \"127.0.0.1:1\"\n[routes.orders]\n\

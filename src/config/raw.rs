@@ -273,6 +273,7 @@ pub struct Buffer {
 pub struct Cors {
     #[serde(default)]
     pub origins: Vec<Str>,
+    pub credentials: Option<bool>,
 }
 
 #[cfg(test)]

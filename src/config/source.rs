@@ -130,7 +130,7 @@ fn span_of(table: &DeTable<'_>, path: &[&str]) -> Option<Range<usize>> {
 
 /// The key path of the deepest key whose key or value contains `offset`. Sub-tables are
 /// searched whatever their own span (a `[header]` table's span covers only its header).
-fn path_at(table: &DeTable<'_>, offset: usize) -> Vec<String> {
+pub(super) fn path_at(table: &DeTable<'_>, offset: usize) -> Vec<String> {
     let contains = |r: Range<usize>| r.start <= offset && offset < r.end.max(r.start + 1);
     for (key, value) in table.iter() {
         let name = key.get_ref().to_string();

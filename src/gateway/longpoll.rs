@@ -155,7 +155,7 @@ pub struct Held {
     draining: bool,
     /// HTTP/1.1 answers to a drain say `Connection: close`.
     close_on_drain: bool,
-    origin: Option<HeaderValue>,
+    cors: Option<cors::Grant>,
     /// `pollmux_polls_active`, for as long as the poll is held.
     _active: GaugeGuard,
 }
@@ -175,8 +175,8 @@ pub fn prepare<B: hyper::body::Body>(
     params: &[(String, String)],
     until: Option<Instant>,
 ) -> Result<Held, (Response<Body>, Outcome)> {
-    let origin = match cors::check(req.headers(), &route.config.cors_origins) {
-        Ok(origin) => origin,
+    let grant = match cors::check(req.headers(), &route.config.cors) {
+        Ok(grant) => grant,
         Err(cors::OriginNotAllowed) => {
             return Err(rejected(
                 Problem::OriginNotAllowed,
@@ -186,13 +186,14 @@ pub fn prepare<B: hyper::body::Body>(
         }
     };
     let with_cors = |(mut resp, outcome): (Response<Body>, Outcome)| {
-        if let Some(origin) = &origin {
-            cors::apply(&mut resp, origin);
+        if let Some(grant) = &grant {
+            cors::apply(&mut resp, grant);
         }
         (resp, outcome)
     };
     if req.method() == Method::OPTIONS {
-        return Err((cors::preflight(origin.as_ref()), Outcome::Response));
+        let answer = cors::preflight(grant.as_ref(), &route.config.cors);
+        return Err((answer, Outcome::Response));
     }
     let checked = check(route, &req, params);
     let (requested, hold, topic) = checked.map_err(with_cors)?;
@@ -224,7 +225,7 @@ pub fn prepare<B: hyper::body::Body>(
         },
         draining: false,
         close_on_drain,
-        origin,
+        cors: grant,
         _active: GaugeGuard::new(route.metrics.polls_active.clone()),
     })
 }
@@ -371,9 +372,9 @@ impl Held {
         self.subscription.topic()
     }
 
-    /// The allowed `Origin` of a cross-origin poll.
-    pub fn origin(&self) -> Option<&HeaderValue> {
-        self.origin.as_ref()
+    /// What the answers of an allowed cross-origin poll say.
+    pub fn cors(&self) -> Option<&cors::Grant> {
+        self.cors.as_ref()
     }
 
     /// Counts a batch this poll is answered with.
@@ -389,8 +390,8 @@ impl Held {
     }
 
     fn with_cors(&self, mut resp: Response<Body>) -> Response<Body> {
-        if let Some(origin) = &self.origin {
-            cors::apply(&mut resp, origin);
+        if let Some(grant) = &self.cors {
+            cors::apply(&mut resp, grant);
         }
         resp
     }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response};
+use http::{Method, Request, Response};
 
 use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
@@ -45,6 +45,7 @@ use problem::Problem;
 use router::{RouteError, Router};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// What the gateway knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
@@ -373,12 +374,17 @@ impl Gateway {
         };
         let slots = self.shared.sources.clone();
         let route_name = poll.name.clone();
-        tokio::spawn(async move {
-            let name = topic.name().to_owned();
-            slots
-                .run_exclusive(&route_name, &name, topic.retired(), source)
-                .await;
-        });
+        // Everything the source logs names its route and topic.
+        let span = tracing::warn_span!("source", route = %route_name, topic = %topic.name());
+        tokio::spawn(
+            async move {
+                let name = topic.name().to_owned();
+                slots
+                    .run_exclusive(&route_name, &name, topic.retired(), source)
+                    .await;
+            }
+            .instrument(span),
+        );
     }
 
     /// Starts the drain: every held poll answers at a random moment within `drain_window`, and
@@ -493,9 +499,17 @@ impl Gateway {
         if let Some(auth) = &self.auth[route]
             && guarded
         {
+            // A browser reads a refusal only with its CORS headers (to ask the user to sign
+            // in, say); an origin that may not read at all is refused by the poll itself.
+            let grant = match &self.runtimes[route] {
+                Runtime::Poll(poll) => cors::check(req.headers(), &poll.config.cors).ok().flatten(),
+                _ => None,
+            };
             match auth.check(&req, &params) {
                 Check::Now(Decision::Allow { until: expires }) => until = expires,
-                Check::Now(refused) => return Step::Done(refuse(record, &refused)),
+                Check::Now(refused) => {
+                    return Step::Done(refuse(record, &refused, grant.as_ref()));
+                }
                 Check::Later(decision) => {
                     let this = self.clone();
                     return Step::Pending(Box::pin(async move {
@@ -504,7 +518,7 @@ impl Gateway {
                                 let step = this.serve(route, req, conn, &params, record, until);
                                 finish(step).await
                             }
-                            refused => refuse(record, &refused),
+                            refused => refuse(record, &refused, grant.as_ref()),
                         }
                     }));
                 }
@@ -732,9 +746,9 @@ impl HeldPoll {
         self.held.topic()
     }
 
-    /// The allowed `Origin` of a cross-origin poll.
-    pub fn origin(&self) -> Option<&HeaderValue> {
-        self.held.origin()
+    /// What the answers of an allowed cross-origin poll say.
+    pub fn cors(&self) -> Option<&cors::Grant> {
+        self.held.cors()
     }
 
     /// Whether the server drains (answers then close their HTTP/1.1 connections).
@@ -749,8 +763,9 @@ impl HeldPoll {
     }
 }
 
-/// The answer to a client the authorization hook did not allow.
-fn refuse(mut record: Record, decision: &Decision) -> Response<Body> {
+/// The answer to a client the authorization hook did not allow, with the CORS headers of
+/// its origin when that may read.
+fn refuse(mut record: Record, decision: &Decision, grant: Option<&cors::Grant>) -> Response<Body> {
     let (problem, challenge) = match decision {
         Decision::Deny { status, challenge } => match status.as_u16() {
             401 => (Problem::Unauthorized, challenge.clone()),
@@ -763,6 +778,9 @@ fn refuse(mut record: Record, decision: &Decision) -> Response<Body> {
     if let Some(challenge) = challenge {
         resp.headers_mut()
             .insert(http::header::WWW_AUTHENTICATE, challenge);
+    }
+    if let Some(grant) = grant {
+        cors::apply(&mut resp, grant);
     }
     record.finish(resp, Outcome::Rejected)
 }

@@ -1,7 +1,10 @@
-//! Path templates -> route. Parameters are percent-decoded once and must then match their
-//! route's anchored pattern; a mismatch is a 400 before any other work is done.
+//! Path -> route. The most specific matching template wins (`config::PathTemplate` states the
+//! rule); its parameters are then percent-decoded once and must match their route's anchored
+//! pattern: a mismatch is a 400 before any other work is done, never a fall-through to a less
+//! specific route.
 
-use matchit::Router as Matcher;
+use std::cmp::Ordering;
+use std::collections::HashMap;
 
 use crate::config::{Param, RouteConfig};
 
@@ -24,38 +27,72 @@ pub enum RouteError {
     },
 }
 
+/// The routes indexed by their first segment, so a request is compared only with the routes
+/// that can match it.
 pub struct Router {
-    matcher: Matcher<usize>,
+    /// Routes whose first segment is literal text, by that text.
+    by_first_segment: HashMap<String, Vec<usize>>,
+    /// Routes that start with a parameter or a tail: candidates for every path.
+    starting_with_param: Vec<usize>,
 }
 
 impl Router {
-    /// Builds the router; templates were checked for conflicts by config validation.
+    /// Indexes `routes`; config validation has refused ambiguous pairs of templates.
     pub fn new(routes: &[RouteConfig]) -> Router {
-        let mut matcher = Matcher::new();
+        let mut by_first_segment: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut starting_with_param = Vec::new();
         for (i, r) in routes.iter().enumerate() {
-            matcher
-                .insert(r.path.as_str(), i)
-                .expect("config validation rejects conflicting templates");
+            match r.path.first_static() {
+                Some(first) => by_first_segment
+                    .entry(first.to_owned())
+                    .or_default()
+                    .push(i),
+                None => starting_with_param.push(i),
+            }
         }
-        Router { matcher }
+        Router {
+            by_first_segment,
+            starting_with_param,
+        }
     }
 
     pub fn resolve(&self, routes: &[RouteConfig], path: &str) -> Result<Matched, RouteError> {
-        let m = self.matcher.at(path).map_err(|_| RouteError::NotFound)?;
-        let route = &routes[*m.value];
+        let first = path
+            .strip_prefix('/')
+            .map(|p| p.split('/').next().unwrap_or_default())
+            .ok_or(RouteError::NotFound)?;
+        let literal = self.by_first_segment.get(first).map(Vec::as_slice);
+        let mut best: Option<usize> = None;
+        for &i in literal
+            .unwrap_or_default()
+            .iter()
+            .chain(&self.starting_with_param)
+        {
+            let template = &routes[i].path;
+            let wins = match best {
+                None => true,
+                // Equal only for pairs validation refuses: the first one stays.
+                Some(b) => template.precedence(&routes[b].path) == Ordering::Greater,
+            };
+            if wins && template.matches(path) {
+                best = Some(i);
+            }
+        }
+        let index = best.ok_or(RouteError::NotFound)?;
+        let route = &routes[index];
+        let raw = route.path.captures(path).ok_or(RouteError::NotFound)?;
         let mut params = Vec::with_capacity(route.params.len());
-        for p in &route.params {
-            let raw = m.params.get(&p.name).unwrap_or_default();
+        for (p, raw) in route.params.iter().zip(raw) {
             let value = percent_decode(raw)
                 .filter(|v| valid_param(p, v))
                 .ok_or_else(|| RouteError::InvalidParameter {
-                    route: *m.value,
+                    route: index,
                     name: p.name.clone(),
                 })?;
             params.push((p.name.clone(), value));
         }
         Ok(Matched {
-            route: *m.value,
+            route: index,
             params,
         })
     }
@@ -165,6 +202,105 @@ upstream = "u"
             router.resolve(&routes, "/news/a%2Db").unwrap().params[0].1,
             "a-b"
         );
+    }
+
+    /// "Specific routes plus a proxy for everything else", as CouchDB-style APIs need it.
+    #[test]
+    fn catch_all_beside_parameters_and_statics() {
+        let mut text = String::from(
+            "[listeners.p]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nurl = \"http://127.0.0.1:1\"\n",
+        );
+        let templates = [
+            ("root", "/"),
+            ("db", "/{db}"),
+            ("db_slash", "/{db}/"),
+            ("db_rest", "/{db}/{*rest}"),
+            ("all", "/{*rest}"),
+            ("changes", "/{db}/_changes"),
+            ("feeds", "/feeds/poll/{db}"),
+            ("img", "/img-{id}.png"),
+        ];
+        for (name, path) in templates {
+            text.push_str(&format!(
+                "[routes.{name}]\npath = \"{path}\"\nkind = \"proxy\"\nupstream = \"u\"\n"
+            ));
+        }
+        let routes = Config::from_toml(&text, std::path::Path::new("."))
+            .unwrap()
+            .routes;
+        let router = Router::new(&routes);
+        let name = |path: &str| {
+            let m = router.resolve(&routes, path).unwrap();
+            (routes[m.route].name.as_str(), m.params)
+        };
+        let p = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(name("/"), ("root", p(&[])));
+        assert_eq!(name("/a"), ("db", p(&[("db", "a")])));
+        assert_eq!(name("/a/"), ("db_slash", p(&[("db", "a")])));
+        assert_eq!(name("/a/_changes"), ("changes", p(&[("db", "a")])));
+        assert_eq!(
+            name("/a/b/c"),
+            ("db_rest", p(&[("db", "a"), ("rest", "b/c")]))
+        );
+        assert_eq!(name("/feeds/poll/x"), ("feeds", p(&[("db", "x")])));
+        // `/feeds/poll/x/y` is no `/feeds/poll/{db}`: the next most specific is `/{db}/{*rest}`.
+        assert_eq!(
+            name("/feeds/poll/x/y"),
+            ("db_rest", p(&[("db", "feeds"), ("rest", "poll/x/y")]))
+        );
+        assert_eq!(name("/img-7.png"), ("img", p(&[("id", "7")])));
+        assert_eq!(name("/img-7.jpg"), ("db", p(&[("db", "img-7.jpg")])));
+        assert_eq!(
+            name("/a/b/_changes"),
+            ("db_rest", p(&[("db", "a"), ("rest", "b/_changes")]))
+        );
+        // An invalid value on the winning route is a 400 there, not a fall-through: an encoded
+        // `/` stays inside its segment, and `{db}` refuses it once decoded.
+        let db = routes.iter().position(|r| r.name == "db").unwrap();
+        assert_eq!(
+            router.resolve(&routes, "/a%2Fb"),
+            Err(RouteError::InvalidParameter {
+                route: db,
+                name: "db".into()
+            })
+        );
+        let changes = routes.iter().position(|r| r.name == "changes").unwrap();
+        assert_eq!(
+            router.resolve(&routes, "/a%ff/_changes"),
+            Err(RouteError::InvalidParameter {
+                route: changes,
+                name: "db".into()
+            })
+        );
+        assert_eq!(router.resolve(&routes, "nope"), Err(RouteError::NotFound));
+    }
+
+    #[test]
+    fn truly_ambiguous_pairs_are_refused_by_check() {
+        for (a, b) in [
+            ("/x/{id}", "/x/{name}"),
+            ("/{*a}", "/{*b}"),
+            ("/f/{x}/{*r}", "/f/{y}/{*s}"),
+            ("/v{x}", "/{y}w"),
+        ] {
+            let text = format!(
+                "[listeners.p]\naddress = \"127.0.0.1:0\"\n[upstreams.u]\nurl = \"http://x\"\n\
+                 [routes.a]\npath = \"{a}\"\nkind = \"proxy\"\nupstream = \"u\"\n\
+                 [routes.b]\npath = \"{b}\"\nkind = \"proxy\"\nupstream = \"u\"\n"
+            );
+            let errs = Config::from_toml(&text, std::path::Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                errs.contains("routes.b.path") && errs.contains("conflicts with another route"),
+                "{a} vs {b}: {errs}"
+            );
+        }
     }
 
     #[test]

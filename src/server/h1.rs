@@ -119,7 +119,7 @@ impl Parked for Socket {
             return;
         };
         let tail = batch.http1.get_or_init(|| batch_tail(batch));
-        let mut extra = poll.origin().map(cors_lines).unwrap_or_default();
+        let mut extra = poll.cors().map(cors_lines).unwrap_or_default();
         // While the server drains, the connection closes after its answer (as hyper's do).
         let close = poll.draining();
         if close {
@@ -674,10 +674,10 @@ fn batch_tail(batch: &Batch) -> Bytes {
     out.into()
 }
 
-/// The CORS header lines of an answer to `origin`.
-fn cors_lines(origin: &HeaderValue) -> Vec<u8> {
+/// The CORS header lines of an allowed cross-origin answer.
+fn cors_lines(grant: &cors::Grant) -> Vec<u8> {
     let mut resp = Response::new(Body::default());
-    cors::apply(&mut resp, origin);
+    cors::apply(&mut resp, grant);
     let mut out = Vec::new();
     header_lines(resp.headers(), &mut out);
     out

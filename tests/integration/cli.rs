@@ -42,9 +42,14 @@ fn check_reports_every_error_with_line_numbers_and_exits_78() {
     let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
     assert_eq!(check.status.code(), Some(78));
     let err = String::from_utf8_lossy(&check.stderr);
-    assert!(err.contains("2 configuration errors"), "{err}");
+    // One pass: the unknown key does not hide the unknown kind beside it.
+    assert!(err.contains("3 configuration errors"), "{err}");
     assert!(
         err.contains("listeners.public.address (line 2, column 11)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("routes.r.kind (line 6, column 8): unknown kind \"nope\""),
         "{err}"
     );
     assert!(
@@ -60,6 +65,48 @@ fn check_reports_every_error_with_line_numbers_and_exits_78() {
     let check = pollmux(&["check", "--config", syntax.to_str().unwrap()]);
     assert_eq!(check.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&check.stderr).contains("line 1, column"));
+}
+
+/// The synopsis is `pollmux [run] [--config FILE]`: `run` may be left out.
+#[test]
+fn config_without_run_is_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[listeners.public]\naddress = \"nowhere\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    for args in [
+        &["--config", file][..],
+        &["-c", file],
+        &["run", "--config", file],
+    ] {
+        let out = pollmux(args);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("listeners.public.address"), "{args:?}: {err}");
+    }
+    // A run option and another command together are a usage error, not a silent choice.
+    let out = pollmux(&["--config", file, "check", "--config", file]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn check_refuses_credentials_with_a_wildcard_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cors.toml");
+    std::fs::write(
+        &file,
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[routes.news]\npath = \"/news/{c}\"\n\
+         kind = \"poll\"\nsource.type = \"publish\"\nauth = \"public\"\n\
+         cors = { origins = [\"*\"], credentials = true }\n",
+    )
+    .unwrap();
+    let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        err.contains("routes.news.cors.credentials (line 8"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -349,4 +396,61 @@ max_hold = "30s"
             assert_eq!(received, r["opened"].as_u64().unwrap(), "{r}");
         }
     }
+}
+
+/// Logs written to a pipe carry no colour codes, and a failing source names its route and
+/// topic, not only its upstream.
+#[tokio::test]
+async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
+    let upstream = Upstream::start(|_req| async { text_response(500, "down") }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pollmux.toml");
+    let config = format!(
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [upstreams.api]\nurl = \"{}\"\n\
+         [routes.feed]\npath = \"/feed/{{id}}\"\nkind = \"poll\"\nauth = \"public\"\n\
+         source = {{ type = \"upstream-sse\", upstream = \"api\", path = \"/events/{{id}}\" }}\n",
+        upstream.url()
+    );
+    std::fs::write(&file, config).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--config", file.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env_remove("POLLMUX_LOG_FORMAT")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut public = None;
+    let mut seen = Vec::new();
+    let failure = loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("pollmux logs in time")
+            .unwrap()
+            .expect("pollmux is running");
+        assert!(!line.contains('\x1b'), "colour codes in {line:?}");
+        if line.contains("listening") && line.contains("listener=public") {
+            let addr = line
+                .split("address=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
+            let addr: SocketAddr = addr.parse().unwrap();
+            public = Some(addr);
+            // Opening the topic starts its source, which the upstream refuses.
+            tokio::spawn(async move { get(addr, "/feed/42?timeout=1").await });
+        }
+        if line.contains("upstream refused the source's request") {
+            break line;
+        }
+        seen.push(line);
+    };
+    assert!(public.is_some(), "{seen:?}");
+    assert!(failure.contains("route=feed"), "{failure}");
+    assert!(failure.contains("topic=42"), "{failure}");
+    assert!(failure.contains("upstream=api"), "{failure}");
 }

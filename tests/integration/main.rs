@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod collapse;
 mod common;
+mod cors;
 mod exhaustion;
 mod held;
 mod hostile;
