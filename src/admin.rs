@@ -1,6 +1,6 @@
 //! The admin listener's handler: `/metrics` (Prometheus text), `/healthz` (200 while the process
 //! serves), `/readyz` (200 while listeners are up and the config is loaded, 503 once draining)
-//! and `POST /publish/<route>/<topic>` (the publish source, PROTOCOL.md section 3).
+//! and `POST /publish/<route>/<topic>` (the publish source, docs/protocol.md section 3).
 //! Bound to loopback by default; never exposed on the public listeners. Off loopback the config
 //! requires a publish token, compared in constant time.
 

@@ -1,4 +1,4 @@
-//! Live configuration reload (DESIGN.md, Reload): SIGHUP or `POST /-/reload` re-reads the
+//! Live configuration reload (docs/operations.md): SIGHUP or `POST /-/reload` re-reads the
 //! configuration, validates it whole, and swaps the gateway atomically, or logs every error and
 //! keeps the running one.
 //!

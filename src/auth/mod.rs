@@ -1,4 +1,4 @@
-//! Authorization hooks (PROTOCOL.md 1.5): before a client joins a topic, pollmux asks an upstream
+//! Authorization hooks (docs/protocol.md 1.5): before a client joins a topic, pollmux asks an upstream
 //! URL whether this credential may read it.
 //!
 //! - The hook request is `GET <hook path>` on the hook's upstream with only the route's

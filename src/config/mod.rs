@@ -249,9 +249,9 @@ pub struct Param {
 pub enum RouteKind {
     /// Plain reverse proxy to `upstreams[upstream]`.
     Proxy { upstream: usize },
-    /// Managed long-poll (PROTOCOL.md section 1).
+    /// Managed long-poll (docs/protocol.md section 1).
     Poll(Box<PollConfig>),
-    /// Transparent fan-in of an existing long-poll API (PROTOCOL.md section 2).
+    /// Transparent fan-in of an existing long-poll API (docs/protocol.md section 2).
     Collapse(Box<CollapseConfig>),
 }
 
@@ -305,7 +305,7 @@ pub enum NextCursor {
 pub enum AuthConfig {
     /// Anyone.
     Public,
-    /// An upstream URL decides per (topic, credential) (PROTOCOL.md 1.5).
+    /// An upstream URL decides per (topic, credential) (docs/protocol.md 1.5).
     Hook(HookConfig),
     /// A signed token names the topics its bearer may read.
     Jwt(JwtConfig),

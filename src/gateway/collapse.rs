@@ -1,4 +1,4 @@
-//! `kind = "collapse"` routes (PROTOCOL.md section 2): identical long-polls of an existing API
+//! `kind = "collapse"` routes (docs/protocol.md section 2): identical long-polls of an existing API
 //! share one upstream request, and its answer is written byte for byte to every waiter.
 //!
 //! - A request's `Key` is its topic group (the route's topic plus the values of its `vary`

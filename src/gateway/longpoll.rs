@@ -1,4 +1,4 @@
-//! `kind = "poll"` routes (PROTOCOL.md section 1): request checks, then hold on the topic until
+//! `kind = "poll"` routes (docs/protocol.md section 1): request checks, then hold on the topic until
 //! a message, the hold deadline, or the drain.
 //!
 //! Everything that can reject a request is decided before the topic is touched. Then the
@@ -36,7 +36,7 @@ const POLL_CURSOR: &str = "poll-cursor";
 const POLL_GAP: &str = "poll-gap";
 const LAST_EVENT_ID: &str = "last-event-id";
 /// Hold jitter: up to this fraction of the hold is taken off, so clients that started together
-/// drift apart (PROTOCOL.md 1.2).
+/// drift apart (docs/protocol.md 1.2).
 const JITTER_DIVISOR: u32 = 16;
 
 /// A poll route at run time: its config, its share of the hub and its metrics.
@@ -89,7 +89,7 @@ impl PollRoute {
 }
 
 /// Polls held per (route, topic, credential), so one client cannot hold a topic's waiters
-/// hostage (PROTOCOL.md 1.3: 429). A credential is the request's `Authorization` value;
+/// hostage (docs/protocol.md 1.3: 429). A credential is the request's `Authorization` value;
 /// requests without one are not counted (many clients share an address behind NAT).
 pub struct ClientPolls {
     held: DashMap<u64, usize>,

@@ -16,7 +16,7 @@ const VERSION: u8 = 1;
 const RAW_LEN: usize = 1 + 8 + 8 + 8 + 4;
 /// Length of an encoded cursor.
 pub const ENCODED_LEN: usize = 39;
-/// Longest `cursor` a client may send (PROTOCOL.md 1.1).
+/// Longest `cursor` a client may send (docs/protocol.md 1.1).
 pub const CLIENT_MAX_LEN: usize = 256;
 
 /// A decoded cursor.

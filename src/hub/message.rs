@@ -1,4 +1,4 @@
-//! How a message's payload appears in a poll response (PROTOCOL.md 1.3): JSON media types with a
+//! How a message's payload appears in a poll response (docs/protocol.md 1.3): JSON media types with a
 //! valid JSON body are embedded as `data`; `text/*` and form-encoded bodies
 //! (`application/x-www-form-urlencoded`, what `curl -d` sends) in valid UTF-8 become a JSON
 //! string in `data`, exactly as sent; anything else is base64 in `data_b64`. Encoded once per message, when it arrives.

@@ -40,11 +40,11 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use cursor::{Cursor, Requested};
 use ring::{BufferLimits, Entry, Read, Ring};
 
-/// How long a `Message-Id` is remembered for de-duplication (PROTOCOL.md 3).
+/// How long a `Message-Id` is remembered for de-duplication (docs/protocol.md 3).
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(60);
 /// At most this many remembered ids per topic; the oldest are forgotten first.
 pub const DEDUPE_MAX: usize = 10_000;
-/// A response batch stops growing past about this many bytes (PROTOCOL.md 1.3).
+/// A response batch stops growing past about this many bytes (docs/protocol.md 1.3).
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
 
 /// How a route's topics behave; fixed per route.
@@ -387,7 +387,7 @@ pub enum Poll {
         at: Cursor,
         generation: u64,
     },
-    /// The reader missed messages (PROTOCOL.md 1.3, 410).
+    /// The reader missed messages (docs/protocol.md 1.3, 410).
     Expired {
         earliest: String,
         latest: String,
@@ -456,7 +456,7 @@ impl State {
     }
 }
 
-/// What a poll with nothing to read is told about its topic's upstream (PROTOCOL.md 1.3).
+/// What a poll with nothing to read is told about its topic's upstream (docs/protocol.md 1.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProblem {
     /// The upstream says the topic does not exist: 404 to clients.

@@ -1,4 +1,4 @@
-//! Reconnect delays: full-jitter exponential backoff (PROTOCOL.md section 3: base 250 ms,
+//! Reconnect delays: full-jitter exponential backoff (docs/protocol.md section 3: base 250 ms,
 //! cap 30 s), so an upstream outage does not end in a synchronised reconnect storm.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! `kind = "poll"` routes fed by the publish source, over real sockets: PROTOCOL.md sections 1
+//! `kind = "poll"` routes fed by the publish source, over real sockets: docs/protocol.md sections 1
 //! and 3, rule by rule.
 
 use std::sync::Arc;

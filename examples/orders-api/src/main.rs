@@ -6,7 +6,7 @@
 //! - `POST /orders/{id}`: moves the order to its next version;
 //! - `GET /stats`: how many status requests this API has served.
 //!
-//! Run: `cargo run --example orders_api` (listens on 127.0.0.1:3000, or the address given).
+//! Run: `cargo run -p orders-api` (listens on 127.0.0.1:3000, or the address given).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
