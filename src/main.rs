@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use pollmux::config::{Config, DEFAULT_CONFIG};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -25,9 +26,7 @@ const EXIT_CONFIG: u8 = 78;
 #[command(
     name = "pollmux",
     version,
-    about = "A long-polling gateway: one upstream subscription per topic, fanned out to every waiting client",
-    // `pollmux --config FILE` is `pollmux run --config FILE`, as the synopsis `pollmux [run]` says.
-    args_conflicts_with_subcommands = true
+    about = "A long-polling gateway: one upstream subscription per topic, fanned out to every waiting client"
 )]
 struct Cli {
     /// Log filter (e.g. "info", "pollmux=debug"); RUST_LOG wins when set.
@@ -39,6 +38,8 @@ struct Cli {
     /// Without a subcommand: `run`.
     #[command(subcommand)]
     command: Option<Command>,
+    /// `pollmux --config FILE` is `pollmux run --config FILE`, as the synopsis `pollmux [run]`
+    /// says.
     #[command(flatten)]
     run: RunArgs,
 }
@@ -86,7 +87,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    // Global flags may come before a subcommand; a run option may not (which would it be for?).
+    let config_given = matches.value_source("config") == Some(ValueSource::CommandLine);
+    if matches.subcommand().is_some() && config_given {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--config before a subcommand: give it after the subcommand",
+            )
+            .exit();
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(&cli);
     // Every TLS config names aws-lc-rs explicitly; installing it as the process default too keeps
     // any library that asks for the default on the same single provider.

@@ -845,13 +845,14 @@ impl Validator<'_, '_> {
                 self.errors.push(located);
                 return None;
             };
-            if let Some(hint) = unknown_key_hint(at, table, e.message()) {
+            let inner = e.span().map(|span| source::path_at(table, span.start));
+            // A key of the route's own table (not of one nested in it, such as `cors`).
+            let own_key = inner.as_ref().is_some_and(|p| p.len() == 1);
+            if let Some(hint) = unknown_key_hint(at, table, e.message()).filter(|_| own_key) {
                 located.message = hint;
             }
             self.errors.push(located);
-            let key = e
-                .span()
-                .and_then(|span| source::path_at(table, span.start).into_iter().next());
+            let key = inner.and_then(|p| p.into_iter().next());
             let key = key.filter(|k| !left_out.contains(k))?;
             table.remove(key.as_str());
             self.left_out.push(format!("{}.{key}", at.join(".")));
@@ -1495,6 +1496,12 @@ impl Validator<'_, '_> {
                 );
             }
         }
+        if cors.credentials && cors.origins.is_empty() && !cors.any_origin {
+            self.err(
+                &["routes", n, "cors", "credentials"],
+                "allows credentials for no origin: list the origins in cors.origins",
+            );
+        }
         if cors.any_origin && cors.credentials {
             self.err(
                 &["routes", n, "cors", "credentials"],
@@ -2133,6 +2140,19 @@ upstream = "missing"
         };
         assert_eq!(p.cors.origins, ["https://a.example"]);
         assert!(p.cors.credentials);
+        let errs = parse(&route("{ credentials = true }"))
+            .unwrap_err()
+            .to_string();
+        assert!(errs.contains("for no origin"), "{errs}");
+        // A typo inside `cors` gets serde's list of cors keys, not the route's.
+        let errs = parse(&route("{ origins = [], credential = true }"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("routes.orders.cors.credential") && errs.contains("`credentials`"),
+            "{errs}"
+        );
+        assert!(!errs.contains("takes path"), "{errs}");
         let errs = parse(&route("{ origins = [\"*\"], credentials = true }"))
             .unwrap_err()
             .to_string();

@@ -45,6 +45,20 @@ pub struct PathTemplate {
     params: Vec<(String, bool)>,
 }
 
+/// Literal text of a template may hold only what a request path carries unescaped (RFC 3986
+/// `pchar` without `%`): anything else could never match, since paths are matched raw (with
+/// escapes of unreserved characters decoded).
+fn literal(text: &str, path: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@".contains(c);
+    match text.chars().find(|&c| !allowed(c)) {
+        None => Ok(()),
+        Some('}') => Err(format!("unopened }} in {path:?}")),
+        Some(c) => Err(format!(
+            "{c:?} cannot appear unescaped in a request path, so {path:?} would never match"
+        )),
+    }
+}
+
 impl PathTemplate {
     /// Parses `/a/{x}/b-{y}.json/{*rest}`: it starts with `/`, a segment holds at most one
     /// parameter, names are `[A-Za-z0-9_]+` and appear once, a tail ends the path.
@@ -57,9 +71,7 @@ impl PathTemplate {
         let pieces: Vec<&str> = body.split('/').collect();
         for (i, piece) in pieces.iter().enumerate() {
             let Some(open) = piece.find('{') else {
-                if piece.contains('}') {
-                    return Err(format!("unopened }} in {path:?}"));
-                }
+                literal(piece, path)?;
                 segments.push(Segment::Static((*piece).to_owned()));
                 continue;
             };
@@ -69,6 +81,7 @@ impl PathTemplate {
                 + open;
             let (prefix, inner, suffix) =
                 (&piece[..open], &piece[open + 1..close], &piece[close + 1..]);
+            literal(prefix, path)?;
             if suffix.contains(['{', '}']) || inner.contains('{') {
                 return Err(format!(
                     "a segment may hold one parameter only, in {path:?}"
@@ -87,6 +100,7 @@ impl PathTemplate {
             if params.iter().any(|(n, _)| n == name) {
                 return Err(format!("parameter {{{name}}} appears twice in {path:?}"));
             }
+            literal(suffix, path)?;
             params.push((name.to_owned(), tail));
             segments.push(if tail {
                 Segment::Tail
@@ -273,6 +287,11 @@ mod tests {
             "/{}",
             "/{a-b}",
             "/p{*rest}",
+            "/a}{b}",
+            "/caf\u{e9}",
+            "/a b",
+            "/a%20b",
+            "/x/{id}%",
         ] {
             assert!(PathTemplate::parse(bad).is_err(), "{bad}");
         }

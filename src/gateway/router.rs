@@ -57,6 +57,10 @@ impl Router {
     }
 
     pub fn resolve(&self, routes: &[RouteConfig], path: &str) -> Result<Matched, RouteError> {
+        // `/db/_chang%65s` is `/db/_changes` (RFC 3986 6.2.2.2): matched as such, a spelling
+        // cannot slip past a specific route to a catch-all proxy.
+        let normalized = decode_unreserved(path);
+        let path = normalized.as_deref().unwrap_or(path);
         let first = path
             .strip_prefix('/')
             .map(|p| p.split('/').next().unwrap_or_default())
@@ -96,6 +100,45 @@ impl Router {
             params,
         })
     }
+}
+
+/// `path` with every `%XX` that stands for an unreserved character (letters, digits, `-._~`)
+/// decoded; `None` when there is none. Other escapes stay, to be decoded once with the value.
+fn decode_unreserved(path: &str) -> Option<String> {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+    let escaped = |i: usize| {
+        let hex = path.get(i + 1..i + 3)?;
+        u8::from_str_radix(hex, 16).ok().filter(|&b| unreserved(b))
+    };
+    let bytes = path.as_bytes();
+    // A `%` that starts no escape could pair with decoded digits into a new one (`%%32%65`
+    // would become `%2e`, decoded twice): such a path is matched as it is, and its values
+    // then fail to decode.
+    let hex = |i: usize| {
+        path.get(i + 1..i + 3)
+            .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    if (0..bytes.len()).any(|i| bytes[i] == b'%' && !hex(i)) {
+        return None;
+    }
+    let first = (0..bytes.len()).find(|&i| bytes[i] == b'%' && escaped(i).is_some())?;
+    let mut out = String::with_capacity(path.len());
+    out.push_str(&path[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        match (bytes[i], escaped(i)) {
+            (b'%', Some(b)) => {
+                out.push(char::from(b));
+                i += 3;
+            }
+            _ => {
+                let c = path[i..].chars().next().expect("i is on a char boundary");
+                out.push(c);
+                i += c.len_utf8();
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Whether a decoded value is acceptable for parameter `p`.
@@ -278,6 +321,19 @@ upstream = "u"
             })
         );
         assert_eq!(router.resolve(&routes, "nope"), Err(RouteError::NotFound));
+        // Encoded unreserved characters are the characters: no way past a specific route.
+        assert_eq!(name("/db/_chang%65s"), ("changes", p(&[("db", "db")])));
+        assert_eq!(name("/fe%65ds/poll/x"), ("feeds", p(&[("db", "x")])));
+        assert_eq!(name("/%61"), ("db", p(&[("db", "a")])));
+        // Other escapes stay escapes, decoded once with their value.
+        assert_eq!(
+            name("/a/b%2520c"),
+            ("db_rest", p(&[("db", "a"), ("rest", "b%20c")]))
+        );
+        assert_eq!(
+            name("/a/%C3%A9"),
+            ("db_rest", p(&[("db", "a"), ("rest", "é")]))
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ fn pollmux(args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("POLLMUX_CONFIG")
         .output()
         .expect("run pollmux")
 }
@@ -87,6 +88,11 @@ fn config_without_run_is_run() {
     // A run option and another command together are a usage error, not a silent choice.
     let out = pollmux(&["--config", file, "check", "--config", file]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Global flags still go anywhere, before a subcommand too.
+    let out = pollmux(&["--log-format", "json", "check", "--config", file]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let out = pollmux(&["--log-level", "debug", "--config", file]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
 }
 
 #[test]
