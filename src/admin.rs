@@ -18,13 +18,13 @@ use std::time::Instant;
 use http_body_util::{LengthLimitError, Limited};
 
 use crate::gateway::longpoll;
-use crate::gateway::problem::Problem;
 use crate::gateway::router::percent_decode;
-use crate::gateway::{ClientBody, ConnInfo, Current, PublishError};
+use crate::gateway::{Current, PublishError};
 use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
+use crate::problem::Problem;
 use crate::reload::Reloader;
-use crate::server::Handler;
+use crate::service::{ClientBody, ConnInfo, Handler, NoHeldPolls};
 use crate::upstream::Body;
 
 /// Asks a pollmux admin listener at `address` for `path` (a `GET`); its status. An unspecified
@@ -92,6 +92,8 @@ pub struct Admin {
 }
 
 impl Handler for Admin {
+    type Held = NoHeldPolls;
+
     fn call<B: ClientBody>(
         self: &Arc<Self>,
         req: Request<B>,

@@ -4,24 +4,24 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`]; every error
-//!   with its key path and line:column, all at once.
-//! - [`server`]: listeners, accept loop, connection limit, TLS, HTTP/1.1 and h2, graceful drain.
-//! - [`gateway`]: the client-facing service: router, route kinds (`proxy`, `poll`, `collapse`),
-//!   CORS, problem+json.
-//! - [`auth`]: authorization hooks: per (topic, credential) decisions, cached, fail closed.
-//! - [`hub`]: topics: ordered bounded buffers, cursors, waiter wake-up, idle eviction.
-//! - [`source`]: what feeds a topic from upstream (long-poll, SSE, NDJSON).
-//! - [`upstream`]: the pooled upstream HTTP clients.
-//! - [`metrics`]: the one metrics struct with its own Prometheus registry.
-//! - [`admin`]: the admin listener: `/metrics`, `/healthz`, `/readyz`, `/publish`, `/-/reload`.
-//! - [`reload`]: SIGHUP and `/-/reload`: a new gateway per configuration, unchanged routes kept.
+//! ARCHITECTURE.md is the map: what each module owns, what it must never do, and the layers,
+//! which a test checks (a module names only modules of lower layers):
 //!
-//! Imports run one way: `admin -> reload -> server -> gateway -> {auth, source, hub, upstream,
-//! metrics, config}`; the hub imports none of them.
+//! - layer 0: [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`];
+//!   every error with its key path and line:column, all in one pass.
+//! - layer 1: [`hub`] (topics: ordered bounded buffers, cursors, parked readers, idle
+//!   eviction; no HTTP), [`metrics`] (the one metrics struct and its registry), [`upstream`]
+//!   (pooled upstream HTTP clients), [`per_ip`] (per-client-IP limits).
+//! - layer 2: [`auth`] (hooks and JWTs), [`source`] (what feeds a topic from upstream),
+//!   [`service`] (the contract between connections and handlers), [`problem`] (problem+json).
+//! - layer 3: [`gateway`] (routes and their kinds: the request service) and [`server`]
+//!   (listeners, connections, TLS, HTTP/1.1 and h2, the held-poll path); neither names the other.
+//! - layer 4: [`reload`]; layer 5: [`admin`]. This file wires them together.
 //!
 //! [`Server::bind`] binds every socket (so a test can bind `127.0.0.1:0` and read the ports),
 //! then [`Server::serve`] runs until its shutdown future resolves and the drain ends.
+
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod auth;
@@ -29,8 +29,11 @@ pub mod config;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod per_ip;
+pub mod problem;
 pub mod reload;
 pub mod server;
+pub mod service;
 pub mod source;
 pub mod upstream;
 
@@ -45,8 +48,8 @@ use config::{Config, FD_RESERVE};
 use gateway::{Current, Gateway, Shared};
 use hub::Hub;
 use metrics::Metrics;
+use per_ip::PerIp;
 use reload::Reloader;
-use server::per_ip::PerIp;
 use server::{ConnectionLimit, Lifecycle, ListenerSettings};
 
 /// How often lingered topics are looked for: the precision of `linger`.
@@ -389,6 +392,21 @@ fn default_max_connections(fd_limit: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What every open connection (a held poll's included) keeps in its task, besides hyper's
+    /// boxed request future and buffers. A regression here is memory per held poll; see
+    /// docs/BENCHMARKS.md.
+    #[test]
+    fn connection_task_stays_small() {
+        let config = Config::default_config();
+        let (metrics, gw) = Gateway::for_tests(&config);
+        let handler = Arc::new(Current::new(gw));
+        let size = server::conn::task_size(handler, metrics, &config);
+        eprintln!("connection task future: {size} bytes");
+        assert!(size <= CONNECTION_TASK_BYTES_MAX, "{size} bytes");
+    }
+
+    const CONNECTION_TASK_BYTES_MAX: usize = 1560;
 
     #[test]
     fn max_connections_keeps_a_reserve() {

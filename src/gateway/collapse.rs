@@ -35,11 +35,11 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::problem::Problem;
 use super::router::percent_decode;
 use crate::auth::listed_headers;
 use crate::config::{AuthConfig, CollapseConfig, NextCursor, percent_encode};
 use crate::metrics::{CollapseMetrics, GaugeGuard, Outcome, RouteMetrics, UpstreamResult};
+use crate::problem::Problem;
 use crate::upstream::{Body, Upstream, UpstreamError};
 
 /// Upstream response headers every waiter gets (beside the route's `expose_headers`).

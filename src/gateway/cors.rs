@@ -55,8 +55,7 @@ pub fn check(headers: &HeaderMap, policy: &CorsConfig) -> Result<Option<Grant>, 
 }
 
 /// Adds the CORS response headers of an allowed request.
-pub fn apply(resp: &mut Response<Body>, grant: &Grant) {
-    let h = resp.headers_mut();
+pub fn apply(h: &mut HeaderMap, grant: &Grant) {
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         grant.allow_origin.clone(),
@@ -88,7 +87,7 @@ pub fn preflight(grant: Option<&Grant>, policy: &CorsConfig) -> Response<Body> {
             policy.allow_headers.clone(),
         );
         h.insert(header::ACCESS_CONTROL_MAX_AGE, PREFLIGHT_MAX_AGE);
-        apply(&mut resp, grant);
+        apply(h, grant);
     }
     resp
 }

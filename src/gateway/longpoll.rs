@@ -19,7 +19,6 @@ use http_body_util::{BodyExt, Full};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::cors;
-use super::problem::Problem;
 use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
@@ -28,6 +27,7 @@ use crate::hub::{
     TopicSettings, UpstreamProblem,
 };
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
+use crate::problem::Problem;
 use crate::upstream::Body;
 
 /// The query parameter of a poll's cursor.
@@ -187,7 +187,7 @@ pub fn prepare<B: hyper::body::Body>(
     };
     let with_cors = |(mut resp, outcome): (Response<Body>, Outcome)| {
         if let Some(grant) = &grant {
-            cors::apply(&mut resp, grant);
+            cors::apply(resp.headers_mut(), grant);
         }
         (resp, outcome)
     };
@@ -391,7 +391,7 @@ impl Held {
 
     fn with_cors(&self, mut resp: Response<Body>) -> Response<Body> {
         if let Some(grant) = &self.cors {
-            cors::apply(&mut resp, grant);
+            cors::apply(resp.headers_mut(), grant);
         }
         resp
     }
@@ -502,7 +502,7 @@ fn rejected(
 
 /// The answer with a batch of messages (without CORS headers).
 pub fn batch_response(batch: &Batch) -> Response<Body> {
-    let cursor = batch.cursor_header.clone();
+    let cursor = HeaderValue::from_str(&batch.cursor).expect("cursors are URL-safe ASCII");
     poll_response(batch.body.clone(), cursor, batch.gap, false)
 }
 

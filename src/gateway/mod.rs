@@ -7,12 +7,10 @@
 pub mod collapse;
 pub mod cors;
 pub mod longpoll;
-pub mod problem;
 pub mod proxy;
 pub mod router;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,56 +18,31 @@ use std::time::Instant;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 
 use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
 use crate::config::AuthConfig;
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
-use crate::hub::Topic;
+use crate::hub::{Batch, Topic};
 use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{
     CollapseMetrics, Metrics, Outcome, PollMetrics, ROUTE_UNMATCHED, RouteMetrics,
 };
-use crate::server::per_ip::{IpSlot, OverLimit, PerIp};
-use crate::server::{Handler, canonical_ip};
+use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
+use crate::problem::Problem;
+use crate::service::{ClientBody, ConnInfo, Handler, HeldPoll, NoBody, Step};
 use crate::source::SourceSlots;
 use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
-use crate::upstream::{Body, BoxError, Upstream};
+use crate::upstream::{Body, Upstream};
 use collapse::{CollapseRoute, Join};
 use longpoll::{ClientPolls, Held, Next, PollRoute};
-use problem::Problem;
 use router::{RouteError, Router};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-
-/// What the gateway knows of the connection a request came on.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// Whether the client connected over TLS (sets `X-Forwarded-Proto`).
-    pub tls: bool,
-}
-
-/// A client request's body: hyper's, or none at all (a request read without hyper).
-pub trait ClientBody:
-    hyper::body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Sync + 'static
-{
-}
-
-impl<B> ClientBody for B
-where
-    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: Into<BoxError>,
-{
-}
-
-/// The body of a request read without hyper: it has none.
-pub type NoBody = http_body_util::Empty<Bytes>;
 
 /// What outlives a configuration: the hub, the source slots and gates, and the drain.
 pub struct Shared {
@@ -464,7 +437,11 @@ impl Gateway {
 
     /// Routes and checks a request synchronously, so that the future a held request keeps
     /// carries only what its wait needs (never the request itself; see `Handler`).
-    fn prepare<B: ClientBody>(self: &Arc<Self>, req: Request<B>, conn: ConnInfo) -> Step {
+    fn prepare<B: ClientBody>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        conn: ConnInfo,
+    ) -> Step<PreparedPoll> {
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.limits.max_uri_bytes {
             return Step::Done(Record::new(&self.unmatched).reject(Problem::UriTooLong, None));
@@ -554,7 +531,7 @@ impl Gateway {
         params: &[(String, String)],
         mut record: Record,
         until: Option<std::time::Instant>,
-    ) -> Step {
+    ) -> Step<PreparedPoll> {
         match &self.runtimes[route] {
             Runtime::Poll(poll) => {
                 let clients = &self.client_polls;
@@ -563,7 +540,7 @@ impl Gateway {
                         if let Some(topic) = held.new_topic() {
                             self.start_source(poll, route, topic, params);
                         }
-                        Step::Poll(HeldPoll {
+                        Step::Poll(PreparedPoll {
                             route: poll.clone(),
                             shared: self.shared.clone(),
                             drain_window: self.drain_window,
@@ -601,7 +578,7 @@ impl Gateway {
         req: Request<B>,
         conn: ConnInfo,
         mut record: Record,
-    ) -> Step {
+    ) -> Step<PreparedPoll> {
         let this = self.clone();
         Step::Pending(Box::pin(async move {
             let upstream = &this.upstreams[upstream];
@@ -636,6 +613,7 @@ impl Current {
 
 impl Handler for Current {
     const HOLDS_POLLS: bool = true;
+    type Held = PreparedPoll;
 
     fn call<B: ClientBody>(
         self: &Arc<Self>,
@@ -645,7 +623,11 @@ impl Handler for Current {
         self.get().call(req, conn)
     }
 
-    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
+    fn prepare_held(
+        self: &Arc<Self>,
+        req: Request<NoBody>,
+        conn: ConnInfo,
+    ) -> Option<Step<PreparedPoll>> {
         self.get().prepare_held(req, conn)
     }
 }
@@ -666,6 +648,7 @@ impl Gateway {
 
 impl Handler for Gateway {
     const HOLDS_POLLS: bool = true;
+    type Held = PreparedPoll;
 
     fn call<B: ClientBody>(
         self: &Arc<Self>,
@@ -675,7 +658,11 @@ impl Handler for Gateway {
         finish(self.prepare(req, conn))
     }
 
-    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
+    fn prepare_held(
+        self: &Arc<Self>,
+        req: Request<NoBody>,
+        conn: ConnInfo,
+    ) -> Option<Step<PreparedPoll>> {
         let matched = self.router.resolve(&self.routes, req.uri().path()).ok()?;
         let poll = matches!(self.runtimes[matched.route], Runtime::Poll(_));
         poll.then(|| self.prepare(req, conn))
@@ -688,7 +675,7 @@ impl Handler for Gateway {
     clippy::manual_async_fn,
     reason = "an async fn's state is 184 bytes larger here (see pending_request_state_stays_small)"
 )]
-fn finish(mut step: Step) -> impl Future<Output = Response<Body>> + Send + 'static {
+fn finish(mut step: Step<PreparedPoll>) -> impl Future<Output = Response<Body>> + Send + 'static {
     async move {
         match &mut step {
             Step::Done(resp) => std::mem::take(resp),
@@ -699,7 +686,7 @@ fn finish(mut step: Step) -> impl Future<Output = Response<Body>> + Send + 'stat
 }
 
 /// A poll that passed every check and waits on its topic: all it needs until its answer.
-pub struct HeldPoll {
+pub struct PreparedPoll {
     route: Arc<PollRoute>,
     shared: Arc<Shared>,
     drain_window: Duration,
@@ -707,8 +694,9 @@ pub struct HeldPoll {
     record: Record,
 }
 
-impl HeldPoll {
-    /// Waits on the topic's notifications for the answer.
+impl PreparedPoll {
+    /// Waits on the topic's notifications for the answer (TLS, HTTP/2, and hyper's
+    /// HTTP/1.1), where [`server::h1`](crate) parks the poll instead.
     async fn wait(&mut self) -> Response<Body> {
         let shared = &self.shared;
         let (resp, outcome) = self
@@ -717,10 +705,10 @@ impl HeldPoll {
             .await;
         self.record.finish(resp, outcome)
     }
+}
 
-    /// The answer if there is one now (it is counted), else the topic generation to park at
-    /// (see [`crate::hub::Topic::park`]).
-    pub fn look(&mut self) -> Result<Response<Body>, u64> {
+impl HeldPoll for PreparedPoll {
+    fn look(&mut self) -> Result<Response<Body>, u64> {
         let shared = &self.shared;
         match self
             .held
@@ -731,33 +719,34 @@ impl HeldPoll {
         }
     }
 
-    /// When the poll must answer with [`HeldPoll::expire`].
-    pub fn deadline(&self) -> tokio::time::Instant {
+    fn deadline(&self) -> tokio::time::Instant {
         self.held.deadline()
     }
 
-    /// The answer at the deadline (counted).
-    pub fn expire(&mut self) -> Response<Body> {
+    fn expire(&mut self) -> Response<Body> {
         let (resp, outcome) = self.held.expire();
         self.record.finish(resp, outcome)
     }
 
-    pub fn topic(&self) -> &Arc<Topic> {
+    fn topic(&self) -> &Arc<Topic> {
         self.held.topic()
     }
 
-    /// What the answers of an allowed cross-origin poll say.
-    pub fn cors(&self) -> Option<&cors::Grant> {
-        self.held.cors()
+    fn batch_answer(&self, batch: &Batch) -> Response<Body> {
+        longpoll::batch_response(batch)
     }
 
-    /// Whether the server drains (answers then close their HTTP/1.1 connections).
-    pub fn draining(&self) -> bool {
+    fn own_headers(&self, headers: &mut HeaderMap) {
+        if let Some(grant) = self.held.cors() {
+            cors::apply(headers, grant);
+        }
+    }
+
+    fn draining(&self) -> bool {
         self.shared.draining.load(Ordering::Acquire)
     }
 
-    /// Counts the poll as answered with `batch`, written by its topic's publisher.
-    pub fn delivered(mut self, batch: &crate::hub::Batch) {
+    fn delivered(mut self, batch: &Batch) {
         self.held.delivered(&self.route, batch);
         self.record.answered(http::StatusCode::OK, Outcome::Message);
     }
@@ -780,17 +769,9 @@ fn refuse(mut record: Record, decision: &Decision, grant: Option<&cors::Grant>) 
             .insert(http::header::WWW_AUTHENTICATE, challenge);
     }
     if let Some(grant) = grant {
-        cors::apply(&mut resp, grant);
+        cors::apply(resp.headers_mut(), grant);
     }
     record.finish(resp, Outcome::Rejected)
-}
-
-/// A request after its synchronous part: answered, or what is left to await.
-pub enum Step {
-    Done(Response<Body>),
-    /// A proxied request, a collapse waiter, or a poll waiting for its authorization.
-    Pending(Pin<Box<dyn Future<Output = Response<Body>> + Send>>),
-    Poll(HeldPoll),
 }
 
 /// Records one client request's metrics exactly once: on `finish`, or as `client_gone` when

@@ -14,10 +14,10 @@ use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use ipnet::IpNet;
 
-use super::problem::Problem;
-use super::{ClientBody, ConnInfo};
 use crate::metrics::{Outcome, RouteMetrics, UpstreamResult};
-use crate::server::canonical_ip as canonical;
+use crate::per_ip::canonical_ip as canonical;
+use crate::problem::Problem;
+use crate::service::{ClientBody, ConnInfo};
 use crate::upstream::{Body, BoxError, Upstream, UpstreamError};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

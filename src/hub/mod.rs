@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
-use http::HeaderValue;
 use prometheus::IntGauge;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
@@ -364,15 +363,14 @@ pub struct Batch {
     pub body: Bytes,
     /// The cursor the body names.
     pub cursor: String,
-    /// The same cursor as a `Poll-Cursor` header value, built once for every reader.
-    pub cursor_header: HeaderValue,
     pub messages: usize,
     /// Arrival of the oldest message in the batch (delivery latency).
     pub oldest: Instant,
     pub gap: bool,
-    /// The batch's HTTP/1.1 answer after its status and `Date` lines (headers and body),
-    /// encoded once by the first connection that writes it for a parked reader.
-    pub http1: OnceLock<Bytes>,
+    /// The batch's answer as a connection path writes it for parked readers, encoded once by
+    /// the first that writes it (opaque to the hub: the server's HTTP/1.1 path keeps its
+    /// headers and body there).
+    pub encoded: OnceLock<Bytes>,
     from: u64,
     head: u64,
 }
@@ -755,12 +753,11 @@ impl Topic {
         body.put_u8(b'}');
         let batch = Arc::new(Batch {
             body: body.freeze(),
-            cursor_header: HeaderValue::from_str(&cursor).expect("cursors are URL-safe ASCII"),
             cursor,
             messages,
             oldest: oldest.unwrap_or_else(Instant::now),
             gap,
-            http1: OnceLock::new(),
+            encoded: OnceLock::new(),
             from,
             head,
         });

@@ -34,11 +34,9 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Handler;
 use crate::config::LimitsConfig;
-use crate::gateway::longpoll::batch_response;
-use crate::gateway::{ConnInfo, HeldPoll, NoBody, Step, cors};
 use crate::hub::{Batch, ParkId, Parked, Topic};
+use crate::service::{ConnInfo, Handler, HeldPoll, NoBody, Step};
 use crate::upstream::Body;
 
 /// First read buffer for a request head; doubled as needed up to `max_header_bytes`.
@@ -46,25 +44,25 @@ const HEAD_BUFFER: usize = 512;
 const STATUS_OK: &[u8] = b"HTTP/1.1 200 OK\r\n";
 
 /// A connection's socket, shared with the topic its poll is parked on.
-pub struct Socket {
+pub struct Socket<P> {
     stream: TcpStream,
-    slot: Mutex<Slot>,
+    slot: Mutex<Slot<P>>,
     /// Signalled when the slot needs the connection (not after an answer written in full).
     attention: Notify,
 }
 
 /// Where a connection's poll stands.
-enum Slot {
+enum Slot<P> {
     Idle,
     Parked {
         ticket: u64,
-        poll: HeldPoll,
+        poll: P,
         /// The connection holds the client's next request already and no longer watches the
         /// socket: an answer written in place must wake it.
         pipelined: bool,
     },
     /// The topic changed otherwise: the poll looks again.
-    Woken(HeldPoll),
+    Woken(P),
     /// The publisher wrote the whole answer.
     Answered,
     /// The publisher wrote the whole answer, which closes the connection (the server drains).
@@ -76,7 +74,7 @@ enum Slot {
     Broken,
 }
 
-impl Socket {
+impl<P: HeldPoll> Socket<P> {
     /// Read readiness, registered in the socket itself (only the connection's task waits
     /// for it), so the waiting future is a reference.
     fn read_ready(&self) -> impl Future<Output = io::Result<()>> + '_ {
@@ -87,12 +85,12 @@ impl Socket {
         std::future::poll_fn(|cx| self.stream.poll_write_ready(cx))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Slot> {
+    fn lock(&self) -> MutexGuard<'_, Slot<P>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the slot's poll if it is parked for `ticket`.
-    fn take_parked(slot: &mut Slot, ticket: u64) -> Option<HeldPoll> {
+    fn take_parked(slot: &mut Slot<P>, ticket: u64) -> Option<P> {
         match mem::replace(slot, Slot::Idle) {
             Slot::Parked {
                 ticket: t, poll, ..
@@ -105,7 +103,7 @@ impl Socket {
     }
 }
 
-impl Parked for Socket {
+impl<P: HeldPoll> Parked for Socket<P> {
     fn deliver(&self, ticket: u64, batch: &Arc<Batch>) {
         let mut slot = self.lock();
         let pipelined = matches!(
@@ -118,8 +116,13 @@ impl Parked for Socket {
         let Some(poll) = Socket::take_parked(&mut slot, ticket) else {
             return;
         };
-        let tail = batch.http1.get_or_init(|| batch_tail(batch));
-        let mut extra = poll.cors().map(cors_lines).unwrap_or_default();
+        let tail = batch
+            .encoded
+            .get_or_init(|| batch_tail(&poll.batch_answer(batch), batch));
+        let mut own = HeaderMap::new();
+        poll.own_headers(&mut own);
+        let mut extra = Vec::new();
+        header_lines(&own, &mut extra);
         // While the server drains, the connection closes after its answer (as hyper's do).
         let close = poll.draining();
         if close {
@@ -155,10 +158,10 @@ impl Parked for Socket {
 }
 
 /// How the connection's own part ended.
-pub enum End {
+pub enum End<P: HeldPoll> {
     Closed,
     /// hyper serves the rest of the connection.
-    Hyper(Handoff),
+    Hyper(Handoff<P>),
 }
 
 /// What a poll's hold ended with.
@@ -190,7 +193,7 @@ pub async fn serve<H: Handler>(
     info: ConnInfo,
     limits: &LimitsConfig,
     drain: &CancellationToken,
-) -> End {
+) -> End<H::Held> {
     let socket = Arc::new(Socket {
         stream,
         slot: Mutex::new(Slot::Idle),
@@ -245,8 +248,8 @@ enum Head {
 
 /// Reads until the buffer holds a complete request head, within the header read timeout (an
 /// idle connection closes then, or at once when the server drains).
-async fn read_head(
-    socket: &Socket,
+async fn read_head<P: HeldPoll>(
+    socket: &Socket<P>,
     buf: &mut Vec<u8>,
     limits: &LimitsConfig,
     drain: &CancellationToken,
@@ -343,8 +346,8 @@ fn request(head: &httparse::Request<'_, '_>) -> Option<Request<NoBody>> {
 }
 
 /// Waits for the answer of the poll in the socket's slot, parked with its topic.
-async fn hold(
-    socket: &Arc<Socket>,
+async fn hold<P: HeldPoll>(
+    socket: &Arc<Socket<P>>,
     ticket: &mut u64,
     buf: &mut Vec<u8>,
     limits: &LimitsConfig,
@@ -411,17 +414,17 @@ impl Drop for ParkedAt {
 
 /// Clears the socket's slot when the connection ends, however it ends: a poll left there
 /// would keep its subscription (and the socket would keep its topic) alive.
-struct ClearSlot(Arc<Socket>);
+struct ClearSlot<P: HeldPoll>(Arc<Socket<P>>);
 
-impl Drop for ClearSlot {
+impl<P: HeldPoll> Drop for ClearSlot<P> {
     fn drop(&mut self) {
         let poll = mem::replace(&mut *self.0.lock(), Slot::Idle);
         drop(poll);
     }
 }
 
-impl Socket {
-    fn start(&self, step: Step) -> Then {
+impl<P: HeldPoll> Socket<P> {
+    fn start(&self, step: Step<P>) -> Then {
         match step {
             Step::Done(resp) => Then::Answer(Box::pin(std::future::ready(resp))),
             Step::Pending(pending) => Then::Answer(pending),
@@ -469,13 +472,13 @@ impl Socket {
 }
 
 /// Why a parked poll's connection woke up.
-enum Woke {
+enum Woke<P> {
     /// The topic changed otherwise: the poll (in the slot, `Woken`) looks again.
     Again,
     /// The hold (or the drain's moment) is over: the poll, taken back.
-    Expired(HeldPoll),
+    Expired(P),
     /// The client closed: the poll, taken back.
-    Gone(HeldPoll),
+    Gone(P),
     Answered,
     Closing,
     Unwritten(Vec<u8>, bool),
@@ -484,13 +487,13 @@ enum Woke {
 
 /// Waits until the parked poll is answered, woken, over, or its client gone. Bytes the client
 /// sends meanwhile (its next request, pipelined) are kept in `buf`.
-async fn wait_parked(
-    socket: &Socket,
+async fn wait_parked<P: HeldPoll>(
+    socket: &Socket<P>,
     ticket: u64,
     deadline: Instant,
     buf: &mut Vec<u8>,
     drain: &CancellationToken,
-) -> Woke {
+) -> Woke<P> {
     let sleep = tokio::time::sleep_until(deadline);
     let mut sleep = std::pin::pin!(sleep);
     let mut reading = buf.is_empty();
@@ -565,7 +568,11 @@ fn write_now(stream: &TcpStream, parts: &[&[u8]; 4]) -> io::Result<Option<Vec<u8
 }
 
 /// Writes all of `bufs`; a write blocked for `timeout` fails.
-async fn write_all(socket: &Socket, bufs: &mut [IoSlice<'_>], timeout: Duration) -> io::Result<()> {
+async fn write_all<P: HeldPoll>(
+    socket: &Socket<P>,
+    bufs: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> io::Result<()> {
     let mut bufs = bufs;
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
@@ -592,8 +599,8 @@ enum Keep {
 /// Awaits and writes a response; it closes the connection when it says so or the server drains.
 /// While the answer is awaited (an authorization decision, then a poll's whole hold), the
 /// client is watched: if it closes, the answer is dropped (its poll counts as its client gone).
-async fn respond(
-    socket: &Socket,
+async fn respond<P: HeldPoll>(
+    socket: &Socket<P>,
     answer: Answer,
     buf: &mut Vec<u8>,
     drain: &CancellationToken,
@@ -664,23 +671,13 @@ fn says_close(headers: &HeaderMap) -> bool {
 }
 
 /// A batch's answer after its status and date lines: headers, then the body.
-fn batch_tail(batch: &Batch) -> Bytes {
-    let resp = batch_response(batch);
+fn batch_tail(resp: &Response<Body>, batch: &Batch) -> Bytes {
     let mut out = Vec::with_capacity(160 + batch.body.len());
     header_lines(resp.headers(), &mut out);
     content_length(batch.body.len(), &mut out);
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&batch.body);
     out.into()
-}
-
-/// The CORS header lines of an allowed cross-origin answer.
-fn cors_lines(grant: &cors::Grant) -> Vec<u8> {
-    let mut resp = Response::new(Body::default());
-    cors::apply(&mut resp, grant);
-    let mut out = Vec::new();
-    header_lines(resp.headers(), &mut out);
-    out
 }
 
 fn header_lines(headers: &HeaderMap, out: &mut Vec<u8>) {
@@ -720,13 +717,13 @@ fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
 }
 
 /// The connection, handed to hyper: the bytes read so far come first.
-pub struct Handoff {
-    socket: Arc<Socket>,
+pub struct Handoff<P: HeldPoll> {
+    socket: Arc<Socket<P>>,
     read: Bytes,
 }
 
-impl Handoff {
-    fn new(socket: Arc<Socket>, read: Vec<u8>) -> Handoff {
+impl<P: HeldPoll> Handoff<P> {
+    fn new(socket: Arc<Socket<P>>, read: Vec<u8>) -> Handoff<P> {
         Handoff {
             socket,
             read: read.into(),
@@ -738,7 +735,7 @@ impl Handoff {
     }
 }
 
-impl AsyncRead for Handoff {
+impl<P: HeldPoll> AsyncRead for Handoff<P> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -759,7 +756,7 @@ impl AsyncRead for Handoff {
     }
 }
 
-impl AsyncWrite for Handoff {
+impl<P: HeldPoll> AsyncWrite for Handoff<P> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

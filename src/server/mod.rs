@@ -10,31 +10,27 @@
 //! connection to finish its in-flight requests and close (HTTP/2: GOAWAY). Connection tasks are
 //! tracked, so the caller can wait for them with a deadline.
 
-mod conn;
+pub(crate) mod conn;
 pub mod h1;
-pub mod per_ip;
 mod write_timeout;
 
-use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{LimitsConfig, ListenerConfig};
-use crate::gateway::problem::Problem;
-use crate::gateway::{ClientBody, ConnInfo, NoBody, Step};
 use crate::metrics::Metrics;
-use crate::upstream::Body;
+use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
+use crate::problem::Problem;
+use crate::service::Handler;
 use ipnet::IpNet;
-use per_ip::{IpSlot, OverLimit, PerIp};
 
 /// Connections over the limit that may be answered 503 at once; beyond this they are closed
 /// unanswered, so a flood cannot use the descriptor reserve up.
@@ -45,29 +41,6 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Accept errors are logged at most this often per listener.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// A request handler served on a listener.
-pub trait Handler: Send + Sync + 'static {
-    /// Whether cleartext HTTP/1.1 connections take the held-poll path (`h1`) first.
-    const HOLDS_POLLS: bool = false;
-
-    /// The returned future is what hyper keeps while a request is pending (for a held poll,
-    /// for its whole hold): implementations do their synchronous work before returning it and
-    /// move into it only what the wait needs, never the request.
-    fn call<B: ClientBody>(
-        self: &Arc<Self>,
-        req: Request<B>,
-        conn: ConnInfo,
-    ) -> impl Future<Output = Response<Body>> + Send + 'static + use<Self, B>;
-
-    /// A plain HTTP/1.1 GET that a connection may serve without hyper (see `h1`): `Some` when
-    /// it is for a route that holds polls, prepared as `call` would; `None`, with nothing
-    /// done, leaves it to hyper.
-    fn prepare_held(self: &Arc<Self>, req: Request<NoBody>, conn: ConnInfo) -> Option<Step> {
-        let _ = (req, conn);
-        None
-    }
-}
 
 /// Per-listener settings the connection tasks read.
 pub struct ListenerSettings {
@@ -150,14 +123,6 @@ impl ConnectionLimit {
             return Ok(None);
         }
         self.per_ip.admit(peer, std::time::Instant::now()).map(Some)
-    }
-}
-
-/// IPv4-mapped IPv6 peers (dual-stack listeners) compare as IPv4.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on 127.0.0.1:0 against in-process fake upstreams over
 //! real sockets. One test binary, so the suite links once.
 
+mod architecture;
 mod auth;
 mod cli;
 mod collapse;

@@ -102,6 +102,14 @@ impl Drop for IpSlot {
     }
 }
 
+/// IPv4-mapped IPv6 peers (dual-stack listeners) compare as IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
