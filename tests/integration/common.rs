@@ -88,7 +88,8 @@ impl Gateway {
             .expect("serve task");
     }
 
-    /// The value of one metric series (exact name with labels), 0 when absent.
+    /// The value of one metric series (exact name with labels); absent is a failure, so that
+    /// a misspelt series cannot pass for zero.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.metrics_text().await;
         metric_value(&text, series)
@@ -107,10 +108,13 @@ impl Drop for Gateway {
     }
 }
 
+/// The value of one series (exact name with labels) in a `/metrics` text; panics when the
+/// series is absent, so that a misspelt series cannot pass for zero.
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
 }
 
 /// A fake upstream: an in-process HTTP/1 server on 127.0.0.1:0 answering with `handler`.
