@@ -1,10 +1,13 @@
 //! RFC 9457 problem+json responses: the one shape of every error pollmux answers itself, with a
-//! stable `type` URN per cause so clients can branch on it.
+//! stable `type` URN per cause so clients can branch on it. The one place that maps a cause to
+//! its status, its `Retry-After`, who it came from (client, pollmux or upstream) and the
+//! metrics outcome that follows from that (as pingora's `ErrorSource` does).
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
+use crate::metrics::Outcome;
 use crate::upstream::Body;
 
 /// Media type of problem responses.
@@ -47,7 +50,61 @@ pub enum Problem {
     UpstreamUnshareable,
 }
 
+/// Who a problem came from: it decides the metrics outcome, and which side an operator looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The request itself: malformed, not allowed, over its client's limits.
+    Client,
+    /// pollmux's own capacity or state: a limit, the drain.
+    Pollmux,
+    /// An upstream (a proxied API, a source, an authorization hook) failed or refused pollmux.
+    Upstream,
+}
+
 impl Problem {
+    /// Who the problem came from.
+    pub fn source(self) -> Source {
+        match self {
+            Problem::NotFound
+            | Problem::MethodNotAllowed
+            | Problem::InvalidParameter
+            | Problem::InvalidCursor
+            | Problem::InvalidRequest
+            | Problem::InvalidConfig
+            | Problem::Unauthorized
+            | Problem::Forbidden
+            | Problem::OriginNotAllowed
+            | Problem::CursorExpired
+            | Problem::PayloadTooLarge
+            | Problem::UriTooLong
+            | Problem::TooManyPolls
+            | Problem::TooManyConnections => Source::Client,
+            Problem::Overloaded | Problem::TooManyTopics | Problem::Draining => Source::Pollmux,
+            Problem::AuthUnavailable
+            | Problem::UpstreamUnavailable
+            | Problem::UpstreamTimeout
+            | Problem::UpstreamDown
+            | Problem::UpstreamRefused
+            | Problem::UpstreamUnshareable => Source::Upstream,
+        }
+    }
+
+    /// The request's metrics outcome when it is answered with this problem.
+    pub fn outcome(self) -> Outcome {
+        match (self, self.source()) {
+            (Problem::Draining, _) => Outcome::Shutdown,
+            (_, Source::Upstream) => Outcome::UpstreamError,
+            (_, Source::Client | Source::Pollmux) => Outcome::Rejected,
+        }
+    }
+
+    /// `Retry-After` seconds: for answers that a retry a moment later may not get.
+    pub fn retry_after(self) -> Option<u64> {
+        let status = self.status();
+        (status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS)
+            .then_some(RETRY_AFTER_SECS)
+    }
+
     pub fn status(self) -> StatusCode {
         match self {
             Problem::NotFound => StatusCode::NOT_FOUND,
@@ -162,8 +219,8 @@ impl Problem {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -187,5 +244,30 @@ mod tests {
         assert_eq!(v["type"], "urn:pollmux:problem:overloaded");
         assert_eq!(v["status"], 503);
         assert_eq!(v["detail"], "max_connections reached");
+    }
+
+    /// The 502/503/504 answers that come from an upstream are counted as `upstream_error`,
+    /// whichever route kind gives them; pollmux's own limits as `rejected`.
+    #[test]
+    fn the_source_decides_the_outcome() {
+        for p in [
+            Problem::UpstreamDown,
+            Problem::UpstreamRefused,
+            Problem::UpstreamUnavailable,
+            Problem::UpstreamTimeout,
+            Problem::AuthUnavailable,
+        ] {
+            assert_eq!(p.outcome(), Outcome::UpstreamError, "{p:?}");
+        }
+        for p in [
+            Problem::Overloaded,
+            Problem::TooManyPolls,
+            Problem::InvalidCursor,
+        ] {
+            assert_eq!(p.outcome(), Outcome::Rejected, "{p:?}");
+        }
+        assert_eq!(Problem::Draining.outcome(), Outcome::Shutdown);
+        assert_eq!(Problem::UpstreamTimeout.retry_after(), None);
+        assert_eq!(Problem::UpstreamDown.retry_after(), Some(RETRY_AFTER_SECS));
     }
 }

@@ -173,7 +173,7 @@ impl Answer {
             status: problem.status(),
             headers,
             body,
-            outcome: Outcome::UpstreamError,
+            outcome: problem.outcome(),
             private: false,
         }
     }
@@ -284,10 +284,8 @@ impl CollapseRoute {
         };
         let Some(topic) = self.topic(&key.group) else {
             let detail = "this route has reached its max_topics";
-            return Join::Now(
-                Problem::TooManyTopics.response(Some(detail)),
-                Outcome::Rejected,
-            );
+            let problem = Problem::TooManyTopics;
+            return Join::Now(problem.response(Some(detail)), problem.outcome());
         };
         let now_ms = self.now_ms();
         topic.last_seen.store(now_ms, Ordering::Relaxed);
@@ -345,10 +343,8 @@ impl CollapseRoute {
         };
         let Ok(permit) = topic.unshared.clone().try_acquire_owned() else {
             let detail = "too many requests on this topic while its answers are private";
-            return Join::Now(
-                Problem::Overloaded.response(Some(detail)),
-                Outcome::Rejected,
-            );
+            let problem = Problem::Overloaded;
+            return Join::Now(problem.response(Some(detail)), problem.outcome());
         };
         let flight = watch::Sender::new(None);
         let answer = flight.subscribe();

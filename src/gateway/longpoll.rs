@@ -497,7 +497,7 @@ fn rejected(
     extra: Option<&[(&str, &str)]>,
 ) -> (Response<Body>, Outcome) {
     let resp = problem.response_with(Some(detail), extra.unwrap_or_default());
-    (resp, Outcome::Rejected)
+    (resp, problem.outcome())
 }
 
 /// The answer with a batch of messages (without CORS headers).

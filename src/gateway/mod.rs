@@ -771,7 +771,7 @@ fn refuse(mut record: Record, decision: &Decision, grant: Option<&cors::Grant>) 
     if let Some(grant) = grant {
         cors::apply(resp.headers_mut(), grant);
     }
-    record.finish(resp, Outcome::Rejected)
+    record.finish(resp, problem.outcome())
 }
 
 /// Records one client request's metrics exactly once: on `finish`, or as `client_gone` when
@@ -806,7 +806,7 @@ impl Record {
     }
 
     fn reject(mut self, problem: Problem, detail: Option<&str>) -> Response<Body> {
-        self.finish(problem.response(detail), Outcome::Rejected)
+        self.finish(problem.response(detail), problem.outcome())
     }
 }
 

@@ -92,10 +92,8 @@ pub async fn forward<B: ClientBody>(
         Err(e) if client_body_failed.load(Ordering::Acquire) => {
             tracing::debug!(error = %e, "client request body broke while proxying");
             let detail = "the request body could not be read";
-            (
-                Problem::InvalidRequest.response(Some(detail)),
-                Outcome::Rejected,
-            )
+            let problem = Problem::InvalidRequest;
+            (problem.response(Some(detail)), problem.outcome())
         }
         Err(e) => {
             tracing::debug!(upstream = %upstream.config.name, error = %e, "proxy request failed");
@@ -103,7 +101,7 @@ pub async fn forward<B: ClientBody>(
                 UpstreamError::Timeout => Problem::UpstreamTimeout,
                 _ => Problem::UpstreamUnavailable,
             };
-            (problem.response(None), Outcome::UpstreamError)
+            (problem.response(None), problem.outcome())
         }
     }
 }

@@ -55,7 +55,8 @@ pub enum Outcome {
     Shutdown,
     /// pollmux refused the request itself (4xx, or 503 for a limit).
     Rejected,
-    /// The upstream failed (502) or timed out (504).
+    /// An upstream failed, timed out or refused pollmux (502, 504; 503 when a topic's source
+    /// or an authorization hook is down). `problem::Problem::outcome` decides.
     UpstreamError,
     /// The client went away before its answer was ready.
     ClientGone,

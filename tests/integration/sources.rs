@@ -437,6 +437,12 @@ async fn outage_longer_than_grace_is_503_then_recovers() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["type"], "urn:pollmux:problem:upstream-down");
     assert!(headers.contains_key("retry-after"));
+    // Counted as the upstream's failure, not as pollmux refusing the client.
+    let count = |outcome: &str| {
+        format!(r#"pollmux_request_duration_seconds_count{{outcome="{outcome}",route="events"}}"#)
+    };
+    assert_eq!(gw.metric(&count("upstream_error")).await, 1.0);
+    assert_eq!(gw.metric(&count("rejected")).await, 0.0);
     // The upstream comes back: the source reconnects by itself and polls work again.
     feed.status.store(0, Ordering::SeqCst);
     eventually("the source to reconnect", || async {
