@@ -163,7 +163,7 @@ impl std::fmt::Debug for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
     pub address: SocketAddr,
     /// Bearer token for `/publish` and `/-/reload`; required unless the address is loopback.
@@ -172,7 +172,7 @@ pub struct AdminConfig {
     pub reload: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitsConfig {
     /// Concurrent client connections over all listeners; `None`: the fd limit minus
     /// [`FD_RESERVE`], computed at start after the limit is raised.
@@ -203,13 +203,13 @@ pub struct LimitsConfig {
     pub trusted_proxies: Vec<IpNet>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShutdownConfig {
     pub drain_window: Duration,
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     /// `http` or `https` base URL; its path, if any, prefixes every upstream path.
@@ -224,7 +224,7 @@ pub struct UpstreamConfig {
     pub ca_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     /// The `route` metric label.
     pub name: String,
@@ -245,7 +245,16 @@ pub struct Param {
     pub tail: bool,
 }
 
-#[derive(Debug, Clone)]
+/// Patterns compare by their text: the same text is the same pattern.
+impl PartialEq for Param {
+    fn eq(&self, other: &Param) -> bool {
+        self.name == other.name
+            && self.pattern.as_str() == other.pattern.as_str()
+            && self.tail == other.tail
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum RouteKind {
     /// Plain reverse proxy to `upstreams[upstream]`.
     Proxy { upstream: usize },
@@ -267,7 +276,7 @@ impl RouteKind {
 }
 
 /// A `kind = "collapse"` route's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CollapseConfig {
     /// `upstreams[upstream]` answers the shared requests.
     pub upstream: usize,
@@ -301,7 +310,7 @@ pub enum NextCursor {
 }
 
 /// Who may read a poll or collapse route's topics.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AuthConfig {
     /// Anyone.
     Public,
@@ -312,7 +321,7 @@ pub enum AuthConfig {
 }
 
 /// `auth = { jwt = ... }`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JwtConfig {
     pub issuer: String,
     pub audience: String,
@@ -326,7 +335,7 @@ pub struct JwtConfig {
 }
 
 /// Where a JWT route's verification keys come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum JwtKeys {
     /// A public key file (PEM: RSA, EC or Ed25519).
     File(JwtKey),
@@ -339,6 +348,15 @@ pub enum JwtKeys {
 #[derive(Clone)]
 pub struct JwtKey(pub Arc<jsonwebtoken::DecodingKey>);
 
+/// Keys are equal for a reload's comparison: key material is reloaded with every
+/// configuration and JWT verifiers are rebuilt every reload, so a key rotated in place must not
+/// make a route count as changed (and lose its topics).
+impl PartialEq for JwtKey {
+    fn eq(&self, _: &JwtKey) -> bool {
+        true
+    }
+}
+
 impl std::fmt::Debug for JwtKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("JwtKey")
@@ -347,7 +365,7 @@ impl std::fmt::Debug for JwtKey {
 
 /// `auth = { hook = ... }`: pollmux asks `upstreams[upstream]` at `path` whether a client may
 /// read a topic, passing only the client's `headers`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HookConfig {
     pub upstream: usize,
     /// Path (and query) template over the topic's parameters.
@@ -361,7 +379,7 @@ pub struct HookConfig {
 }
 
 /// A `kind = "poll"` route's settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PollConfig {
     pub topic: TopicTemplate,
     pub auth: AuthConfig,
@@ -381,7 +399,7 @@ pub struct PollConfig {
 }
 
 /// A poll route's CORS policy (docs/protocol.md 1.6).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CorsConfig {
     /// Exact origins allowed; with neither these nor `any_origin`, no cross-origin access.
     pub origins: Vec<String>,
@@ -395,7 +413,7 @@ pub struct CorsConfig {
 }
 
 /// What feeds a poll route's topics.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
     Publish,
@@ -468,7 +486,14 @@ pub struct TopicTemplate {
     matcher: Regex,
 }
 
-#[derive(Debug, Clone)]
+/// The matcher is built from the parts: equal parts, equal templates.
+impl PartialEq for TopicTemplate {
+    fn eq(&self, other: &TopicTemplate) -> bool {
+        self.parts == other.parts
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 enum TopicPart {
     Literal(String),
     Param(String),

@@ -23,7 +23,7 @@ use http::{HeaderMap, Method, Request, Response};
 use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
 use crate::config::AuthConfig;
-use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig};
+use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig, UpstreamConfig};
 use crate::hub::{Batch, Topic};
 use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{
@@ -73,9 +73,17 @@ impl Shared {
 }
 
 /// What must be equal between two configs for a reload to keep a route's state: the route's
-/// own settings, the upstreams it uses, and the global settings its runtime reads. (Only
-/// compared, never logged: upstream headers carry credentials.)
-fn fingerprint(config: &Config, route: &RouteConfig) -> String {
+/// own settings, the upstreams it uses, and the global settings its runtime reads. Compared by
+/// value (never logged: upstream headers carry credentials).
+#[derive(PartialEq)]
+struct Fingerprint {
+    route: RouteConfig,
+    upstreams: Vec<UpstreamConfig>,
+    max_message_bytes: usize,
+    drain_window: Duration,
+}
+
+fn fingerprint(config: &Config, route: &RouteConfig) -> Fingerprint {
     let mut used = Vec::new();
     let hook = |auth: &AuthConfig| match auth {
         AuthConfig::Hook(h) => Some(h.upstream),
@@ -96,11 +104,12 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> String {
             used.extend(hook(&c.auth));
         }
     }
-    let upstreams: Vec<_> = used.iter().map(|&u| &config.upstreams[u]).collect();
-    format!(
-        "{route:?}\n{upstreams:?}\n{}\n{:?}",
-        config.limits.max_message_bytes, config.shutdown.drain_window
-    )
+    Fingerprint {
+        route: route.clone(),
+        upstreams: used.iter().map(|&u| config.upstreams[u].clone()).collect(),
+        max_message_bytes: config.limits.max_message_bytes,
+        drain_window: config.shutdown.drain_window,
+    }
 }
 
 /// Routes, upstream clients and their metrics: everything a request needs, built once per
@@ -108,7 +117,7 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> String {
 pub struct Gateway {
     routes: Vec<RouteConfig>,
     /// Per route, what must be equal for a reload to keep its state (see `fingerprint`).
-    fingerprints: Vec<String>,
+    fingerprints: Vec<Fingerprint>,
     router: Router,
     route_metrics: Vec<Arc<RouteMetrics>>,
     /// Per route, what serves it.
@@ -156,7 +165,7 @@ impl Gateway {
         shared: Arc<Shared>,
         previous: Option<&Gateway>,
     ) -> Gateway {
-        let fingerprints: Vec<String> = config
+        let fingerprints: Vec<Fingerprint> = config
             .routes
             .iter()
             .map(|r| fingerprint(config, r))
@@ -837,6 +846,32 @@ mod tests {
 
     fn future_size<A, F: Future>(_: impl Fn(A) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    /// A reload keeps a route's state exactly when what it depends on is equal by value.
+    #[test]
+    fn fingerprints_compare_what_a_route_depends_on() {
+        let text = |hold: &str, pattern: &str, header: &str| {
+            format!(
+                "[listeners.p]\naddress = \"127.0.0.1:0\"\n\
+                 [upstreams.u]\nurl = \"http://127.0.0.1:1\"\nheaders = {{ x-key = \"{header}\" }}\n\
+                 [upstreams.other]\nurl = \"http://127.0.0.1:2\"\n\
+                 [routes.feed]\npath = \"/feed/{{id}}\"\nkind = \"poll\"\nauth = \"public\"\n\
+                 hold = \"{hold}\"\nparams.id = \"{pattern}\"\n\
+                 source = {{ type = \"upstream-sse\", upstream = \"u\", path = \"/s/{{id}}\" }}\n"
+            )
+        };
+        let print = |t: String| {
+            let c = Config::from_toml(&t, std::path::Path::new(".")).unwrap();
+            fingerprint(&c, &c.routes[0])
+        };
+        let base = print(text("5s", "[0-9]+", "a"));
+        assert!(base == print(text("5s", "[0-9]+", "a")), "the same config");
+        assert!(base != print(text("6s", "[0-9]+", "a")), "the route's own setting");
+        assert!(base != print(text("5s", "[0-9]{1,3}", "a")), "a parameter pattern");
+        assert!(base != print(text("5s", "[0-9]+", "b")), "its upstream's header");
+        let other_changed = text("5s", "[0-9]+", "a").replace("127.0.0.1:2", "127.0.0.1:3");
+        assert!(base == print(other_changed), "an upstream it does not use");
     }
 
     /// What hyper keeps per pending request (for a held poll, its whole hold). A regression
