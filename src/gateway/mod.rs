@@ -867,9 +867,18 @@ mod tests {
         };
         let base = print(text("5s", "[0-9]+", "a"));
         assert!(base == print(text("5s", "[0-9]+", "a")), "the same config");
-        assert!(base != print(text("6s", "[0-9]+", "a")), "the route's own setting");
-        assert!(base != print(text("5s", "[0-9]{1,3}", "a")), "a parameter pattern");
-        assert!(base != print(text("5s", "[0-9]+", "b")), "its upstream's header");
+        assert!(
+            base != print(text("6s", "[0-9]+", "a")),
+            "the route's own setting"
+        );
+        assert!(
+            base != print(text("5s", "[0-9]{1,3}", "a")),
+            "a parameter pattern"
+        );
+        assert!(
+            base != print(text("5s", "[0-9]+", "b")),
+            "its upstream's header"
+        );
         let other_changed = text("5s", "[0-9]+", "a").replace("127.0.0.1:2", "127.0.0.1:3");
         assert!(base == print(other_changed), "an upstream it does not use");
     }

@@ -6,7 +6,8 @@
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
-    /// The last event id in force when the event was dispatched (`Last-Event-ID` on reconnect).
+    /// The event's own non-empty `id:`, which identifies it; an event without one has `None`
+    /// (the stream's id in force, for resuming, is [`Decoder::last_id`]).
     pub id: Option<String>,
     pub event: Option<String>,
     /// The data, or `None` for an event whose data exceeded the limit (it was skipped; the
@@ -33,7 +34,10 @@ pub struct Decoder {
     /// The current event's data went over the limit: it is being skipped.
     oversized: bool,
     event: Option<String>,
+    /// The stream's last event id in force: what a reconnect resumes from.
     last_id: Option<String>,
+    /// The event being read carries an `id:` field of its own.
+    own_id: bool,
     retry_ms: Option<u64>,
     max_line: usize,
     max_event: usize,
@@ -50,6 +54,7 @@ impl Decoder {
             oversized: false,
             event: None,
             last_id: None,
+            own_id: false,
             retry_ms: None,
             max_line,
             max_event,
@@ -123,7 +128,10 @@ impl Decoder {
                 self.has_data = true;
             }
             "event" => self.event = Some(value.to_owned()),
-            "id" if !value.contains('\0') => self.last_id = Some(value.to_owned()),
+            "id" if !value.contains('\0') => {
+                self.last_id = Some(value.to_owned());
+                self.own_id = true;
+            }
             "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
                 self.retry_ms = value.parse().ok();
             }
@@ -134,13 +142,20 @@ impl Decoder {
 
     fn dispatch(&mut self, out: &mut Vec<Event>) {
         let event = self.event.take();
+        let own_id = std::mem::take(&mut self.own_id);
         if !self.has_data {
             return;
         }
         self.has_data = false;
         let data = std::mem::take(&mut self.data);
         out.push(Event {
-            id: self.last_id.clone(),
+            // Only an event's own `id:` identifies it. The id in force (`last_id`) is where a
+            // reconnect resumes, but events after it without one are other messages: given
+            // its id, the topic would drop them as repeats.
+            id: own_id
+                .then(|| self.last_id.clone())
+                .flatten()
+                .filter(|id| !id.is_empty()),
             event,
             data: (!std::mem::take(&mut self.oversized)).then_some(data),
         });
@@ -175,7 +190,7 @@ mod tests {
                     data: Some("a\nb".into())
                 },
                 Event {
-                    id: Some("1".into()),
+                    id: None,
                     event: None,
                     data: Some("only".into())
                 },

@@ -570,3 +570,45 @@ async fn a_silent_stream_is_reconnected_after_idle_timeout() {
     })
     .await;
 }
+
+/// An SSE stream where only some events carry an `id:` (the spec lets the last id stay in
+/// force): every event is its own message. Given the id in force, the later ones would be
+/// dropped as repeats of the first.
+#[tokio::test]
+async fn sse_events_without_an_id_of_their_own_are_all_delivered() {
+    let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
+        // A reconnect resumes after id 2: nothing new.
+        let body = if req.headers().contains_key("last-event-id") {
+            ""
+        } else {
+            "id: 1\ndata: a\n\ndata: b\n\ndata: c\n\nid: 2\ndata: d\n\n"
+        };
+        let mut resp = text_response(200, body);
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        resp
+    })
+    .await;
+    let gw = Gateway::start(&long_linger(config_with(&upstream, "start = \"earliest\""))).await;
+    let addr = gw.addr();
+    let read_until_d = async move {
+        let mut seen: Vec<String> = Vec::new();
+        let mut cursor = "earliest".to_owned();
+        while !seen.iter().any(|d| d == "d") {
+            let (status, _, body) =
+                poll_once(addr, &format!("/events/t?cursor={cursor}&timeout=5")).await;
+            assert_eq!(status, 200, "{body}");
+            for m in body["messages"].as_array().unwrap() {
+                seen.push(m["data"].as_str().unwrap().to_owned());
+            }
+            cursor = body["cursor"].as_str().unwrap().to_owned();
+        }
+        seen
+    };
+    let seen = tokio::time::timeout(WAIT, read_until_d)
+        .await
+        .expect("the last event arrives");
+    assert_eq!(seen, ["a", "b", "c", "d"]);
+}
