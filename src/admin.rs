@@ -7,7 +7,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -24,7 +23,7 @@ use crate::hub::NewMessage;
 use crate::metrics::{self, Metrics};
 use crate::problem::Problem;
 use crate::reload::Reloader;
-use crate::service::{ClientBody, ConnInfo, Handler, NoHeldPolls};
+use crate::service::{ClientBody, ConnInfo, Drain, Handler, NoHeldPolls};
 use crate::upstream::Body;
 
 /// Asks a pollmux admin listener at `address` for `path` (a `GET`); its status. An unspecified
@@ -65,25 +64,10 @@ pub async fn probe(
         .unwrap_or_else(|_| Err(format!("{address} did not answer within {timeout:?}")))
 }
 
-/// Readiness shared between the server (which flips it on drain) and the admin handler.
-#[derive(Default)]
-pub struct Readiness {
-    draining: AtomicBool,
-}
-
-impl Readiness {
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-}
-
 pub struct Admin {
     pub metrics: Arc<Metrics>,
-    pub readiness: Arc<Readiness>,
+    /// The public listeners' drain: `/readyz` answers 503 once it has begun.
+    pub public_drain: Drain,
     pub gateway: Arc<Current>,
     /// `POST /-/reload`, when the config enables it.
     pub reloader: Option<Arc<Reloader>>,
@@ -125,7 +109,7 @@ impl Admin {
             }
             "/metrics" => text(StatusCode::OK, metrics::CONTENT_TYPE, self.metrics.encode()),
             "/healthz" => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            "/readyz" if self.readiness.is_draining() => text(
+            "/readyz" if self.public_drain.is_draining() => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
                 b"draining\n".to_vec(),

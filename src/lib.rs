@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use admin::{Admin, Readiness};
+use admin::Admin;
 use config::{Config, FD_RESERVE};
 use gateway::{Current, Gateway, Shared};
 use hub::Hub;
@@ -51,6 +51,7 @@ use metrics::Metrics;
 use per_ip::PerIp;
 use reload::Reloader;
 use server::{ConnectionLimit, Lifecycle, ListenerSettings};
+use service::Drain;
 
 /// How often lingered topics are looked for: the precision of `linger`.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -162,7 +163,7 @@ impl Server {
             "pollmux started"
         );
 
-        let readiness = Arc::new(Readiness::default());
+        // The one drain of the public side: listeners, connections, held polls and `/readyz`.
         let lifecycle = Lifecycle::default();
         let per_ip = Arc::new(PerIp::new(
             config.limits.max_connections_per_ip,
@@ -170,7 +171,7 @@ impl Server {
         ));
         let hub = Arc::new(Hub::with_budget(config.limits.max_buffered_bytes));
         hub.fan_out_on(tokio::runtime::Handle::current());
-        let shared = Arc::new(Shared::new(hub, per_ip.clone()));
+        let shared = Arc::new(Shared::new(hub, per_ip.clone(), lifecycle.drain.clone()));
         let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
         let current = Arc::new(Current::new(gateway));
         let limit = Arc::new(ConnectionLimit::with_per_ip(
@@ -181,7 +182,7 @@ impl Server {
         tokio::spawn(sweep_task(
             current.clone(),
             metrics.clone(),
-            lifecycle.stop_accepting.clone(),
+            lifecycle.drain.clone(),
         ));
         let reloader = Arc::new(Reloader::new(
             config_path,
@@ -192,10 +193,7 @@ impl Server {
             public.iter().map(|(s, _)| s.clone()).collect(),
         ));
         if reload_on_sighup {
-            tokio::spawn(reload_on_hangup(
-                reloader.clone(),
-                lifecycle.stop_accepting.clone(),
-            ));
+            tokio::spawn(reload_on_hangup(reloader.clone(), lifecycle.drain.clone()));
         }
         for (settings, listener) in public {
             tokio::spawn(server::accept_loop(
@@ -207,7 +205,8 @@ impl Server {
                 lifecycle.clone(),
             ));
         }
-        // The admin listener answers probes until the very end, so `/readyz` can say "draining".
+        // The admin listener answers probes until the very end, so `/readyz` can say "draining":
+        // its own drain comes after the public one's connections are done.
         let admin_lifecycle = Lifecycle::default();
         let admin_settings = Arc::new(ListenerSettings {
             name: "admin".into(),
@@ -217,7 +216,7 @@ impl Server {
         });
         let admin_handler = Arc::new(Admin {
             metrics: metrics.clone(),
-            readiness: readiness.clone(),
+            public_drain: lifecycle.drain.clone(),
             gateway: current.clone(),
             reloader: config.admin.reload.then(|| reloader.clone()),
             publish_token: config.admin.publish_token.clone(),
@@ -236,10 +235,7 @@ impl Server {
 
         shutdown.await;
         tracing::info!(timeout = ?config.shutdown.timeout, "shutting down: draining connections");
-        readiness.set_draining();
         metrics.draining.set(1);
-        lifecycle.stop_accepting.cancel();
-        lifecycle.drain.cancel();
         current.get().begin_drain();
         lifecycle.tasks.close();
         if tokio::time::timeout(config.shutdown.timeout, lifecycle.tasks.wait())
@@ -251,8 +247,7 @@ impl Server {
                 "shutdown timeout reached with connections still open; closing them"
             );
         }
-        admin_lifecycle.stop_accepting.cancel();
-        admin_lifecycle.drain.cancel();
+        admin_lifecycle.drain.begin();
         tracing::info!("shutdown complete");
     }
 }
@@ -313,7 +308,7 @@ where
 }
 
 /// Reloads the configuration on every SIGHUP until the server stops accepting.
-async fn reload_on_hangup(reloader: Arc<Reloader>, stop: tokio_util::sync::CancellationToken) {
+async fn reload_on_hangup(reloader: Arc<Reloader>, drain: Drain) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -324,7 +319,7 @@ async fn reload_on_hangup(reloader: Arc<Reloader>, stop: tokio_util::sync::Cance
     };
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = drain.begun() => return,
             received = hangup.recv() => {
                 if received.is_none() {
                     return;
@@ -340,16 +335,12 @@ async fn reload_on_hangup(reloader: Arc<Reloader>, stop: tokio_util::sync::Cance
 
 /// Removes lingered topics (and updates `pollmux_buffered_bytes`) until the server stops
 /// accepting.
-async fn sweep_task(
-    current: Arc<Current>,
-    metrics: Arc<Metrics>,
-    stop: tokio_util::sync::CancellationToken,
-) {
+async fn sweep_task(current: Arc<Current>, metrics: Arc<Metrics>, drain: Drain) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = drain.begun() => return,
             _ = tick.tick() => {
                 let gateway = current.get();
                 let removed = gateway.sweep(std::time::Instant::now());

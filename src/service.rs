@@ -13,8 +13,34 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
 use crate::hub::{Batch, Topic};
 use crate::upstream::{Body, BoxError};
+
+/// The server's drain: one value, begun once on shutdown and passed down to everything that
+/// must answer it (as mini-redis passes its `Shutdown`). Accept loops stop, idle connections
+/// close, held polls answer within `drain_window`, collapse waiters get 503, and `/readyz`
+/// says "draining". Clones are the same drain.
+#[derive(Clone, Debug, Default)]
+pub struct Drain(CancellationToken);
+
+impl Drain {
+    /// Begins the drain (again is a no-op).
+    pub fn begin(&self) {
+        self.0.cancel();
+    }
+
+    /// Whether the drain has begun (a cheap load, for code that checks before it waits).
+    pub fn is_draining(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    /// Resolves once the drain has begun.
+    pub fn begun(&self) -> WaitForCancellationFuture<'_> {
+        self.0.cancelled()
+    }
+}
 
 /// What the handler knows of the connection a request came on.
 #[derive(Debug, Clone, Copy)]

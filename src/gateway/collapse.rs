@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::service::Drain;
 use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -33,7 +34,6 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use tokio::sync::{Semaphore, watch};
-use tokio_util::sync::CancellationToken;
 
 use super::router::percent_decode;
 use crate::auth::listed_headers;
@@ -72,7 +72,7 @@ pub struct CollapseRoute {
     flights: DashMap<Key, Arc<Flight>>,
     topics: DashMap<Arc<Group>, Arc<TopicState>>,
     /// Cancelled when the server drains: chains stop, waiters get at most `drain_window` more.
-    drain: CancellationToken,
+    drain: Drain,
     /// Set when a reload removes or changes the route: chains stop.
     retired: std::sync::atomic::AtomicBool,
     drain_window: Duration,
@@ -232,7 +232,7 @@ impl CollapseRoute {
         route_metrics: Arc<RouteMetrics>,
         upstream: Arc<Upstream>,
         max_body: usize,
-        drain: CancellationToken,
+        drain: Drain,
         drain_window: Duration,
     ) -> CollapseRoute {
         CollapseRoute {
@@ -427,7 +427,7 @@ impl CollapseRoute {
                 .now_ms()
                 .saturating_sub(topic.last_seen.load(Ordering::Relaxed))
                 < self.config.linger.as_millis() as u64;
-            if !active || self.drain.is_cancelled() || self.retired.load(Ordering::Relaxed) {
+            if !active || self.drain.is_draining() || self.retired.load(Ordering::Relaxed) {
                 return;
             }
             let held = now.duration_since(started) >= CHAIN_MIN_HOLD;
@@ -618,7 +618,7 @@ impl Waiter {
             }
         };
         let drained = async {
-            route.drain.cancelled().await;
+            route.drain.begun().await;
             tokio::time::sleep(route.drain_window).await;
         };
         tokio::select! {

@@ -16,8 +16,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use super::cors;
 use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
@@ -28,6 +26,7 @@ use crate::hub::{
 };
 use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::problem::Problem;
+use crate::service::Drain;
 use crate::upstream::Body;
 
 /// The query parameter of a poll's cursor.
@@ -311,7 +310,7 @@ impl Held {
     pub async fn wait(
         &mut self,
         route: &PollRoute,
-        draining: &AtomicBool,
+        draining: &Drain,
         drain_window: Duration,
     ) -> (Response<Body>, Outcome) {
         let topic = self.subscription.topic_arc();
@@ -339,7 +338,7 @@ impl Held {
     pub fn next(
         &mut self,
         route: &PollRoute,
-        server_draining: &AtomicBool,
+        server_draining: &Drain,
         drain_window: Duration,
     ) -> Next {
         match self.look(route, server_draining, drain_window) {
@@ -399,7 +398,7 @@ impl Held {
     fn look(
         &mut self,
         route: &PollRoute,
-        server_draining: &AtomicBool,
+        server_draining: &Drain,
         drain_window: Duration,
     ) -> Result<(Response<Body>, Outcome), u64> {
         let topic = self.subscription.topic();
@@ -446,7 +445,7 @@ impl Held {
         // The drain wakes every topic after setting the flag, and the caller registered for
         // changes after `generation` before this check, so a drain starting now is never
         // missed.
-        if !self.draining && server_draining.load(Ordering::Acquire) {
+        if !self.draining && server_draining.is_draining() {
             self.draining = true;
             let spread = drain_window.mul_f64(fastrand::f64());
             self.deadline = (tokio::time::Instant::now() + spread).min(self.deadline);

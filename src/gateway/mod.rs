@@ -13,7 +13,6 @@ pub mod router;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use std::time::Duration;
@@ -31,7 +30,7 @@ use crate::metrics::{
 };
 use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
 use crate::problem::Problem;
-use crate::service::{ClientBody, ConnInfo, Handler, HeldPoll, NoBody, Step};
+use crate::service::{ClientBody, ConnInfo, Drain, Handler, HeldPoll, NoBody, Step};
 use crate::source::SourceSlots;
 use crate::source::feed::Feed;
 use crate::source::upstream_poll::PollSource;
@@ -41,7 +40,6 @@ use collapse::{CollapseRoute, Join};
 use longpoll::{ClientPolls, Held, Next, PollRoute};
 use router::{Matched, RouteError, Router};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// What outlives a configuration: the hub, the source slots and gates, and the drain.
@@ -50,24 +48,22 @@ pub struct Shared {
     sources: Arc<SourceSlots>,
     /// Upstream connects in progress over all sources.
     source_connects: Arc<Semaphore>,
-    /// Set once the server drains; held polls then answer within `drain_window`.
-    draining: AtomicBool,
-    /// Cancelled when the server drains (collapse routes wait on it).
-    drain: CancellationToken,
+    /// The server's drain: held polls then answer within `drain_window`, collapse waiters
+    /// get 503.
+    drain: Drain,
     /// Per-client-IP limits; the gateway applies them per request to clients behind trusted
     /// proxies (the accept loop, per connection, to everyone else).
     per_ip: Arc<PerIp>,
 }
 
 impl Shared {
-    pub fn new(hub: Arc<Hub>, per_ip: Arc<PerIp>) -> Shared {
+    pub fn new(hub: Arc<Hub>, per_ip: Arc<PerIp>, drain: Drain) -> Shared {
         Shared {
             hub,
             per_ip,
             sources: Arc::default(),
             source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
-            draining: AtomicBool::new(false),
-            drain: CancellationToken::new(),
+            drain,
         }
     }
 }
@@ -369,12 +365,12 @@ impl Gateway {
         );
     }
 
-    /// Starts the drain: every held poll answers at a random moment within `drain_window`, and
-    /// polls arriving from now on do the same. Held polls are woken through their topics, so
-    /// a parked poll registers with nothing but its topic.
+    /// Begins the drain (the server's one [`Drain`], which its listeners and connections see
+    /// too): every held poll answers at a random moment within `drain_window`, and polls
+    /// arriving from now on do the same. Held polls are woken through their topics after the
+    /// drain has begun, so a parked poll registers with nothing but its topic.
     pub fn begin_drain(&self) {
-        self.shared.draining.store(true, Ordering::Release);
-        self.shared.drain.cancel();
+        self.shared.drain.begin();
         self.shared.hub.wake_all();
     }
 
@@ -660,6 +656,7 @@ impl Gateway {
         let shared = Arc::new(Shared::new(
             Arc::new(Hub::new()),
             Arc::new(PerIp::new(0, 0)),
+            Drain::default(),
         ));
         let gateway = Arc::new(Gateway::new(config, &metrics, shared, None));
         (metrics, gateway)
@@ -723,7 +720,7 @@ impl PreparedPoll {
         let shared = &self.shared;
         let (resp, outcome) = self
             .held
-            .wait(&self.route, &shared.draining, self.drain_window)
+            .wait(&self.route, &shared.drain, self.drain_window)
             .await;
         self.record.finish(resp, outcome)
     }
@@ -734,7 +731,7 @@ impl HeldPoll for PreparedPoll {
         let shared = &self.shared;
         match self
             .held
-            .next(&self.route, &shared.draining, self.drain_window)
+            .next(&self.route, &shared.drain, self.drain_window)
         {
             Next::Answer(resp, outcome) => Ok(self.record.finish(resp, outcome)),
             Next::Wait { generation } => Err(generation),
@@ -765,7 +762,7 @@ impl HeldPoll for PreparedPoll {
     }
 
     fn draining(&self) -> bool {
-        self.shared.draining.load(Ordering::Acquire)
+        self.shared.drain.is_draining()
     }
 
     fn delivered(mut self, batch: &Batch) {

@@ -12,14 +12,13 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::h1;
 use super::write_timeout::WriteTimeout;
 use super::{Admission, ListenerSettings, tune};
 use crate::metrics::{GaugeGuard, Metrics, Protocol};
 use crate::problem::Problem;
-use crate::service::{ConnInfo, Handler};
+use crate::service::{ConnInfo, Drain, Handler};
 use crate::upstream::Body;
 
 /// The HTTP/2 connection preface (RFC 9113 3.4).
@@ -37,7 +36,7 @@ pub struct Connection {
     pub peer: SocketAddr,
     pub settings: Arc<ListenerSettings>,
     pub metrics: Arc<Metrics>,
-    pub drain: CancellationToken,
+    pub drain: Drain,
 }
 
 impl Connection {
@@ -129,7 +128,7 @@ impl Connection {
 struct Serving<'a> {
     settings: &'a ListenerSettings,
     metrics: &'a Metrics,
-    drain: &'a CancellationToken,
+    drain: &'a Drain,
     reject: bool,
 }
 
@@ -226,7 +225,7 @@ impl Serving<'_> {
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => r,
-                    () = self.drain.cancelled() => {
+                    () = self.drain.begun() => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
@@ -245,7 +244,7 @@ impl Serving<'_> {
                 let mut conn = Box::pin(conn);
                 tokio::select! {
                     r = conn.as_mut() => r,
-                    () = self.drain.cancelled() => {
+                    () = self.drain.begun() => {
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
@@ -310,7 +309,7 @@ pub(crate) fn task_size<H: Handler>(
             peer,
             settings: Arc::new(ListenerSettings::new(&config.listeners[0], &config.limits)),
             metrics,
-            drain: CancellationToken::new(),
+            drain: Drain::default(),
         };
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .try_acquire_owned()

@@ -32,11 +32,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::LimitsConfig;
 use crate::hub::{Batch, ParkId, Parked, Topic};
-use crate::service::{ConnInfo, Handler, HeldPoll, NoBody, Step};
+use crate::service::{ConnInfo, Drain, Handler, HeldPoll, NoBody, Step};
 use crate::upstream::Body;
 
 /// First read buffer for a request head; doubled as needed up to `max_header_bytes`.
@@ -192,7 +191,7 @@ pub async fn serve<H: Handler>(
     handler: &Arc<H>,
     info: ConnInfo,
     limits: &LimitsConfig,
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> End<H::Held> {
     let socket = Arc::new(Socket {
         stream,
@@ -252,7 +251,7 @@ async fn read_head<P: HeldPoll>(
     socket: &Socket<P>,
     buf: &mut Vec<u8>,
     limits: &LimitsConfig,
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> Head {
     let deadline = Instant::now() + limits.header_read_timeout;
     // Bytes already searched for the end of the head, and the length last parsed: a head
@@ -283,7 +282,7 @@ async fn read_head<P: HeldPoll>(
                 }
             }
             () = tokio::time::sleep_until(deadline) => return Head::Closed,
-            () = drain.cancelled(), if buf.is_empty() => return Head::Closed,
+            () = drain.begun(), if buf.is_empty() => return Head::Closed,
         }
         let spare = if buf.is_empty() {
             HEAD_BUFFER
@@ -351,7 +350,7 @@ async fn hold<P: HeldPoll>(
     ticket: &mut u64,
     buf: &mut Vec<u8>,
     limits: &LimitsConfig,
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> Held {
     loop {
         let (parked, deadline) = match socket.park(ticket, !buf.is_empty()) {
@@ -492,12 +491,12 @@ async fn wait_parked<P: HeldPoll>(
     ticket: u64,
     deadline: Instant,
     buf: &mut Vec<u8>,
-    drain: &CancellationToken,
+    drain: &Drain,
 ) -> Woke<P> {
     let sleep = tokio::time::sleep_until(deadline);
     let mut sleep = std::pin::pin!(sleep);
     let mut reading = buf.is_empty();
-    let mut drained = drain.is_cancelled();
+    let mut drained = drain.is_draining();
     loop {
         let (mut expired, mut gone) = (false, false);
         tokio::select! {
@@ -521,7 +520,7 @@ async fn wait_parked<P: HeldPoll>(
             }
             // The drain answers parked polls through their topics; this only ends a
             // connection whose answer was written in place meanwhile.
-            () = drain.cancelled(), if !drained => drained = true,
+            () = drain.begun(), if !drained => drained = true,
         }
         let mut slot = socket.lock();
         if let Slot::Parked { .. } = &*slot {
@@ -603,7 +602,7 @@ async fn respond<P: HeldPoll>(
     socket: &Socket<P>,
     answer: Answer,
     buf: &mut Vec<u8>,
-    drain: &CancellationToken,
+    drain: &Drain,
     timeout: Duration,
 ) -> io::Result<Keep> {
     let mut answer = answer;
@@ -633,7 +632,7 @@ async fn respond<P: HeldPoll>(
             }
         }
     };
-    let close = drain.is_cancelled() || says_close(resp.headers());
+    let close = drain.is_draining() || says_close(resp.headers());
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
     let mut head = Vec::with_capacity(256);

@@ -6,9 +6,9 @@
 //! (the h2 preface) without consuming them, so each connection runs hyper's own HTTP/1 or HTTP/2
 //! connection directly: HTTP/1 clients on an h2c listener pay no more memory than elsewhere.
 //!
-//! Shutdown: `stop_accepting` ends the accept loops (listeners close); `drain` tells every
-//! connection to finish its in-flight requests and close (HTTP/2: GOAWAY). Connection tasks are
-//! tracked, so the caller can wait for them with a deadline.
+//! Shutdown: one [`Drain`] ends the accept loops (listeners close) and tells every connection to
+//! finish its in-flight requests and close (HTTP/2: GOAWAY). Connection tasks are tracked, so
+//! the caller can wait for them with a deadline.
 
 pub(crate) mod conn;
 pub mod h1;
@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{LimitsConfig, ListenerConfig};
 use crate::metrics::Metrics;
 use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
 use crate::problem::Problem;
-use crate::service::Handler;
+use crate::service::{Drain, Handler};
 use ipnet::IpNet;
 
 /// Connections over the limit that may be answered 503 at once; beyond this they are closed
@@ -80,11 +79,10 @@ impl ListenerSettings {
     }
 }
 
-/// Tokens and the task tracker shared by all listeners of one server.
+/// The drain and the task tracker shared by all listeners of one server.
 #[derive(Clone, Default)]
 pub struct Lifecycle {
-    pub stop_accepting: CancellationToken,
-    pub drain: CancellationToken,
+    pub drain: Drain,
     pub tasks: TaskTracker,
 }
 
@@ -126,7 +124,7 @@ impl ConnectionLimit {
     }
 }
 
-/// Accepts connections on `listener` until `lifecycle.stop_accepting`, serving each with
+/// Accepts connections on `listener` until `lifecycle.drain` begins, serving each with
 /// `handler` in its own tracked task. Accept errors are counted, logged (rate-limited) and
 /// waited out; they never end the loop.
 pub async fn accept_loop<H: Handler>(
@@ -146,7 +144,7 @@ pub async fn accept_loop<H: Handler>(
     loop {
         let accepted = tokio::select! {
             biased;
-            () = lifecycle.stop_accepting.cancelled() => return,
+            () = lifecycle.drain.begun() => return,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -159,7 +157,7 @@ pub async fn accept_loop<H: Handler>(
                 log_accept_error(&settings.name, &e, &last_log);
                 if is_resource_error(&e) {
                     tokio::select! {
-                        () = lifecycle.stop_accepting.cancelled() => return,
+                        () = lifecycle.drain.begun() => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
