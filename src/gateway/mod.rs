@@ -474,6 +474,30 @@ impl Gateway {
             }
         };
         let route = matched.route;
+        // One span per request (debug: free unless asked for), its topic recorded once known;
+        // what the request logs, now or in its pending future, names its route.
+        let span = tracing::debug_span!(
+            "request",
+            route = %self.routes[route].name,
+            topic = tracing::field::Empty
+        );
+        let step = span.in_scope(|| self.prepare_matched(route, matched.params, req, conn));
+        match step {
+            Step::Pending(pending) if !span.is_disabled() => {
+                Step::Pending(Box::pin(pending.instrument(span)))
+            }
+            step => step,
+        }
+    }
+
+    /// [`Gateway::prepare`] once the route is known and its parameters are valid.
+    fn prepare_matched<B: ClientBody>(
+        self: &Arc<Self>,
+        route: usize,
+        params: Vec<(String, String)>,
+        req: Request<B>,
+        conn: ConnInfo,
+    ) -> Step<PreparedPoll> {
         let mut record = Record::new(&self.route_metrics[route]);
         match self.admit_forwarded_client(&req, &conn) {
             Ok(slot) => record.client = slot,
@@ -482,7 +506,6 @@ impl Gateway {
                 return Step::Done(record.reject(Problem::TooManyConnections, Some(detail)));
             }
         }
-        let params = matched.params;
         // Authorization comes before anything touches a topic or an upstream: for every
         // request of a collapse route (all of them reach the upstream with pollmux's
         // credential), for GETs of a poll route (pollmux answers its other methods itself).
@@ -553,6 +576,8 @@ impl Gateway {
                 let clients = &self.client_polls;
                 match longpoll::prepare(poll, &self.shared.hub, clients, req, params, until) {
                     Ok(held) => {
+                        tracing::Span::current()
+                            .record("topic", tracing::field::display(held.topic().name()));
                         if let Some(topic) = held.new_topic() {
                             self.start_source(poll, route, topic, params);
                         }

@@ -177,7 +177,7 @@ impl Serving<'_> {
         let _open = self.open(Protocol::Http1);
         let limits = &self.settings.limits;
         match h1::serve(stream, handler, info, limits, self.drain).await {
-            h1::End::Closed => {}
+            h1::End::Closed => tracing::debug!("connection closed on the held-poll path"),
             h1::End::Hyper(handoff) => {
                 let io = TokioIo::new(WriteTimeout::new(handoff, limits.write_timeout));
                 // Boxed: hyper's connection state is only paid for by connections that use it.
@@ -187,6 +187,7 @@ impl Serving<'_> {
     }
 
     fn open(&self, protocol: Protocol) -> GaugeGuard {
+        tracing::Span::current().record("protocol", tracing::field::display(protocol.label()));
         GaugeGuard::new(
             self.metrics
                 .connections_open
@@ -226,6 +227,7 @@ impl Serving<'_> {
                 tokio::select! {
                     r = conn.as_mut() => r,
                     () = self.drain.begun() => {
+                        tracing::debug!("the server drains: closing the connection after its requests");
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
@@ -245,14 +247,16 @@ impl Serving<'_> {
                 tokio::select! {
                     r = conn.as_mut() => r,
                     () = self.drain.begun() => {
+                        tracing::debug!("the server drains: GOAWAY, closing after the open streams");
                         conn.as_mut().graceful_shutdown();
                         conn.await
                     }
                 }
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(listener = %self.settings.name, error = %e, "connection ended with an error");
+        match result {
+            Ok(()) => tracing::debug!("connection closed (by the client, or idle)"),
+            Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
         }
     }
 }

@@ -30,6 +30,7 @@ use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
 use crate::problem::Problem;
 use crate::service::{Drain, Handler};
 use ipnet::IpNet;
+use tracing::Instrument;
 
 /// Connections over the limit that may be answered 503 at once; beyond this they are closed
 /// unanswered, so a flood cannot use the descriptor reserve up.
@@ -189,9 +190,21 @@ pub async fn accept_loop<H: Handler>(
             metrics: metrics.clone(),
             drain: lifecycle.drain.clone(),
         };
-        lifecycle
-            .tasks
-            .spawn(conn.serve(handler.clone(), admission));
+        // One span per connection (debug: free unless asked for); what the connection logs,
+        // and the requests it serves, carry its peer, listener and protocol.
+        let span = tracing::debug_span!(
+            "conn",
+            peer = %peer,
+            listener = %settings.name,
+            protocol = tracing::field::Empty
+        );
+        let serve = conn.serve(handler.clone(), admission);
+        // Disabled (the default level), no span is kept: a held poll's connection pays nothing.
+        if span.is_disabled() {
+            lifecycle.tasks.spawn(serve);
+        } else {
+            lifecycle.tasks.spawn(serve.instrument(span));
+        }
     }
 }
 

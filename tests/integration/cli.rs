@@ -460,3 +460,68 @@ async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
     assert!(failure.contains("topic=42"), "{failure}");
     assert!(failure.contains("upstream=api"), "{failure}");
 }
+
+/// At debug, what a request logs carries its connection's span (peer, listener, protocol) and
+/// its own (route), and the connection's end says who closed it.
+#[tokio::test]
+async fn debug_logs_carry_connection_and_request_spans() {
+    let closed = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pollmux.toml");
+    let config = format!(
+        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [upstreams.api]\nurl = \"http://{closed}\"\n\
+         [routes.api]\npath = \"/api/{{*rest}}\"\nkind = \"proxy\"\nupstream = \"api\"\n"
+    );
+    std::fs::write(&file, config).unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "--log-level",
+            "pollmux=debug",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("POLLMUX_LOG_FORMAT")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut failed, mut closed_line) = (None, None);
+    while failed.is_none() || closed_line.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("pollmux logs in time")
+            .unwrap()
+            .expect("pollmux is running");
+        if line.contains("listening") && line.contains("listener=public") {
+            let addr = line
+                .split("address=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
+            let addr: SocketAddr = addr.parse().unwrap();
+            // One request on a connection of its own, which then closes.
+            tokio::spawn(async move { get(addr, "/api/x").await });
+        }
+        if line.contains("proxy request failed") {
+            failed = Some(line);
+        } else if line.contains("connection closed") {
+            closed_line = Some(line);
+        }
+    }
+    let failed = failed.unwrap();
+    for part in [
+        "conn{",
+        "peer=127.0.0.1:",
+        "listener=public",
+        "protocol=http1",
+        "request{route=api",
+    ] {
+        assert!(failed.contains(part), "{part} missing in {failed}");
+    }
+    assert!(closed_line.unwrap().contains("conn{"));
+}
