@@ -1,0 +1,300 @@
+//! Building a [`Gateway`] from a configuration: each route's runtime, its authorization and
+//! metrics, the upstream clients; on a reload, which routes keep their state (compared by
+//! [`Fingerprint`]) and which are retired; and starting a new topic's source task.
+
+use super::*;
+
+/// What must be equal between two configs for a reload to keep a route's state: the route's
+/// own settings, the upstreams it uses, and the global settings its runtime reads. Compared by
+/// value (never logged: upstream headers carry credentials).
+#[derive(PartialEq)]
+pub(super) struct Fingerprint {
+    route: RouteConfig,
+    upstreams: Vec<UpstreamConfig>,
+    max_message_bytes: usize,
+    drain_window: Duration,
+}
+
+fn fingerprint(config: &Config, route: &RouteConfig) -> Fingerprint {
+    let mut used = Vec::new();
+    let hook = |auth: &AuthConfig| match auth {
+        AuthConfig::Hook(h) => Some(h.upstream),
+        AuthConfig::Public | AuthConfig::Jwt(_) => None,
+    };
+    match &route.kind {
+        RouteKind::Proxy { upstream } => used.push(*upstream),
+        RouteKind::Poll(p) => {
+            match &p.source {
+                SourceConfig::UpstreamPoll { upstream, .. }
+                | SourceConfig::UpstreamStream { upstream, .. } => used.push(*upstream),
+                SourceConfig::Publish => {}
+            }
+            used.extend(hook(&p.auth));
+        }
+        RouteKind::Collapse(c) => {
+            used.push(c.upstream);
+            used.extend(hook(&c.auth));
+        }
+    }
+    Fingerprint {
+        route: route.clone(),
+        upstreams: used.iter().map(|&u| config.upstreams[u].clone()).collect(),
+        max_message_bytes: config.limits.max_message_bytes,
+        drain_window: config.shutdown.drain_window,
+    }
+}
+
+impl Gateway {
+    /// The gateway serving `config`. With `previous` (a reload), every route whose
+    /// `fingerprint` is unchanged keeps its state: topics, sources, stored answers, cached
+    /// authorization decisions.
+    pub fn new(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        shared: Arc<Shared>,
+        previous: Option<&Gateway>,
+    ) -> Gateway {
+        let fingerprints: Vec<Fingerprint> = config
+            .routes
+            .iter()
+            .map(|r| fingerprint(config, r))
+            .collect();
+        let kept = |i: usize| {
+            let previous = previous?;
+            let name = &config.routes[i].name;
+            let j = previous.routes.iter().position(|r| r.name == *name)?;
+            (previous.fingerprints[j] == fingerprints[i]).then_some(j)
+        };
+        let route_metrics: Vec<_> = config
+            .routes
+            .iter()
+            .map(|r| Arc::new(RouteMetrics::new(metrics, &r.name, r.kind.label())))
+            .collect();
+        let upstreams: Vec<_> = config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(|u| Arc::new(Upstream::new(u)))
+            .collect();
+        let runtimes = config
+            .routes
+            .iter()
+            .zip(&route_metrics)
+            .enumerate()
+            .map(
+                |(i, (r, route_metrics))| match (&r.kind, kept(i).zip(previous)) {
+                    (RouteKind::Poll(_), Some((j, previous))) => match &previous.runtimes[j] {
+                        Runtime::Poll(p) => Runtime::Poll(p.clone()),
+                        _ => unreachable!("an equal fingerprint is the same kind"),
+                    },
+                    (RouteKind::Collapse(_), Some((j, previous))) => match &previous.runtimes[j] {
+                        Runtime::Collapse(c) => Runtime::Collapse(c.clone()),
+                        _ => unreachable!("an equal fingerprint is the same kind"),
+                    },
+                    (RouteKind::Poll(p), _) => Runtime::Poll(Arc::new(PollRoute::new(
+                        &r.name,
+                        p,
+                        PollMetrics::new(metrics, &r.name),
+                    ))),
+                    (RouteKind::Collapse(c), _) => Runtime::Collapse(Arc::new(CollapseRoute::new(
+                        (**c).clone(),
+                        CollapseMetrics::new(metrics, &r.name),
+                        route_metrics.clone(),
+                        upstreams[c.upstream].clone(),
+                        config.limits.max_message_bytes,
+                        shared.drain.clone(),
+                        config.shutdown.drain_window,
+                    ))),
+                    (RouteKind::Proxy { upstream }, _) => Runtime::Proxy(*upstream),
+                },
+            )
+            .collect();
+        let auth = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (auth, topic, cursor) = match &r.kind {
+                    RouteKind::Poll(p) => (&p.auth, &p.topic, Some(longpoll::CURSOR_PARAM)),
+                    RouteKind::Collapse(c) => (&c.auth, &c.topic, c.cursor.as_deref()),
+                    RouteKind::Proxy { .. } => return None,
+                };
+                match auth {
+                    AuthConfig::Public => None,
+                    // A kept route keeps its hook's cached decisions.
+                    AuthConfig::Hook(_) if let Some((j, previous)) = kept(i).zip(previous) => {
+                        previous.auth[j].clone()
+                    }
+                    AuthConfig::Hook(hook) => Some(Authorizer::Hook(Arc::new(Hook::new(
+                        &r.name,
+                        hook.clone(),
+                        topic.clone(),
+                        cursor.map(str::to_owned),
+                        upstreams[hook.upstream].clone(),
+                        metrics,
+                    )))),
+                    // Verifiers are rebuilt on every reload, so a key file rotated in place
+                    // takes effect.
+                    AuthConfig::Jwt(jwt) => Some(Authorizer::Jwt(Arc::new(Jwt::new(
+                        &r.name,
+                        jwt.clone(),
+                        topic.clone(),
+                    )))),
+                }
+            })
+            .collect();
+        let client_polls = match previous {
+            Some(p) if p.limits.max_polls_per_client == config.limits.max_polls_per_client => {
+                p.client_polls.clone()
+            }
+            _ => Arc::new(ClientPolls::new(config.limits.max_polls_per_client)),
+        };
+        Gateway {
+            router: Router::new(&config.routes),
+            route_metrics,
+            runtimes,
+            auth,
+            unmatched: Arc::new(RouteMetrics::new(metrics, ROUTE_UNMATCHED, "none")),
+            upstreams,
+            routes: config.routes.clone(),
+            fingerprints,
+            limits: config.limits.clone(),
+            shared,
+            client_polls,
+            drain_window: config.shutdown.drain_window,
+        }
+    }
+
+    /// After a reload to `next`: the topics of every poll route `next` does not keep (removed
+    /// or changed) are retired, so their held polls answer now and their sources stop. Returns
+    /// the names of the routes that were not kept.
+    pub fn retire_replaced(&self, next: &Gateway) -> Vec<String> {
+        let mut replaced = Vec::new();
+        for (route, runtime) in self.routes.iter().zip(&self.runtimes) {
+            let kept = next.runtimes.iter().any(|n| match (runtime, n) {
+                (Runtime::Poll(a), Runtime::Poll(b)) => Arc::ptr_eq(a, b),
+                (Runtime::Collapse(a), Runtime::Collapse(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            });
+            if kept {
+                continue;
+            }
+            match runtime {
+                Runtime::Poll(poll) => {
+                    let topics = self.shared.hub.retire_route(&poll.topics);
+                    tracing::debug!(route = %route.name, topics, "retired the route's topics");
+                }
+                Runtime::Collapse(collapse) => collapse.retire(),
+                Runtime::Proxy(_) => {}
+            }
+            replaced.push(route.name.clone());
+        }
+        replaced
+    }
+
+    /// Starts the source of a topic a poll just created (upstream sources only). The source is
+    /// built from config and the validated parameters alone.
+    pub(super) fn start_source(
+        &self,
+        poll: &PollRoute,
+        route: usize,
+        topic: Arc<Topic>,
+        params: &[(String, String)],
+    ) {
+        let feed = |upstream: usize| Feed {
+            upstream: self.upstreams[upstream].clone(),
+            topic: topic.clone(),
+            upstream_grace: poll.config.upstream_grace,
+            max_message_bytes: self.limits.max_message_bytes,
+            poll_metrics: poll.metrics.clone(),
+            route_metrics: self.route_metrics[route].clone(),
+            connects: self.shared.source_connects.clone(),
+            retry_after: Default::default(),
+        };
+        let source: Pin<Box<dyn Future<Output = ()> + Send>> = match &poll.config.source {
+            SourceConfig::Publish => return,
+            SourceConfig::UpstreamStream {
+                format,
+                upstream,
+                path,
+                idle_timeout,
+            } => Box::pin(
+                StreamSource {
+                    format: format.clone(),
+                    path: path.render_path(params),
+                    idle_timeout: *idle_timeout,
+                    feed: feed(*upstream),
+                }
+                .run(),
+            ),
+            SourceConfig::UpstreamPoll {
+                upstream,
+                path,
+                id_pointer,
+                items_pointer,
+            } => Box::pin(
+                PollSource {
+                    path: path.clone(),
+                    params: params.to_vec(),
+                    id_pointer: id_pointer.clone(),
+                    items_pointer: items_pointer.clone(),
+                    feed: feed(*upstream),
+                }
+                .run(),
+            ),
+        };
+        let slots = self.shared.sources.clone();
+        let route_name = poll.name.clone();
+        // Everything the source logs names its route and topic.
+        let span = tracing::warn_span!("source", route = %route_name, topic = %topic.name());
+        tokio::spawn(
+            async move {
+                let name = topic.name().to_owned();
+                slots
+                    .run_exclusive(&route_name, &name, topic.retired(), source)
+                    .await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload keeps a route's state exactly when what it depends on is equal by value.
+    #[test]
+    fn fingerprints_compare_what_a_route_depends_on() {
+        let text = |hold: &str, pattern: &str, header: &str| {
+            format!(
+                "[listeners.p]\naddress = \"127.0.0.1:0\"\n\
+                 [upstreams.u]\nurl = \"http://127.0.0.1:1\"\nheaders = {{ x-key = \"{header}\" }}\n\
+                 [upstreams.other]\nurl = \"http://127.0.0.1:2\"\n\
+                 [routes.feed]\npath = \"/feed/{{id}}\"\nkind = \"poll\"\nauth = \"public\"\n\
+                 hold = \"{hold}\"\nparams.id = \"{pattern}\"\n\
+                 source = {{ type = \"upstream-sse\", upstream = \"u\", path = \"/s/{{id}}\" }}\n"
+            )
+        };
+        let print = |t: String| {
+            let c = Config::from_toml(&t, std::path::Path::new(".")).unwrap();
+            fingerprint(&c, &c.routes[0])
+        };
+        let base = print(text("5s", "[0-9]+", "a"));
+        assert!(base == print(text("5s", "[0-9]+", "a")), "the same config");
+        assert!(
+            base != print(text("6s", "[0-9]+", "a")),
+            "the route's own setting"
+        );
+        assert!(
+            base != print(text("5s", "[0-9]{1,3}", "a")),
+            "a parameter pattern"
+        );
+        assert!(
+            base != print(text("5s", "[0-9]+", "b")),
+            "its upstream's header"
+        );
+        let other_changed = text("5s", "[0-9]+", "a").replace("127.0.0.1:2", "127.0.0.1:3");
+        assert!(base == print(other_changed), "an upstream it does not use");
+    }
+}
