@@ -1,21 +1,24 @@
-//! One client connection: TLS handshake (bounded), protocol choice, and hyper serving it until
-//! it closes or the server drains.
+//! Accepting and serving client connections: the accept loop (within the connection limits),
+//! then per connection the TLS handshake (bounded), protocol choice, and hyper or the
+//! held-poll path serving it until it closes or the server drains.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
 
 use super::h1;
 use super::write_timeout::WriteTimeout;
-use super::{Admission, ListenerSettings, tune};
+use super::{Admission, ConnectionLimit, Lifecycle, ListenerSettings, tune};
 use crate::metrics::{GaugeGuard, Metrics, Protocol};
 use crate::problem::Problem;
 use crate::service::{ConnInfo, Drain, Handler};
@@ -37,6 +40,110 @@ pub struct Connection {
     pub settings: Arc<ListenerSettings>,
     pub metrics: Arc<Metrics>,
     pub drain: Drain,
+}
+
+/// First and longest pause of an accept loop after a resource error (EMFILE, ENFILE, ENOMEM):
+/// the error repeats until descriptors are freed, so retrying at once would spin.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Accept errors are logged at most this often per listener.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Accepts connections on `listener` until `lifecycle.drain` begins, serving each with
+/// `handler` in its own tracked task. Accept errors are counted, logged (rate-limited) and
+/// waited out; they never end the loop.
+pub async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    settings: Arc<ListenerSettings>,
+    handler: Arc<H>,
+    limit: Arc<ConnectionLimit>,
+    metrics: Arc<Metrics>,
+    lifecycle: Lifecycle,
+) {
+    let accept_errors = metrics.accept_errors.with_label_values(&[&settings.name]);
+    let rejected = metrics
+        .connections_rejected
+        .with_label_values(&[&settings.name]);
+    let last_log = Mutex::new(None::<Instant>);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = lifecycle.drain.begun() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                s
+            }
+            Err(e) => {
+                accept_errors.inc();
+                log_accept_error(&settings.name, &e, &last_log);
+                if is_resource_error(&e) {
+                    tokio::select! {
+                        () = lifecycle.drain.begun() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+                continue;
+            }
+        };
+        let refusal = match limit.admit_peer(peer.ip()) {
+            Ok(slot) => match limit.serving.clone().try_acquire_owned() {
+                Ok(permit) => Ok(Admission::Serve(permit, slot)),
+                Err(_) => Err(Problem::Overloaded),
+            },
+            Err(_) => Err(Problem::TooManyConnections),
+        };
+        let admission = match refusal {
+            Ok(admission) => admission,
+            Err(problem) => {
+                rejected.inc();
+                match limit.rejecting.clone().try_acquire_owned() {
+                    Ok(permit) => Admission::Reject(permit, problem),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let conn = Connection {
+            stream,
+            peer,
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            drain: lifecycle.drain.clone(),
+        };
+        // One span per connection (debug: free unless asked for); what the connection logs,
+        // and the requests it serves, carry its peer, listener and protocol.
+        let span = tracing::debug_span!(
+            "conn",
+            peer = %peer,
+            listener = %settings.name,
+            protocol = tracing::field::Empty
+        );
+        let serve = conn.serve(handler.clone(), admission);
+        // Disabled (the default level), no span is kept: a held poll's connection pays nothing.
+        if span.is_disabled() {
+            lifecycle.tasks.spawn(serve);
+        } else {
+            lifecycle.tasks.spawn(serve.instrument(span));
+        }
+    }
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+fn log_accept_error(listener: &str, e: &io::Error, last_log: &Mutex<Option<Instant>>) {
+    let mut last = last_log.lock().unwrap_or_else(|p| p.into_inner());
+    let due = last.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL);
+    if due {
+        *last = Some(Instant::now());
+        tracing::warn!(listener, error = %e, "accept failed; retrying (logged at most every 5s)");
+    }
 }
 
 impl Connection {
