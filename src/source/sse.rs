@@ -34,10 +34,13 @@ pub struct Decoder {
     /// The current event's data went over the limit: it is being skipped.
     oversized: bool,
     event: Option<String>,
-    /// The stream's last event id in force: what a reconnect resumes from.
+    /// The stream's last event id in force (set when an event is dispatched): what a reconnect
+    /// resumes from. An empty `id:` clears it.
     last_id: Option<String>,
-    /// The event being read carries an `id:` field of its own.
-    own_id: bool,
+    /// The `id:` of the event being read, until it is dispatched: `Some("")` clears.
+    pending_id: Option<String>,
+    /// Events dispatched without an id of their own since `last_id` was set.
+    since_id: u64,
     retry_ms: Option<u64>,
     max_line: usize,
     max_event: usize,
@@ -54,10 +57,20 @@ impl Decoder {
             oversized: false,
             event: None,
             last_id: None,
-            own_id: false,
+            pending_id: None,
+            since_id: 0,
             retry_ms: None,
             max_line,
             max_event,
+        }
+    }
+
+    /// A decoder for a stream resumed after `last_id` (the `Last-Event-ID` it was asked with):
+    /// events without an id of their own get the same ids as when the stream first sent them.
+    pub fn resuming(max_line: usize, max_event: usize, last_id: Option<String>) -> Decoder {
+        Decoder {
+            last_id,
+            ..Decoder::new(max_line, max_event)
         }
     }
 
@@ -128,10 +141,7 @@ impl Decoder {
                 self.has_data = true;
             }
             "event" => self.event = Some(value.to_owned()),
-            "id" if !value.contains('\0') => {
-                self.last_id = Some(value.to_owned());
-                self.own_id = true;
-            }
+            "id" if !value.contains('\0') => self.pending_id = Some(value.to_owned()),
             "retry" if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
                 self.retry_ms = value.parse().ok();
             }
@@ -142,20 +152,36 @@ impl Decoder {
 
     fn dispatch(&mut self, out: &mut Vec<Event>) {
         let event = self.event.take();
-        let own_id = std::mem::take(&mut self.own_id);
+        // The id in force moves when its event is complete: a stream cut inside an event
+        // resumes before it, so the event is not lost.
+        let own_id = match self.pending_id.take() {
+            Some(id) if id.is_empty() => {
+                self.last_id = None;
+                self.since_id = 0;
+                None
+            }
+            Some(id) => {
+                self.last_id = Some(id.clone());
+                self.since_id = 0;
+                Some(id)
+            }
+            None => None,
+        };
         if !self.has_data {
             return;
         }
         self.has_data = false;
         let data = std::mem::take(&mut self.data);
         out.push(Event {
-            // Only an event's own `id:` identifies it. The id in force (`last_id`) is where a
-            // reconnect resumes, but events after it without one are other messages: given
-            // its id, the topic would drop them as repeats.
-            id: own_id
-                .then(|| self.last_id.clone())
-                .flatten()
-                .filter(|id| !id.is_empty()),
+            // An event's own `id:` identifies it. One without is another message than the
+            // event whose id is in force (given that id, the topic would drop it as a repeat):
+            // it is the n-th after it, `ID#n`, which a resumed stream that sends it again
+            // gives it too, so a replay is recognised.
+            id: own_id.or_else(|| {
+                let last = self.last_id.as_ref()?;
+                self.since_id += 1;
+                Some(format!("{last}#{}", self.since_id))
+            }),
             event,
             data: (!std::mem::take(&mut self.oversized)).then_some(data),
         });
@@ -190,7 +216,7 @@ mod tests {
                     data: Some("a\nb".into())
                 },
                 Event {
-                    id: None,
+                    id: Some("1#1".into()),
                     event: None,
                     data: Some("only".into())
                 },
@@ -199,6 +225,35 @@ mod tests {
         let mut d = Decoder::new(1024, 4096);
         d.feed(stream, &mut Vec::new()).unwrap();
         assert_eq!(d.last_id(), Some("2"));
+    }
+
+    /// Events without an id of their own are numbered after the id in force, the same way
+    /// when a resumed stream sends them again; an empty `id:` clears the id in force; a stream
+    /// cut inside an event resumes before it.
+    #[test]
+    fn ids_of_events_without_one_survive_a_replay() {
+        let first = b"id: 1\ndata: a\n\ndata: b\n\ndata: c\n\n";
+        let ids = |d: &mut Decoder, bytes: &[u8]| {
+            let mut out = Vec::new();
+            d.feed(bytes, &mut out).unwrap();
+            out.into_iter().map(|e| e.id).collect::<Vec<_>>()
+        };
+        let mut d = Decoder::new(1024, 4096);
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(ids(&mut d, first), [some("1"), some("1#1"), some("1#2")]);
+        // Reconnected with `Last-Event-ID: 1`, the upstream replays b and c.
+        let mut resumed = Decoder::resuming(1024, 4096, d.last_id().map(str::to_owned));
+        assert_eq!(
+            ids(&mut resumed, b"data: b\n\ndata: c\n\n"),
+            [some("1#1"), some("1#2")]
+        );
+        // An empty id clears the id in force: nothing to resume from.
+        assert_eq!(ids(&mut d, b"id:\ndata: d\n\n"), [None]);
+        assert_eq!(d.last_id(), None);
+        // An id whose event has not ended is not in force yet.
+        let mut cut = Decoder::new(1024, 4096);
+        ids(&mut cut, b"id: 1\ndata: a\n\nid: 2\ndata: b");
+        assert_eq!(cut.last_id(), Some("1"));
     }
 
     #[test]

@@ -113,9 +113,10 @@ impl StreamSource {
         let mut body = response.into_body();
         let max_bytes = self.feed.max_message_bytes;
         let mut decoder = match &self.format {
-            StreamFormat::Sse => Decoder::Sse(sse::Decoder::new(
+            StreamFormat::Sse => Decoder::Sse(sse::Decoder::resuming(
                 max_bytes + LINE_OVERHEAD_BYTES,
                 max_bytes,
+                last_id.clone(),
             )),
             StreamFormat::Ndjson { id_pointer, .. } => {
                 Decoder::Ndjson(ndjson::Decoder::new(max_bytes, id_pointer))

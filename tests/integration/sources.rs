@@ -572,16 +572,19 @@ async fn a_silent_stream_is_reconnected_after_idle_timeout() {
 }
 
 /// An SSE stream where only some events carry an `id:` (the spec lets the last id stay in
-/// force): every event is its own message. Given the id in force, the later ones would be
-/// dropped as repeats of the first.
+/// force): every event is its own message, exactly once. Given the id in force, the later ones
+/// would be dropped as repeats of the first; given no id, the ones the upstream sends again
+/// after a reconnect (it resumes after the id in force) would be delivered twice.
 #[tokio::test]
 async fn sse_events_without_an_id_of_their_own_are_all_delivered() {
     let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
-        // A reconnect resumes after id 2: nothing new.
-        let body = if req.headers().contains_key("last-event-id") {
-            ""
-        } else {
-            "id: 1\ndata: a\n\ndata: b\n\ndata: c\n\nid: 2\ndata: d\n\n"
+        // The first connection ends after c; the reconnect resumes after id 1, so b and c
+        // come again, then d; after id 2 nothing is new.
+        let resume = req.headers().get("last-event-id").map(|v| v.as_bytes().to_vec());
+        let body = match resume.as_deref() {
+            None => "id: 1\ndata: a\n\ndata: b\n\ndata: c\n\n",
+            Some(b"1") => "data: b\n\ndata: c\n\nid: 2\ndata: d\n\n",
+            Some(_) => "",
         };
         let mut resp = text_response(200, body);
         resp.headers_mut().insert(
