@@ -15,6 +15,17 @@ pub(super) struct Fingerprint {
     drain_window: Duration,
 }
 
+/// An upstream as the fingerprint sees it: its header values (credentials, all sensitive)
+/// replaced by one placeholder, so that rotating a credential keeps a route's state, as it did
+/// when fingerprints were `Debug` text (which prints sensitive values as `Sensitive`).
+fn without_credentials(upstream: &UpstreamConfig) -> UpstreamConfig {
+    let mut masked = upstream.clone();
+    for (_, value) in &mut masked.headers {
+        *value = http::HeaderValue::from_static("");
+    }
+    masked
+}
+
 fn fingerprint(config: &Config, route: &RouteConfig) -> Fingerprint {
     let mut used = Vec::new();
     let hook = |auth: &AuthConfig| match auth {
@@ -38,7 +49,10 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> Fingerprint {
     }
     Fingerprint {
         route: route.clone(),
-        upstreams: used.iter().map(|&u| config.upstreams[u].clone()).collect(),
+        upstreams: used
+            .iter()
+            .map(|&u| without_credentials(&config.upstreams[u]))
+            .collect(),
         max_message_bytes: config.limits.max_message_bytes,
         drain_window: config.shutdown.drain_window,
     }
@@ -246,7 +260,8 @@ impl Gateway {
         let slots = self.shared.sources.clone();
         let route_name = poll.name.clone();
         // Everything the source logs names its route and topic.
-        let span = tracing::warn_span!("source", route = %route_name, topic = %topic.name());
+        let span =
+            tracing::warn_span!(parent: None, "source", route = %route_name, topic = %topic.name());
         tokio::spawn(
             async move {
                 let name = topic.name().to_owned();
@@ -290,10 +305,13 @@ mod tests {
             base != print(text("5s", "[0-9]{1,3}", "a")),
             "a parameter pattern"
         );
+        // A rotated credential keeps the route, as before (header values are not compared).
         assert!(
-            base != print(text("5s", "[0-9]+", "b")),
-            "its upstream's header"
+            base == print(text("5s", "[0-9]+", "b")),
+            "its upstream's header value"
         );
+        let renamed = text("5s", "[0-9]+", "a").replace("x-key", "x-other");
+        assert!(base != print(renamed), "its upstream's header name");
         let other_changed = text("5s", "[0-9]+", "a").replace("127.0.0.1:2", "127.0.0.1:3");
         assert!(base == print(other_changed), "an upstream it does not use");
     }

@@ -117,7 +117,7 @@ fn code_only(text: &str) -> String {
             // A char literal ('"', '\'', '\u{7f}'); a lifetime has no closing quote.
             let rest = &text[i + 1..];
             let literal = if let Some(escaped) = rest.strip_prefix('\\') {
-                escaped.find('\'').map(|e| e + 2)
+                escaped.get(1..).and_then(|e| e.find('\'')).map(|e| e + 2)
             } else {
                 rest.chars()
                     .next()
@@ -304,13 +304,16 @@ fn architecture_check_reads_every_path_form() {
         "use crate::hub::Topic;\nuse crate::gateway as g;\nfn f() { crate::server::run(); }\n\
          use crate::{metrics::{A, B}, config, self};\n// crate::admin in a comment\n\
          let s = \"crate::reload\"; let r = r#\"crate::auth\"#; let c = '\"'; let q = '\\'';\n\
-         use super::super::source::X;\nuse super::sibling;\n",
+         use super::super::source::X;\nuse super::sibling;\n\
+         fn g() { let n = '\\n'; }\nuse crate::admin::Z;\n",
     );
     let mut named = named_modules(&code, 2);
     named.sort();
     assert_eq!(
         named,
-        ["config", "gateway", "hub", "metrics", "server", "source"]
+        [
+            "admin", "config", "gateway", "hub", "metrics", "server", "source"
+        ]
     );
     assert!(named_modules(&code_only("use super::sibling;"), 2).is_empty());
     assert_eq!(named_modules("use super::gateway::X;", 1), ["gateway"]);
@@ -430,4 +433,60 @@ fn architecture_held_poll_walk_names_what_exists() {
         checked >= 10,
         "only {checked} names checked: is the walk there?"
     );
+}
+
+/// Every relative link in the repository's Markdown opens a file of the repository, and no file
+/// points a reader at the briefs outside it: ARCHITECTURE.md and docs/protocol.md are the
+/// reference.
+#[test]
+fn docs_link_only_to_files_in_the_repository() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') || name == ".ci" {
+                    walk(&path, out);
+                }
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let root = Path::new(ROOT);
+    let mut files = Vec::new();
+    walk(root, &mut files);
+    let mut problems = Vec::new();
+    for file in &files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue; // not text
+        };
+        let shown = file.strip_prefix(root).unwrap().display();
+        if file.ends_with("tests/integration/architecture.rs") {
+            continue; // this test names what it looks for
+        }
+        for outside in ["PROTOCOL.md", "DESIGN.md", "../shared"] {
+            if text.contains(outside) {
+                problems.push(format!(
+                    "{shown} names {outside}, which is not in the repository"
+                ));
+            }
+        }
+        if file.extension().is_none_or(|e| e != "md") {
+            continue;
+        }
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(target);
+            if !resolved.exists() {
+                problems.push(format!("{shown} links to {target}, which does not exist"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -17,7 +17,7 @@ impl<P: HeldPoll> Handoff<P> {
         }
     }
 
-    pub(super) fn stream(&self) -> &TcpStream {
+    fn stream(&self) -> &TcpStream {
         &self.socket.stream
     }
 }

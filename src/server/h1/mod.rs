@@ -43,7 +43,6 @@ use crate::service::{ConnInfo, Drain, Handler, HeldPoll, NoBody, Step};
 use crate::upstream::Body;
 
 pub use handoff::Handoff;
-pub use socket::Socket;
 use socket::*;
 use write::*;
 

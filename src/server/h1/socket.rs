@@ -51,7 +51,7 @@ impl<P: HeldPoll> Socket<P> {
     }
 
     /// Takes the slot's poll if it is parked for `ticket`.
-    pub(super) fn take_parked(slot: &mut Slot<P>, ticket: u64) -> Option<P> {
+    fn take_parked(slot: &mut Slot<P>, ticket: u64) -> Option<P> {
         match mem::replace(slot, Slot::Idle) {
             Slot::Parked {
                 ticket: t, poll, ..

@@ -118,7 +118,7 @@ pub(super) async fn respond<P: HeldPoll>(
 }
 
 /// Whether a response closes its connection (`close` among its `Connection` options).
-pub(super) fn says_close(headers: &HeaderMap) -> bool {
+fn says_close(headers: &HeaderMap) -> bool {
     headers.get_all(header::CONNECTION).iter().any(|v| {
         v.as_bytes()
             .split(|&b| b == b',')
@@ -145,7 +145,7 @@ pub(super) fn header_lines(headers: &HeaderMap, out: &mut Vec<u8>) {
     }
 }
 
-pub(super) fn content_length(len: usize, out: &mut Vec<u8>) {
+fn content_length(len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(len.to_string().as_bytes());
     out.extend_from_slice(b"\r\n");
