@@ -1,7 +1,7 @@
 //! The request service: the [`Gateway`] for one configuration and what outlives it
 //! ([`Shared`]), the [`Current`] one a reload replaces, and the gateway's run-time operations
 //! (drain, sweep, publish). Building a gateway is in `build.rs`, the request pipeline in
-//! `pipeline.rs`, the route kinds in `proxy.rs`, `longpoll.rs` and `collapse.rs`.
+//! `pipeline.rs`, the route kinds in `proxy.rs`, `longpoll.rs` and `collapse/`.
 
 mod build;
 pub mod collapse;

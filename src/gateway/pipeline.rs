@@ -1,7 +1,8 @@
-//! The request pipeline: a request is routed once, passes the checks every request passes (URI
-//! size, path parameters, per-IP limits behind a trusted proxy, authorization) and goes to its
-//! route kind, synchronously, so that what a pending or held request keeps is only what its wait
-//! needs. A poll comes out as a [`PreparedPoll`], the gateway's `service::HeldPoll`.
+//! The request pipeline: a request is routed (a poll on the held-poll path once), passes the
+//! checks every request passes (URI size, path parameters, per-IP limits behind a trusted proxy,
+//! authorization) and goes to its route kind, synchronously, so that what a pending or held
+//! request keeps is only what its wait needs. A poll comes out as a [`PreparedPoll`], the
+//! gateway's `service::HeldPoll`.
 //!
 //! Metrics are recorded by a `Record` guard, so a request whose client disconnects (hyper then
 //! drops its future at whatever `.await` it is parked on) is still counted.
@@ -251,7 +252,7 @@ pub struct PreparedPoll {
 
 impl PreparedPoll {
     /// Waits on the topic's notifications for the answer (TLS, HTTP/2, and hyper's
-    /// HTTP/1.1), where [`server::h1`](crate) parks the poll instead.
+    /// HTTP/1.1), where the server's held-poll path parks the poll instead.
     async fn wait(&mut self) -> Response<Body> {
         let shared = &self.shared;
         let (resp, outcome) = self

@@ -580,7 +580,10 @@ async fn sse_events_without_an_id_of_their_own_are_all_delivered() {
     let upstream = Upstream::start(|req: Request<hyper::body::Incoming>| async move {
         // The first connection ends after c; the reconnect resumes after id 1, so b and c
         // come again, then d; after id 2 nothing is new.
-        let resume = req.headers().get("last-event-id").map(|v| v.as_bytes().to_vec());
+        let resume = req
+            .headers()
+            .get("last-event-id")
+            .map(|v| v.as_bytes().to_vec());
         let body = match resume.as_deref() {
             None => "id: 1\ndata: a\n\ndata: b\n\ndata: c\n\n",
             Some(b"1") => "data: b\n\ndata: c\n\nid: 2\ndata: d\n\n",

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 path of cleartext connections, built for held polls.
+//! The connection loop of the cleartext HTTP/1.1 path, built for held polls: head reading, and
+//! holding a poll until its answer.
 //!
 //! A connection reads its request heads itself (parsed by `httparse`). A plain GET for a poll
 //! route is served here; anything else (another route or method, a body, `Upgrade`, `Expect`,
@@ -35,7 +36,6 @@ use tokio::time::Instant;
 
 mod handoff;
 mod socket;
-mod write;
 
 use crate::config::LimitsConfig;
 use crate::hub::{Batch, ParkId, Parked, Topic};
@@ -44,7 +44,6 @@ use crate::upstream::Body;
 
 pub use handoff::Handoff;
 use socket::*;
-use write::*;
 
 /// First read buffer for a request head; doubled as needed up to `max_header_bytes`.
 const HEAD_BUFFER: usize = 512;
