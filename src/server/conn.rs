@@ -284,7 +284,8 @@ impl Serving<'_> {
         let _open = self.open(Protocol::Http1);
         let limits = &self.settings.limits;
         match h1::serve(stream, handler, info, limits, self.drain).await {
-            h1::End::Closed => tracing::debug!("connection closed on the held-poll path"),
+            // The held-poll path logged who closed it.
+            h1::End::Closed => {}
             h1::End::Hyper(handoff) => {
                 let io = TokioIo::new(WriteTimeout::new(handoff, limits.write_timeout));
                 // Boxed: hyper's connection state is only paid for by connections that use it.
@@ -321,7 +322,7 @@ impl Serving<'_> {
     {
         let limits = &self.settings.limits;
         let service = service_fn(service);
-        let result = match protocol {
+        let (result, drained) = match protocol {
             Protocol::Http1 => {
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -332,11 +333,11 @@ impl Serving<'_> {
                     .serve_connection(io, service);
                 let mut conn = std::pin::pin!(conn);
                 tokio::select! {
-                    r = conn.as_mut() => r,
+                    r = conn.as_mut() => (r, false),
                     () = self.drain.begun() => {
                         tracing::debug!("the server drains: closing the connection after its requests");
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        (conn.await, true)
                     }
                 }
             }
@@ -352,18 +353,20 @@ impl Serving<'_> {
                     .serve_connection(io, service);
                 let mut conn = Box::pin(conn);
                 tokio::select! {
-                    r = conn.as_mut() => r,
+                    r = conn.as_mut() => (r, false),
                     () = self.drain.begun() => {
                         tracing::debug!("the server drains: GOAWAY, closing after the open streams");
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        (conn.await, true)
                     }
                 }
             }
         };
-        match result {
-            Ok(()) => tracing::debug!("connection closed (by the client, or idle)"),
-            Err(e) => tracing::debug!(error = %e, "connection ended with an error"),
+        // Who closed it: linkerd2-proxy's question, answered at debug.
+        match (result, drained) {
+            (Ok(()), true) => tracing::debug!("connection closed by the server: draining"),
+            (Ok(()), false) => tracing::debug!("connection closed by the client, or idle"),
+            (Err(e), _) => tracing::debug!(error = %e, "connection ended with an error"),
         }
     }
 }

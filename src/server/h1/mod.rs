@@ -120,8 +120,16 @@ pub async fn serve<H: Handler>(
         };
         let respond = respond(&socket, answer, &mut buf, drain, limits.write_timeout);
         let written = Box::pin(respond).await;
-        if !matches!(written, Ok(Keep::Open)) {
-            return End::Closed;
+        match written {
+            Ok(Keep::Open) => {}
+            Ok(Keep::Close) => {
+                tracing::debug!("connection closed by the server after its answer (close)");
+                return End::Closed;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection closed: writing the answer failed");
+                return End::Closed;
+            }
         }
     }
 }
@@ -171,11 +179,18 @@ async fn read_head<P: HeldPoll>(
         tokio::select! {
             r = socket.read_ready() => {
                 if r.is_err() {
+                    tracing::debug!("connection closed: the socket failed");
                     return Head::Closed;
                 }
             }
-            () = tokio::time::sleep_until(deadline) => return Head::Closed,
-            () = drain.begun(), if buf.is_empty() => return Head::Closed,
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::debug!("connection closed by the server: no request head in time");
+                return Head::Closed;
+            }
+            () = drain.begun(), if buf.is_empty() => {
+                tracing::debug!("connection closed by the server: draining");
+                return Head::Closed;
+            }
         }
         let spare = if buf.is_empty() {
             HEAD_BUFFER
@@ -184,10 +199,16 @@ async fn read_head<P: HeldPoll>(
         };
         buf.reserve(spare);
         match socket.stream.try_read_buf(buf) {
-            Ok(0) => return Head::Closed,
+            Ok(0) => {
+                tracing::debug!("connection closed by the client");
+                return Head::Closed;
+            }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Head::Closed,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection closed: reading failed");
+                return Head::Closed;
+            }
         }
     }
 }
@@ -260,10 +281,18 @@ async fn hold<P: HeldPoll>(
             }
             Woke::Gone(poll) => {
                 drop((parked, poll));
+                tracing::debug!("connection closed by the client while its poll was held");
                 return Held::Closed;
             }
             Woke::Answered => return Held::Written,
-            Woke::Closing | Woke::Broken => return Held::Closed,
+            Woke::Closing => {
+                tracing::debug!("connection closed by the server: draining, after its answer");
+                return Held::Closed;
+            }
+            Woke::Broken => {
+                tracing::debug!("connection closed: writing the answer failed");
+                return Held::Closed;
+            }
             Woke::Unwritten(rest, close) => (rest, close),
         };
         let bufs = &mut [IoSlice::new(&rest)];
