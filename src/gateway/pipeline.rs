@@ -200,11 +200,10 @@ impl Gateway {
     }
 }
 
-impl Handler for Gateway {
-    const HOLDS_POLLS: bool = true;
-    type Held = PreparedPoll;
-
-    fn call<B: ClientBody>(
+/// What [`Current`] serves with, as a [`Handler`]: the gateway in force answers.
+impl Gateway {
+    /// `Handler::call`: what hyper keeps while the request is pending.
+    pub(super) fn call<B: ClientBody>(
         self: &Arc<Self>,
         req: Request<B>,
         conn: ConnInfo,
@@ -212,7 +211,8 @@ impl Handler for Gateway {
         finish(self.prepare(req, conn))
     }
 
-    fn prepare_held(
+    /// `Handler::prepare_held`: a poll the held-poll path waits on, or `None` for hyper.
+    pub(super) fn prepare_held(
         self: &Arc<Self>,
         req: Request<NoBody>,
         conn: ConnInfo,

@@ -404,13 +404,59 @@ max_hold = "30s"
     }
 }
 
+/// A `pollmux` child writing its default text log to a pipe, as under systemd or a container
+/// runtime, for tests that read that log line by line.
+struct TextLog {
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl TextLog {
+    async fn start(config: &str, extra_args: &[&str]) -> TextLog {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pollmux.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut child = tokio::process::Command::new(BIN)
+            .args(["--config", file.to_str().unwrap()])
+            .args(extra_args)
+            .env_remove("RUST_LOG")
+            .env_remove("POLLMUX_LOG_FORMAT")
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        TextLog {
+            lines,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    async fn next_line(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.lines.next_line())
+            .await
+            .expect("pollmux logs in time")
+            .unwrap()
+            .expect("pollmux is running")
+    }
+}
+
+/// The public listener's address, when `line` is the text log's line saying it listens.
+fn public_listening(line: &str) -> Option<SocketAddr> {
+    if !(line.contains("listening") && line.contains("listener=public")) {
+        return None;
+    }
+    let addr = line.split("address=").nth(1)?.split(' ').next()?;
+    Some(addr.parse().expect("a socket address"))
+}
+
 /// Logs written to a pipe carry no colour codes, and a failing source names its route and
 /// topic, not only its upstream.
 #[tokio::test]
 async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
     let upstream = Upstream::start(|_req| async { text_response(500, "down") }).await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pollmux.toml");
     let config = format!(
         "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
          [upstreams.api]\nurl = \"{}\"\n\
@@ -418,34 +464,13 @@ async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
          source = {{ type = \"upstream-sse\", upstream = \"api\", path = \"/events/{{id}}\" }}\n",
         upstream.url()
     );
-    std::fs::write(&file, config).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["--config", file.to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .env_remove("POLLMUX_LOG_FORMAT")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = TextLog::start(&config, &[]).await;
     let mut public = None;
     let mut seen = Vec::new();
     let failure = loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("pollmux logs in time")
-            .unwrap()
-            .expect("pollmux is running");
+        let line = log.next_line().await;
         assert!(!line.contains('\x1b'), "colour codes in {line:?}");
-        if line.contains("listening") && line.contains("listener=public") {
-            let addr = line
-                .split("address=")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap();
-            let addr: SocketAddr = addr.parse().unwrap();
+        if let Some(addr) = public_listening(&line) {
             public = Some(addr);
             // Opening the topic starts its source, which the upstream refuses.
             tokio::spawn(async move { get(addr, "/feed/42?timeout=1").await });
@@ -466,44 +491,16 @@ async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
 #[tokio::test]
 async fn debug_logs_carry_connection_and_request_spans() {
     let closed = closed_port().await;
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("pollmux.toml");
     let config = format!(
         "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
          [upstreams.api]\nurl = \"http://{closed}\"\n\
          [routes.api]\npath = \"/api/{{*rest}}\"\nkind = \"proxy\"\nupstream = \"api\"\n"
     );
-    std::fs::write(&file, config).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args([
-            "--config",
-            file.to_str().unwrap(),
-            "--log-level",
-            "pollmux=debug",
-        ])
-        .env_remove("RUST_LOG")
-        .env_remove("POLLMUX_LOG_FORMAT")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = TextLog::start(&config, &["--log-level", "pollmux=debug"]).await;
     let (mut failed, mut closed_line) = (None, None);
     while failed.is_none() || closed_line.is_none() {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("pollmux logs in time")
-            .unwrap()
-            .expect("pollmux is running");
-        if line.contains("listening") && line.contains("listener=public") {
-            let addr = line
-                .split("address=")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap();
-            let addr: SocketAddr = addr.parse().unwrap();
+        let line = log.next_line().await;
+        if let Some(addr) = public_listening(&line) {
             // One request on a connection of its own, which then closes.
             tokio::spawn(async move { get(addr, "/api/x").await });
         }

@@ -512,12 +512,13 @@ impl Waiter {
             route.drain.begun().await;
             tokio::time::sleep(route.drain_window).await;
         };
+        let draining = Problem::Draining;
         tokio::select! {
             answer = answer => match answer {
                 Some(a) => (a.response(), a.outcome),
-                None => (Problem::Draining.response(None), Outcome::Shutdown),
+                None => (draining.response(None), draining.outcome()),
             },
-            () = drained => (Problem::Draining.response(None), Outcome::Shutdown),
+            () = drained => (draining.response(None), draining.outcome()),
         }
     }
 }
