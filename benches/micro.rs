@@ -26,6 +26,7 @@ fn route() -> Arc<RouteTopics> {
         linger: Duration::from_secs(60),
         max_batch: 100,
         resume_on_gap: false,
+        mirrored: false,
     };
     let gauge = prometheus::IntGauge::new("topics", "topics").expect("gauge");
     Arc::new(RouteTopics::new("bench", settings, 100_000, gauge))

@@ -211,7 +211,7 @@ impl Admin {
             payload,
             arrived: Instant::now(),
         };
-        match gateway.publish(route, &topic, message) {
+        match gateway.publish(route, &topic, message).await {
             Ok(published) => {
                 let body = serde_json::json!({ "cursor": published.cursor }).to_string();
                 text(StatusCode::ACCEPTED, "application/json", body.into_bytes())
@@ -221,6 +221,10 @@ impl Admin {
             Err(PublishError::InvalidTopic) => Problem::InvalidParameter
                 .response(Some("the route's topic template cannot produce that topic")),
             Err(PublishError::Full(full)) => longpoll::rejected_full(full).0,
+            Err(PublishError::Backplane(e)) => {
+                tracing::warn!(%route, error = %e, "publish not taken by the backplane");
+                Problem::BackplaneUnavailable.response(Some(&e.to_string()))
+            }
         }
     }
 }

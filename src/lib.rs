@@ -13,7 +13,8 @@
 //!   eviction; no HTTP), [`metrics`] (the one metrics struct and its registry), [`upstream`]
 //!   (pooled upstream HTTP clients), [`per_ip`] (per-client-IP limits).
 //! - layer 2: [`auth`] (hooks and JWTs), [`source`] (what feeds a topic from upstream),
-//!   [`service`] (the contract between connections and handlers), [`problem`] (problem+json).
+//!   [`backplane`] (cluster mode: topics' logs in Redis), [`service`] (the contract between
+//!   connections and handlers), [`problem`] (problem+json).
 //! - layer 3: [`gateway`] (routes and their kinds: the request service) and [`server`]
 //!   (listeners, connections, TLS, HTTP/1.1 and h2, the held-poll path); neither names the other.
 //! - layer 4: [`reload`]; layer 5: [`admin`]. This file wires them together.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backplane;
 pub mod config;
 pub mod gateway;
 pub mod hub;
@@ -44,6 +46,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use admin::Admin;
+use backplane::Backplane;
 use config::{Config, FD_RESERVE};
 use gateway::{Current, Gateway, Shared};
 use hub::Hub;
@@ -67,6 +70,8 @@ pub enum StartError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot use the backplane: {0}")]
+    Backplane(redis::RedisError),
 }
 
 /// A pollmux instance with its sockets bound, ready to serve.
@@ -81,6 +86,9 @@ pub struct Server {
     admin: TcpListener,
     metrics: Arc<Metrics>,
     max_connections: usize,
+    hub: Arc<Hub>,
+    /// Cluster mode's backplane, not connected yet.
+    backplane: Option<Arc<Backplane>>,
 }
 
 impl Server {
@@ -99,7 +107,17 @@ impl Server {
         }
         let admin = bind("admin", config.admin.address).await?;
         let metrics = Arc::new(Metrics::new(&config));
+        let hub = Arc::new(Hub::with_budget(config.limits.max_buffered_bytes));
+        let backplane = match &config.cluster.redis {
+            None => None,
+            Some(_) => Some(
+                Backplane::new(&config.cluster, hub.clone(), metrics.clone())
+                    .map_err(StartError::Backplane)?,
+            ),
+        };
         Ok(Server {
+            hub,
+            backplane,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
             config,
             config_path: None,
@@ -148,6 +166,8 @@ impl Server {
             admin,
             metrics,
             max_connections,
+            hub,
+            backplane,
         } = self;
         for (settings, listener) in &public {
             if let Ok(addr) = listener.local_addr() {
@@ -169,9 +189,16 @@ impl Server {
             config.limits.max_connections_per_ip,
             config.limits.new_connections_per_ip_per_second,
         ));
-        let hub = Arc::new(Hub::with_budget(config.limits.max_buffered_bytes));
         hub.fan_out_on(tokio::runtime::Handle::current());
-        let shared = Arc::new(Shared::new(hub, per_ip.clone(), lifecycle.drain.clone()));
+        if let Some(b) = &backplane {
+            b.start();
+        }
+        let shared = Arc::new(Shared::new(
+            hub,
+            per_ip.clone(),
+            lifecycle.drain.clone(),
+            backplane,
+        ));
         let gateway = Arc::new(Gateway::new(&config, &metrics, shared.clone(), None));
         let current = Arc::new(Current::new(gateway));
         let limit = Arc::new(ConnectionLimit::with_per_ip(

@@ -48,6 +48,9 @@ pub enum Problem {
     UpstreamRefused,
     /// A collapse route's upstream answer was private and the route may not share it.
     UpstreamUnshareable,
+    /// Cluster mode: the backplane (Redis) has been unreachable for longer than
+    /// `backplane_grace`, and the answer needs it (a publish, a topic this node has not loaded).
+    BackplaneUnavailable,
 }
 
 /// Who a problem came from: it decides the metrics outcome, and which side an operator looks at.
@@ -79,7 +82,10 @@ impl Problem {
             | Problem::UriTooLong
             | Problem::TooManyPolls
             | Problem::TooManyConnections => Source::Client,
-            Problem::Overloaded | Problem::TooManyTopics | Problem::Draining => Source::Pollmux,
+            Problem::Overloaded
+            | Problem::TooManyTopics
+            | Problem::Draining
+            | Problem::BackplaneUnavailable => Source::Pollmux,
             Problem::AuthUnavailable
             | Problem::UpstreamUnavailable
             | Problem::UpstreamTimeout
@@ -122,7 +128,8 @@ impl Problem {
             Problem::Overloaded
             | Problem::Draining
             | Problem::TooManyTopics
-            | Problem::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            | Problem::AuthUnavailable
+            | Problem::BackplaneUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Problem::TooManyPolls | Problem::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
             Problem::UpstreamUnavailable
             | Problem::UpstreamRefused
@@ -157,6 +164,7 @@ impl Problem {
             Problem::UpstreamDown => "upstream-down",
             Problem::UpstreamRefused => "upstream-refused",
             Problem::UpstreamUnshareable => "upstream-unshareable",
+            Problem::BackplaneUnavailable => "backplane-unavailable",
         }
     }
 
@@ -185,6 +193,7 @@ impl Problem {
             Problem::UpstreamDown => "upstream down",
             Problem::UpstreamRefused => "upstream refused pollmux's credential",
             Problem::UpstreamUnshareable => "upstream answer not shareable",
+            Problem::BackplaneUnavailable => "backplane unavailable",
         }
     }
 
@@ -263,11 +272,16 @@ mod tests {
             Problem::Overloaded,
             Problem::TooManyPolls,
             Problem::InvalidCursor,
+            Problem::BackplaneUnavailable,
         ] {
             assert_eq!(p.outcome(), Outcome::Rejected, "{p:?}");
         }
         assert_eq!(Problem::Draining.outcome(), Outcome::Shutdown);
         assert_eq!(Problem::UpstreamTimeout.retry_after(), None);
         assert_eq!(Problem::UpstreamDown.retry_after(), Some(RETRY_AFTER_SECS));
+        assert_eq!(
+            Problem::BackplaneUnavailable.retry_after(),
+            Some(RETRY_AFTER_SECS)
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! sources, CORS), `collapse`, `auth`; `topic` holds [`TopicTemplate`]. All is re-exported here.
 
 mod auth;
+mod cluster;
 mod collapse;
 mod limits;
 mod listeners;
@@ -32,6 +33,10 @@ use toml::de::{DeValue, ValueDeserializer};
 pub use auth::{
     AuthConfig, HOOK_HEADERS_DEFAULT, HOOK_TIMEOUT_DEFAULT, HOOK_TTL_DEFAULT, HookConfig,
     JWT_LEEWAY_DEFAULT, JWT_TOPICS_CLAIM_DEFAULT, JwtConfig, JwtKey, JwtKeys,
+};
+pub use cluster::{
+    BACKPLANE_GRACE_DEFAULT, ClusterConfig, FIREHOSE_RETENTION_DEFAULT, FIREHOSE_SHARDS_DEFAULT,
+    LEASE_TTL_DEFAULT, PREFIX_DEFAULT, RedisConfig, SentinelConfig, sentinel_url,
 };
 pub use collapse::{CollapseConfig, MAX_UNSHARED_DEFAULT, NextCursor};
 pub use limits::{
@@ -78,6 +83,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Routes, sorted by name.
     pub routes: Vec<RouteConfig>,
+    /// `[cluster]`: the backplane that makes several nodes one gateway.
+    pub cluster: ClusterConfig,
 }
 
 impl Config {
@@ -141,6 +148,7 @@ const SECTIONS: &[&str] = &[
     "shutdown",
     "upstreams",
     "routes",
+    "cluster",
 ];
 
 impl Validator<'_, '_> {
@@ -175,6 +183,7 @@ impl Validator<'_, '_> {
         self.declared_upstreams = self.table_names("upstreams");
         let upstreams: Vec<(String, raw::Upstream)> = self.named("upstreams");
         let routes: Vec<(String, raw::Route)> = self.named("routes");
+        let cluster: raw::Cluster = self.section("cluster").unwrap_or_default();
 
         let admin = self.admin(admin);
         let limits = self.limits(limits);
@@ -202,6 +211,7 @@ impl Validator<'_, '_> {
             .filter_map(|(name, r)| self.route(name, r, &upstreams))
             .collect();
         self.distinct_templates(&routes);
+        let cluster = self.cluster(cluster);
         Some(Config {
             listeners,
             admin: admin?,
@@ -209,6 +219,7 @@ impl Validator<'_, '_> {
             shutdown,
             upstreams,
             routes,
+            cluster,
         })
     }
 

@@ -315,3 +315,30 @@ mod tests {
         assert!(expand_env("${NL}", env).unwrap_err().contains("newline"));
     }
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub backplane: Option<Str>,
+    pub node_id: Option<Str>,
+    pub lease_ttl: Option<Dur>,
+    pub backplane_grace: Option<Dur>,
+    pub redis: Option<Redis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redis {
+    pub url: Str,
+    pub sentinel: Option<Sentinel>,
+    pub prefix: Option<Str>,
+    pub firehose_shards: Option<u64>,
+    pub firehose_retention: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sentinel {
+    pub master: Str,
+    pub addrs: Vec<Str>,
+}

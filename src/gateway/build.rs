@@ -109,6 +109,7 @@ impl Gateway {
                         &r.name,
                         p,
                         PollMetrics::new(metrics, &r.name),
+                        mirrored(&shared, p),
                     ))),
                     (RouteKind::Collapse(c), _) => Runtime::Collapse(Arc::new(CollapseRoute::new(
                         (**c).clone(),
@@ -207,7 +208,8 @@ impl Gateway {
     }
 
     /// Starts the source of a topic a poll just created (upstream sources only). The source is
-    /// built from config and the validated parameters alone.
+    /// built from config and the validated parameters alone. In cluster mode a topic of a
+    /// publish route is loaded from the backplane instead.
     pub(super) fn start_source(
         &self,
         poll: &PollRoute,
@@ -215,6 +217,12 @@ impl Gateway {
         topic: Arc<Topic>,
         params: &[(String, String)],
     ) {
+        if topic.mirrored() {
+            if let Some(backplane) = &self.shared.backplane {
+                backplane.load(topic);
+            }
+            return;
+        }
         let feed = |upstream: usize| Feed {
             upstream: self.upstreams[upstream].clone(),
             topic: topic.clone(),
@@ -272,6 +280,16 @@ impl Gateway {
             .instrument(span),
         );
     }
+}
+
+/// The backplane a poll route's topics mirror, if they do: in cluster mode, those of
+/// publish routes. (Upstream-fed routes keep a source per node and their topics local.)
+fn mirrored(
+    shared: &Shared,
+    poll: &crate::config::PollConfig,
+) -> Option<Arc<crate::backplane::Backplane>> {
+    let backplane = shared.backplane.as_ref()?;
+    matches!(poll.source, SourceConfig::Publish).then(|| backplane.clone())
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 
 use super::cors;
+use crate::backplane::Backplane;
 use crate::config::{OnGap, PollConfig, Start};
 use crate::hub::cursor::{self, Cursor, Requested};
 use crate::hub::ring::BufferLimits;
@@ -44,10 +45,18 @@ pub struct PollRoute {
     pub config: PollConfig,
     pub topics: Arc<RouteTopics>,
     pub metrics: PollMetrics,
+    /// Cluster mode: the backplane the route's topics mirror.
+    pub backplane: Option<Arc<Backplane>>,
 }
 
 impl PollRoute {
-    pub fn new(name: &str, config: &PollConfig, metrics: PollMetrics) -> PollRoute {
+    /// `backplane`: cluster mode, the route's topics mirror logs in it.
+    pub fn new(
+        name: &str,
+        config: &PollConfig,
+        metrics: PollMetrics,
+        backplane: Option<Arc<Backplane>>,
+    ) -> PollRoute {
         let settings = TopicSettings {
             limits: BufferLimits {
                 messages: config.buffer.messages,
@@ -57,6 +66,7 @@ impl PollRoute {
             linger: config.linger,
             max_batch: config.max_batch,
             resume_on_gap: config.on_gap == OnGap::Resume,
+            mirrored: backplane.is_some(),
         };
         let topics = RouteTopics::new(
             name,
@@ -69,6 +79,7 @@ impl PollRoute {
             config: config.clone(),
             topics: Arc::new(topics),
             metrics,
+            backplane,
         }
     }
 
@@ -154,6 +165,12 @@ pub struct Held {
     draining: bool,
     /// HTTP/1.1 answers to a drain say `Connection: close`.
     close_on_drain: bool,
+    /// Cluster mode, while the topic loads (or catches up with the cursor): the deadline the
+    /// poll was given, which the wait for the load replaced.
+    asked_deadline: Option<tokio::time::Instant>,
+    /// Cluster mode: the cursor is ahead of the topic; the count of its loads after which a
+    /// cursor still ahead is ahead of the log itself.
+    ahead_until: Option<u64>,
     cors: Option<cors::Grant>,
     /// `pollmux_polls_active`, for as long as the poll is held.
     _active: GaugeGuard,
@@ -224,6 +241,8 @@ pub fn prepare<B: hyper::body::Body>(
         },
         draining: false,
         close_on_drain,
+        asked_deadline: None,
+        ahead_until: None,
         cors: grant,
         _active: GaugeGuard::new(route.metrics.polls_active.clone()),
     })
@@ -355,7 +374,10 @@ impl Held {
     /// The answer at the deadline: no messages (a timeout, or the drain's answer).
     pub fn expire(&self) -> (Response<Body>, Outcome) {
         let Requested::At(position) = &self.at else {
-            unreachable!("a poll waits only from a fixed position");
+            // Cluster mode: the topic never loaded, so no position can be named.
+            let detail = "the topic could not be loaded from the backplane in time";
+            let (resp, outcome) = rejected(Problem::BackplaneUnavailable, detail, None);
+            return (self.with_cors(resp), outcome);
         };
         let (resp, outcome) = if self.draining {
             let resp = empty_response(position, self.close_on_drain);
@@ -402,7 +424,19 @@ impl Held {
         drain_window: Duration,
     ) -> Result<(Response<Body>, Outcome), u64> {
         let topic = self.subscription.topic();
-        let (position, generation) = match topic.poll(self.at, Instant::now()) {
+        let found = topic.poll(self.at, Instant::now());
+        if let Some(asked) = self
+            .asked_deadline
+            .take_if(|_| !matches!(found, Poll::Loading { .. } | Poll::Behind { .. }))
+        {
+            // Loaded: the poll's own deadline again (or the drain's, if sooner).
+            self.deadline = if self.draining {
+                self.deadline.min(asked)
+            } else {
+                asked
+            };
+        }
+        let (position, generation) = match found {
             Poll::Batch(batch) => {
                 self.delivered(route, &batch);
                 return Ok((batch_response(&batch), Outcome::Message));
@@ -424,6 +458,33 @@ impl Held {
                 return Ok(rejected(Problem::InvalidCursor, detail, None));
             }
             Poll::Empty { at, generation } => (at, generation),
+            Poll::Loading { down: true, .. } => {
+                let detail = "the backplane is unreachable";
+                return Ok(rejected(Problem::BackplaneUnavailable, detail, None));
+            }
+            Poll::Loading { generation, .. } => {
+                self.wait_for_load(route);
+                self.drain_deadline(server_draining, drain_window);
+                return Err(generation);
+            }
+            Poll::Behind { generation, synced } => {
+                let until = *self.ahead_until.get_or_insert_with(|| {
+                    // This node's copy is behind the node that handed the cursor out: load it
+                    // (after a load already under way, which may have read the log before).
+                    let under_way = route
+                        .backplane
+                        .as_ref()
+                        .is_some_and(|b| b.load(topic.clone()));
+                    synced + 1 + u64::from(under_way)
+                });
+                if synced >= until {
+                    let detail = "cursor is ahead of the topic";
+                    return Ok(rejected(Problem::InvalidCursor, detail, None));
+                }
+                self.wait_for_load(route);
+                self.drain_deadline(server_draining, drain_window);
+                return Err(generation);
+            }
         };
         if let Some(problem) = topic.upstream_problem(route.config.upstream_grace, Instant::now()) {
             let (problem, detail) = match problem {
@@ -442,15 +503,33 @@ impl Held {
         }
         // Wait from a fixed position: `latest` must not move on while we wait.
         self.at = Requested::At(position);
-        // The drain wakes every topic after setting the flag, and the caller registered for
-        // changes after `generation` before this check, so a drain starting now is never
-        // missed.
+        self.drain_deadline(server_draining, drain_window);
+        Err(generation)
+    }
+
+    /// Cluster mode: even a poll that asked not to wait waits for its topic to load, until
+    /// the backplane's grace (and a second) has passed.
+    fn wait_for_load(&mut self, route: &PollRoute) {
+        if self.asked_deadline.is_none() {
+            self.asked_deadline = Some(self.deadline);
+            let grace = route
+                .backplane
+                .as_ref()
+                .map_or(Duration::ZERO, |b| b.grace());
+            let loaded_by = tokio::time::Instant::now() + grace + Duration::from_secs(1);
+            self.deadline = self.deadline.max(loaded_by);
+        }
+    }
+
+    /// Moves the deadline within `drain_window` once the server drains. The drain wakes
+    /// every topic after setting the flag, and the caller registered for changes before
+    /// looking, so a drain starting now is never missed.
+    fn drain_deadline(&mut self, server_draining: &Drain, drain_window: Duration) {
         if !self.draining && server_draining.is_draining() {
             self.draining = true;
             let spread = drain_window.mul_f64(fastrand::f64());
             self.deadline = (tokio::time::Instant::now() + spread).min(self.deadline);
         }
-        Err(generation)
     }
 }
 

@@ -22,6 +22,7 @@ use http::{HeaderMap, Method, Request, Response};
 
 use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
+use crate::backplane::{Backplane, BackplaneError};
 use crate::config::AuthConfig;
 use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig, UpstreamConfig};
 use crate::hub::{Batch, Topic};
@@ -58,13 +59,21 @@ pub struct Shared {
     /// Per-client-IP limits; the gateway applies them per request to clients behind trusted
     /// proxies (the accept loop, per connection, to everyone else).
     per_ip: Arc<PerIp>,
+    /// Cluster mode: where the topics of publish routes live. Set at start; a reload keeps it.
+    backplane: Option<Arc<Backplane>>,
 }
 
 impl Shared {
-    pub fn new(hub: Arc<Hub>, per_ip: Arc<PerIp>, drain: Drain) -> Shared {
+    pub fn new(
+        hub: Arc<Hub>,
+        per_ip: Arc<PerIp>,
+        drain: Drain,
+        backplane: Option<Arc<Backplane>>,
+    ) -> Shared {
         Shared {
             hub,
             per_ip,
+            backplane,
             sources: Arc::default(),
             source_connects: Arc::new(Semaphore::new(SOURCE_CONNECTS_MAX)),
             drain,
@@ -105,7 +114,7 @@ enum Runtime {
 }
 
 /// Why a publish was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum PublishError {
     /// No poll route of that name with a publish source.
     NoSuchRoute,
@@ -113,6 +122,8 @@ pub enum PublishError {
     InvalidTopic,
     /// No topic can be made (route or memory limit).
     Full(crate::hub::TooManyTopics),
+    /// Cluster mode: the backplane could not take it.
+    Backplane(BackplaneError),
 }
 
 impl Gateway {
@@ -154,8 +165,9 @@ impl Gateway {
         self.limits.max_message_bytes
     }
 
-    /// Publishes a message into `topic` of the poll route `route` (the publish source).
-    pub fn publish(
+    /// Publishes a message into `topic` of the poll route `route` (the publish source); in
+    /// cluster mode, into the topic's log in the backplane.
+    pub async fn publish(
         &self,
         route: &str,
         topic: &str,
@@ -187,8 +199,21 @@ impl Gateway {
         if !valid || config.topic.render(&params) != topic {
             return Err(PublishError::InvalidTopic);
         }
-        poll.publish(&self.shared.hub, topic, message)
-            .map_err(PublishError::Full)
+        match &self.shared.backplane {
+            Some(backplane) if poll.topics.settings.mirrored => {
+                let published = backplane
+                    .publish(&poll.topics, topic, message)
+                    .await
+                    .map_err(PublishError::Backplane)?;
+                if !published.duplicate {
+                    poll.metrics.received.inc();
+                }
+                Ok(published)
+            }
+            _ => poll
+                .publish(&self.shared.hub, topic, message)
+                .map_err(PublishError::Full),
+        }
     }
 }
 
@@ -244,6 +269,7 @@ impl Gateway {
             Arc::new(Hub::new()),
             Arc::new(PerIp::new(0, 0)),
             Drain::default(),
+            None,
         ));
         let gateway = Arc::new(Gateway::new(config, &metrics, shared, None));
         (metrics, gateway)

@@ -46,7 +46,7 @@ impl Topic {
         {
             return b.clone();
         }
-        let cursor = self.cursor(to);
+        let cursor = self.cursor(st.epoch, to);
         let mut body = BytesMut::with_capacity(64 + cursor.len());
         body.put_slice(b"{\"cursor\":\"");
         body.put_slice(cursor.as_bytes());

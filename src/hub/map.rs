@@ -21,6 +21,9 @@ pub struct TopicSettings {
     pub max_batch: usize,
     /// Expired readers resume after the gap (200 with `gap: true`) instead of being refused.
     pub resume_on_gap: bool,
+    /// Cluster mode: the topic's log lives in the backplane, and the topic mirrors it
+    /// (`Topic::sync`, `Topic::apply`) instead of taking publishes.
+    pub mirrored: bool,
 }
 
 /// One route's share of the hub: its settings, and the count of its live topics.
@@ -117,6 +120,8 @@ impl Budget {
 
 pub struct Hub {
     topics: DashMap<TopicKey, Arc<Topic>>,
+    /// The route in force under each name (cluster mode finds topics by name).
+    names: DashMap<Arc<str>, u64>,
     budget: Arc<Budget>,
     fanout: Arc<Fanout>,
 }
@@ -136,6 +141,7 @@ impl Hub {
     pub fn with_budget(max_bytes: usize) -> Hub {
         Hub {
             topics: DashMap::new(),
+            names: DashMap::new(),
             budget: Arc::new(Budget {
                 used: AtomicUsize::new(0),
                 max: max_bytes,
@@ -207,6 +213,9 @@ impl Hub {
                 if !route.try_reserve() {
                     return Err(TooManyTopics::Route);
                 }
+                if route.settings.mirrored {
+                    self.names.insert(route.name.clone(), route.id);
+                }
                 let t = Arc::new(Topic::new(
                     route.clone(),
                     topic,
@@ -221,6 +230,26 @@ impl Hub {
     }
 
     /// Removes topics without subscribers idle for their route's linger; returns how many.
+    /// The live topic `topic` of the mirrored route named `route`, if this node has it.
+    pub fn find(&self, route: &str, topic: &str) -> Option<Arc<Topic>> {
+        let id = *self.names.get(route)?;
+        let key = TopicKey {
+            route: id,
+            topic: topic.into(),
+        };
+        self.topics.get(&key).map(|t| t.clone())
+    }
+
+    /// Every live topic of a mirrored route (cluster mode loads them all again after its
+    /// backplane connection was lost).
+    pub fn mirrored_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .iter()
+            .filter(|t| t.mirrored())
+            .map(|t| t.clone())
+            .collect()
+    }
+
     pub fn sweep(&self, now: Instant) -> usize {
         let mut removed = 0;
         self.topics.retain(|_, t| {
@@ -240,6 +269,7 @@ impl Hub {
     /// and their waiting readers answer at once (see [`Topic::is_retired`]). Returns how many.
     pub fn retire_route(&self, route: &RouteTopics) -> usize {
         route.retired.store(true, Ordering::Release);
+        self.names.remove_if(&route.name, |_, id| *id == route.id);
         let mut removed = 0;
         self.topics.retain(|key, t| {
             if key.route != route.id {

@@ -26,12 +26,14 @@ pub mod cursor;
 mod dedupe;
 mod map;
 pub mod message;
+mod mirror;
 pub mod ring;
 mod topic;
 
 pub use batch::{BATCH_BYTES_MAX, Batch};
 pub use dedupe::{DEDUPE_MAX, DEDUPE_WINDOW};
 pub use map::{Budget, Hub, RouteTopics, Subscription, TooManyTopics, TopicSettings};
+pub use mirror::{Applied, Remote, RemoteBody, Synced};
 pub use topic::{NewMessage, ParkId, Parked, Poll, Published, Topic, UpstreamProblem};
 
 #[cfg(test)]
@@ -57,6 +59,7 @@ mod tests {
             linger: Duration::from_millis(linger_ms),
             max_batch: 100,
             resume_on_gap: resume,
+            mirrored: false,
         };
         let gauge = IntGauge::new("t", "t").unwrap();
         Arc::new(RouteTopics::new("r", settings, max_topics, gauge))

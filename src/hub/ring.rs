@@ -29,6 +29,9 @@ pub struct Entry {
     pub json: Bytes,
     /// Payload size counted against `BufferLimits::bytes`.
     pub size: usize,
+    /// Cluster mode: when the backplane logged it (its clock, ms), which tells two entries of
+    /// one position apart after a failover; 0 on a single node.
+    pub origin: u64,
 }
 
 /// What a reader at some position finds.
@@ -61,6 +64,16 @@ impl Ring {
             bytes: 0,
             head: 0,
             floor: 0,
+        }
+    }
+
+    /// An empty ring whose history before `head` is gone (cluster mode: a topic loaded from
+    /// the backplane's log): `head` is both its floor and its head.
+    pub fn starting_at(limits: BufferLimits, head: u64) -> Ring {
+        Ring {
+            head,
+            floor: head,
+            ..Ring::new(limits)
         }
     }
 
@@ -102,10 +115,23 @@ impl Ring {
 
     /// Records that messages were lost after the current head.
     pub fn record_gap(&mut self) {
-        self.head += 1;
-        self.floor = self.head;
+        self.skip_to(self.head + 1);
+    }
+
+    /// Records that positions up to `seq` (after the head) are lost: readers before it are
+    /// told, and the next message is `seq + 1`.
+    pub fn skip_to(&mut self, seq: u64) {
+        debug_assert!(seq > self.head);
+        self.head = seq;
+        self.floor = seq;
         self.entries.clear();
         self.bytes = 0;
+    }
+
+    /// The retained message at `seq`.
+    pub fn entry(&self, seq: u64) -> Option<&Entry> {
+        let index = seq.checked_sub(self.floor + 1)?;
+        self.entries.get(usize::try_from(index).ok()?)
     }
 
     /// Evicts messages older than the age bound.
@@ -174,6 +200,7 @@ mod tests {
             arrived,
             json: Bytes::from(format!("{{\"seq\":{seq}}}")),
             size,
+            origin: seq * 10,
         }
     }
 
@@ -212,6 +239,33 @@ mod tests {
         assert_eq!(seqs, [2, 3]);
         assert_eq!(r.read(3, 100, MAX_BYTES), Read::Empty);
         assert_eq!(r.read(4, 100, MAX_BYTES), Read::Ahead);
+    }
+
+    #[test]
+    fn a_ring_loaded_mid_history_and_skipped_positions() {
+        let t0 = Instant::now();
+        let mut r = Ring::starting_at(limits(10, 1000, 60_000), 41);
+        assert_eq!((r.floor(), r.head(), r.next_seq()), (41, 41, 42));
+        assert_eq!(r.read(40, 100, MAX_BYTES), Read::Expired);
+        assert_eq!(r.read(41, 100, MAX_BYTES), Read::Empty);
+        r.push(entry(42, 1, t0), t0);
+        r.push(entry(43, 1, t0), t0);
+        assert_eq!(r.entry(42).map(|e| e.origin), Some(420));
+        assert_eq!(r.entry(43).map(|e| e.seq), Some(43));
+        assert!(r.entry(41).is_none() && r.entry(44).is_none());
+        r.skip_to(50);
+        assert_eq!((r.floor(), r.head(), r.bytes()), (50, 50, 0));
+        assert_eq!(r.read(43, 100, MAX_BYTES), Read::Expired);
+        assert!(r.entry(43).is_none());
+        r.push(entry(51, 1, t0), t0);
+        assert_eq!(
+            r.read(50, 100, MAX_BYTES),
+            Read::Messages {
+                from: 50,
+                to: 51,
+                more: false
+            }
+        );
     }
 
     #[test]

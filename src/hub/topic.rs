@@ -55,13 +55,24 @@ pub enum Poll {
     },
     /// The cursor is ahead of the topic's head.
     Ahead,
+    /// Cluster mode: the topic is being loaded from the backplane; wait for a change after
+    /// `generation`. `down`: the backplane has been unreachable for longer than its grace.
+    Loading {
+        generation: u64,
+        down: bool,
+    },
+    /// Cluster mode: the cursor is ahead of this node's copy (another node handed it out
+    /// first); wait for a change after `generation`. `synced`: loads completed so far
+    /// ([`Topic::sync`]); a cursor still ahead after a later load is ahead of the log.
+    Behind {
+        generation: u64,
+        synced: u64,
+    },
 }
 
 pub struct Topic {
     pub(super) route: Arc<RouteTopics>,
     name: Box<str>,
-    /// This incarnation; cursors of earlier ones are expired.
-    epoch: u64,
     binding: u64,
     state: Mutex<State>,
     notify: Notify,
@@ -69,11 +80,21 @@ pub struct Topic {
     /// Cancelled when the sweep removes the topic: its source stops.
     pub(super) retired: CancellationToken,
     /// The hub-wide count of buffered bytes this topic's ring adds to.
-    budget: Arc<Budget>,
+    pub(super) budget: Arc<Budget>,
     fanout: Arc<Fanout>,
 }
 
 pub(super) struct State {
+    /// This incarnation; cursors of earlier ones are expired. In cluster mode the backplane's,
+    /// and replaced when the backplane's log starts again.
+    pub(super) epoch: u64,
+    /// Cluster mode, until the topic is loaded from the backplane: what arrived meanwhile.
+    pub(super) syncing: Option<Syncing>,
+    /// Cluster mode: loads completed.
+    pub(super) synced: u64,
+    /// A reader ahead of the head may be parked: the next message wakes every parked reader
+    /// (each looks again) instead of handing them the batch that follows the head.
+    pub(super) parked_ahead: bool,
     pub(super) ring: Ring,
     /// The last batch encoded, reused while (position, head, gap) match.
     pub(super) cache: Option<Arc<Batch>>,
@@ -86,7 +107,7 @@ pub(super) struct State {
     /// Whether the ring's bytes count against the hub's budget (until the topic is removed).
     counted: bool,
     /// Bumped by every change a waiting reader must see (message, gap, upstream state, wake).
-    generation: u64,
+    pub(super) generation: u64,
     /// Readers parked at the head, answered in place by the next change.
     parked: HashMap<u64, (Arc<dyn Parked>, u64)>,
     next_park: u64,
@@ -108,9 +129,18 @@ pub trait Parked: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParkId(u64);
 
+/// A cluster-mode topic not loaded yet from the backplane.
+#[derive(Default)]
+pub(super) struct Syncing {
+    /// Announcements that arrived before the load, applied after it.
+    pub(super) pending: Vec<(u64, super::Remote)>,
+    /// The backplane has been unreachable for longer than its grace.
+    pub(super) down: bool,
+}
+
 impl State {
     /// Applies a ring change of `before` -> now to the budget, while the topic counts.
-    fn account(&self, budget: &Budget, before: usize) {
+    pub(super) fn account(&self, budget: &Budget, before: usize) {
         if self.counted {
             budget.change(before, self.ring.bytes());
         }
@@ -137,8 +167,11 @@ impl Topic {
     ) -> Topic {
         Topic {
             binding: cursor::binding(&route.name, name),
-            epoch: fastrand::u64(1..),
             state: Mutex::new(State {
+                epoch: fastrand::u64(1..),
+                syncing: route.settings.mirrored.then(Syncing::default),
+                synced: 0,
+                parked_ahead: false,
                 ring: Ring::new(route.settings.limits),
                 cache: None,
                 dedupe: Dedupe::default(),
@@ -185,16 +218,21 @@ impl Topic {
         &self.name
     }
 
+    /// The route's share of the hub this topic belongs to (its name and settings).
+    pub fn route(&self) -> &Arc<RouteTopics> {
+        &self.route
+    }
+
     pub(super) fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the ring inconsistent in a way that
         // matters more than stopping the topic; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn cursor(&self, seq: u64) -> String {
+    pub(super) fn cursor(&self, epoch: u64, seq: u64) -> String {
         Cursor {
             binding: self.binding,
-            epoch: self.epoch,
+            epoch,
             seq,
         }
         .encode()
@@ -213,15 +251,73 @@ impl Topic {
             && let Some(seq) = st.dedupe.seen(id, message.arrived)
         {
             return Published {
-                cursor: self.cursor(seq),
+                cursor: self.cursor(st.epoch, seq),
                 duplicate: true,
                 stored: false,
             };
         }
         let seq = st.ring.next_seq();
-        let cursor = self.cursor(seq);
+        if let Some(id) = &message.id {
+            st.dedupe.remember(id.clone(), seq, message.arrived);
+        }
+        let (cursor, stored) = self.append(st, message, 0);
+        Published {
+            cursor,
+            duplicate: false,
+            stored,
+        }
+    }
+
+    /// Appends `message` at the ring's next position and hands every parked reader (all at
+    /// the head it follows) its batch, after the lock is released. The cursor, and whether
+    /// the message was kept (not turned into a gap).
+    pub(super) fn append(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        message: NewMessage,
+        origin: u64,
+    ) -> (String, bool) {
+        let seq = st.ring.next_seq();
+        let stored = self.push_locked(&mut st, seq, message, origin);
+        let cursor = self.cursor(st.epoch, seq);
+        st.generation += 1;
+        let parked = mem::take(&mut st.parked);
+        let ahead = mem::take(&mut st.parked_ahead);
+        let answer = (!parked.is_empty() && !ahead).then(|| {
+            // Every parked reader stands at the head this message follows.
+            let at = Cursor {
+                binding: self.binding,
+                epoch: st.epoch,
+                seq: seq - 1,
+            };
+            let arrived = st.last_active;
+            self.poll_locked(&mut st, Requested::At(at), arrived)
+        });
+        drop(st);
+        match answer {
+            Some(Poll::Batch(batch)) => self.fanout.deliver(parked, batch),
+            // The message went straight into a gap, or the buffer's age limit moved past the
+            // parked position: each reader sorts out its own answer.
+            Some(_) => wake_parked(parked),
+            None if ahead => wake_parked(parked),
+            None => {}
+        }
+        self.notify.notify_waiters();
+        (cursor, stored)
+    }
+
+    /// Puts `message` into the ring at `seq` (its next position), under the lock, waking
+    /// nobody; false when it became a gap (over the byte bound).
+    pub(super) fn push_locked(
+        &self,
+        st: &mut State,
+        seq: u64,
+        message: NewMessage,
+        origin: u64,
+    ) -> bool {
+        st.last_active = message.arrived;
         let json = message::encode(
-            &cursor,
+            &self.cursor(st.epoch, seq),
             message.id.as_deref(),
             message.content_type.as_deref(),
             &message.payload,
@@ -231,38 +327,12 @@ impl Topic {
             arrived: message.arrived,
             json,
             size: message.payload.len(),
+            origin,
         };
         let before = st.ring.bytes();
         let stored = st.ring.push(entry, message.arrived);
         st.account(&self.budget, before);
-        if let Some(id) = message.id {
-            st.dedupe.remember(id, seq, message.arrived);
-        }
-        st.generation += 1;
-        let parked = mem::take(&mut st.parked);
-        let answer = (!parked.is_empty()).then(|| {
-            // Every parked reader stands at the head this message follows.
-            let at = Cursor {
-                binding: self.binding,
-                epoch: self.epoch,
-                seq: seq - 1,
-            };
-            self.poll_locked(&mut st, Requested::At(at), message.arrived)
-        });
-        drop(st);
-        match answer {
-            Some(Poll::Batch(batch)) => self.fanout.deliver(parked, batch),
-            // The message went straight into a gap, or the buffer's age limit moved past the
-            // parked position: each reader sorts out its own answer.
-            Some(_) => wake_parked(parked),
-            None => {}
-        }
-        self.notify.notify_waiters();
-        Published {
-            cursor,
-            duplicate: false,
-            stored,
-        }
+        stored
     }
 
     /// The source is connected: upstream problems are over.
@@ -292,8 +362,9 @@ impl Topic {
     }
 
     /// A change every waiting reader must look at: parked ones are woken too.
-    fn changed_now(&self, mut st: MutexGuard<'_, State>) {
+    pub(super) fn changed_now(&self, mut st: MutexGuard<'_, State>) {
         st.generation += 1;
+        st.parked_ahead = false;
         let parked = mem::take(&mut st.parked);
         drop(st);
         wake_parked(parked);
@@ -348,7 +419,13 @@ impl Topic {
         drop(removed);
     }
 
-    fn poll_locked(&self, st: &mut State, at: Requested, now: Instant) -> Poll {
+    pub(super) fn poll_locked(&self, st: &mut State, at: Requested, now: Instant) -> Poll {
+        if let Some(syncing) = &st.syncing {
+            return Poll::Loading {
+                generation: st.generation,
+                down: syncing.down,
+            };
+        }
         let before = st.ring.bytes();
         st.ring.expire(now);
         st.account(&self.budget, before);
@@ -357,11 +434,11 @@ impl Topic {
         let (after, gap) = match at {
             Requested::Earliest => (floor, false),
             Requested::Latest => (head, false),
-            Requested::At(c) if c.epoch != self.epoch || c.seq < floor => {
+            Requested::At(c) if c.epoch != st.epoch || c.seq < floor => {
                 if !resume {
                     return Poll::Expired {
-                        earliest: self.cursor(floor),
-                        latest: self.cursor(head),
+                        earliest: self.cursor(st.epoch, floor),
+                        latest: self.cursor(st.epoch, head),
                     };
                 }
                 (floor, true)
@@ -370,12 +447,19 @@ impl Topic {
         };
         let s = &self.route.settings;
         match st.ring.read(after, s.max_batch, BATCH_BYTES_MAX) {
+            Read::Ahead if s.mirrored => {
+                st.parked_ahead = true;
+                Poll::Behind {
+                    generation: st.generation,
+                    synced: st.synced,
+                }
+            }
             Read::Ahead => Poll::Ahead,
             Read::Expired => unreachable!("positions below the floor were handled above"),
             Read::Empty if !gap => Poll::Empty {
                 at: Cursor {
                     binding: self.binding,
-                    epoch: self.epoch,
+                    epoch: st.epoch,
                     seq: after,
                 },
                 generation: st.generation,

@@ -14,7 +14,10 @@ use prometheus::{
 
 use crate::config::{AuthConfig, Config, RouteKind};
 
+mod backplane;
 mod route;
+
+pub use backplane::BackplaneMetrics;
 pub use route::{CollapseMetrics, GaugeGuard, PollMetrics, RouteMetrics};
 
 /// Client request duration buckets (seconds): sub-second answers, then every common hold up to
@@ -161,6 +164,8 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub buffered_bytes: IntGauge,
     pub config_last_reload_successful: IntGauge,
+    /// Cluster mode's series (present, at 0, on a single node too).
+    pub backplane: BackplaneMetrics,
 }
 
 impl Metrics {
@@ -363,6 +368,7 @@ impl Metrics {
             ))
             .expect("registered once");
 
+        let backplane = BackplaneMetrics::new(&registry);
         let metrics = Metrics {
             registry,
             requests,
@@ -391,6 +397,7 @@ impl Metrics {
             config_reloads,
             config_last_reload_successful,
             buffered_bytes,
+            backplane,
         };
         metrics.precreate(config);
         metrics
@@ -425,6 +432,9 @@ impl Metrics {
             let auth = match &r.kind {
                 RouteKind::Poll(p) => {
                     drop(PollMetrics::new(self, &r.name));
+                    if config.cluster.redis.is_some() {
+                        self.backplane.precreate_route(&r.name);
+                    }
                     &p.auth
                 }
                 RouteKind::Collapse(c) => {

@@ -4,6 +4,7 @@
 mod architecture;
 mod auth;
 mod cli;
+mod cluster;
 mod collapse;
 mod common;
 mod cors;

@@ -1,0 +1,464 @@
+//! Cluster mode: several nodes as one gateway on a Redis backplane.
+//!
+//! Each topic of a mirrored route has its log in Redis (`scripts.rs` has the key layout): a
+//! publish on any node appends to it in one script, atomically with the topic's sequence and
+//! its announcement on one of a few firehose streams. Every node reads all of them with one
+//! blocking read (`reader.rs`) and applies what concerns a topic it holds; a topic a node
+//! does not hold yet is loaded from its log first. Cursors are the log's (epoch, position), so
+//! they are valid on every node; a hole is filled from the log before anyone is answered, and
+//! a log that started again, or lost positions clients had seen, ends its epoch (410).
+//!
+//! The backplane never answers a client: it feeds topics, and says when it cannot
+//! ([`BackplaneError`]).
+
+mod link;
+mod reader;
+mod scripts;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use redis::{FromRedisValue, RedisError, RedisResult, ScriptInvocation, Value};
+
+use crate::config::{ClusterConfig, RedisConfig};
+use crate::hub::cursor::{self, Cursor};
+use crate::hub::{
+    Applied, DEDUPE_WINDOW, Hub, NewMessage, Published, Remote, RemoteBody, RouteTopics, Synced,
+    Topic,
+};
+use crate::metrics::Metrics;
+
+use link::Link;
+use scripts::{Keys, Scripts, fresh_epoch};
+
+/// Why the backplane could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackplaneError {
+    /// Redis has been unreachable for longer than `backplane_grace`.
+    #[error("the backplane has been unreachable for longer than backplane_grace")]
+    Unreachable,
+    /// Redis answered, but not as pollmux's scripts do (a key of the wrong type, a script
+    /// error): nothing was written.
+    #[error("the backplane refused the command: {0}")]
+    Refused(String),
+}
+
+/// A meta hash outlives its log by far: a topic's identity (its epoch) must survive quiet
+/// periods, so that cursors stay valid while the log is merely empty.
+const META_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Pause between attempts while Redis does not answer (doubling up to [`RETRY_MAX`]).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Loads of one topic that may find it still behind before the next one waits a pause.
+const LOADS_AT_ONCE: u32 = 4;
+
+pub struct Backplane {
+    config: RedisConfig,
+    grace: Duration,
+    node: String,
+    link: Link,
+    scripts: Scripts,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    health: Health,
+    /// Topics being loaded; `true`: asked again meanwhile, load once more.
+    loading: DashMap<(Arc<str>, Box<str>), bool>,
+    /// The runtime the backplane's connections and tasks live on (a publish from the admin
+    /// listener's own runtime runs there).
+    runtime: tokio::runtime::Handle,
+}
+
+/// Whether Redis answers, and since when it has not.
+struct Health {
+    down_since: Mutex<Option<Instant>>,
+    gauge: prometheus::IntGauge,
+    /// Woken when Redis answers again: loads waiting out a pause retry at once.
+    recovered: tokio::sync::Notify,
+}
+
+impl Health {
+    fn ok(&self) {
+        let was_down = self
+            .down_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some();
+        self.gauge.set(1);
+        if was_down {
+            self.recovered.notify_waiters();
+        }
+    }
+
+    /// Records a failure; how long Redis has not answered.
+    fn failed(&self) -> Duration {
+        self.gauge.set(0);
+        let now = Instant::now();
+        let mut since = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        now.saturating_duration_since(*since.get_or_insert(now))
+    }
+}
+
+impl Backplane {
+    /// The backplane of `cluster` (which has a Redis backplane), on the current runtime.
+    /// Connects lazily: nothing is sent before [`Backplane::start`] or the first command.
+    pub fn new(
+        cluster: &ClusterConfig,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> RedisResult<Arc<Backplane>> {
+        let config = cluster
+            .redis
+            .clone()
+            .expect("a backplane is built only for [cluster.redis]");
+        let node = cluster.node_id.clone().unwrap_or_else(host_name);
+        let link = Link::new(&config, &node)?;
+        metrics.backplane.up.set(0);
+        Ok(Arc::new(Backplane {
+            health: Health {
+                down_since: Mutex::new(None),
+                gauge: metrics.backplane.up.clone(),
+                recovered: tokio::sync::Notify::new(),
+            },
+            config,
+            grace: cluster.backplane_grace,
+            node,
+            link,
+            scripts: Scripts::default(),
+            hub,
+            metrics,
+            loading: DashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+        }))
+    }
+
+    /// Starts following the announcements. Runs until the runtime ends.
+    pub fn start(self: &Arc<Self>) {
+        tracing::info!(node = %self.node, "cluster mode: following the backplane");
+        self.runtime.spawn(self.clone().follow());
+    }
+
+    /// How long Redis trouble is hidden before answers that need it fail.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Appends `message` to the log of `topic` of `route`, once: a `Message-Id` already
+    /// logged (by any node) answers with that message's cursor. Redis trouble is retried
+    /// until it has lasted `backplane_grace`.
+    pub async fn publish(
+        self: &Arc<Self>,
+        route: &Arc<RouteTopics>,
+        topic: &str,
+        message: NewMessage,
+    ) -> Result<Published, BackplaneError> {
+        let (this, route, topic) = (self.clone(), route.clone(), topic.to_owned());
+        self.runtime
+            .spawn(async move { this.publish_here(&route, &topic, message).await })
+            .await
+            .unwrap_or_else(|e| Err(BackplaneError::Refused(e.to_string())))
+    }
+
+    async fn publish_here(
+        &self,
+        route: &RouteTopics,
+        topic: &str,
+        message: NewMessage,
+    ) -> Result<Published, BackplaneError> {
+        let keys = Keys::new(&self.config.prefix, &route.name, topic);
+        let shard = cursor::binding(&route.name, topic) % u64::from(self.config.firehose_shards);
+        let firehose = scripts::firehose(&self.config.prefix, shard as u16);
+        let id = message.id.as_deref().unwrap_or("");
+        // Without a Message-Id the request's own key de-duplicates its retries; a request
+        // whose answer never came may have been logged, and is retried for the grace.
+        let (dedupe_key, dedupe_ttl) = match message.id.as_deref() {
+            Some(id) => (keys.message_id(id), DEDUPE_WINDOW),
+            None => (
+                keys.request(fastrand::u64(..)),
+                self.grace + Duration::from_secs(30),
+            ),
+        };
+        let limits = route.settings.limits;
+        let mut invocation = self.scripts.publish.key(&keys.meta);
+        invocation
+            .key(&keys.log)
+            .key(&firehose)
+            .key(&dedupe_key)
+            .arg(&message.payload[..])
+            .arg(message.content_type.as_deref().unwrap_or(""))
+            .arg(id)
+            .arg("0")
+            .arg(limits.messages.max(1))
+            .arg(millis(limits.age.max(Duration::from_secs(1))))
+            .arg(millis(META_TTL))
+            .arg(millis(self.config.firehose_retention))
+            .arg(&*route.name)
+            .arg(topic)
+            .arg(fresh_epoch())
+            .arg(millis(dedupe_ttl));
+        let mut pause = RETRY_FIRST;
+        let (epoch, seq, duplicate, origin) = loop {
+            match self
+                .eval::<(String, String, u8, u64)>("publish", &invocation)
+                .await
+            {
+                Ok(reply) => break reply,
+                Err(e) if link::connection_broken(&e) => {
+                    if self.health.failed() >= self.grace {
+                        return Err(BackplaneError::Unreachable);
+                    }
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+                Err(e) => return Err(BackplaneError::Refused(e.to_string())),
+            }
+        };
+        let (Some(epoch), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
+            return Err(BackplaneError::Refused(format!(
+                "the publish script answered epoch {epoch:?}, position {seq:?}"
+            )));
+        };
+        let cursor = Cursor {
+            binding: cursor::binding(&route.name, topic),
+            epoch,
+            seq,
+        }
+        .encode();
+        let duplicate = duplicate == 1 && message.id.is_some();
+        if duplicate {
+            self.metrics
+                .backplane
+                .dedupe
+                .with_label_values(&[&route.name])
+                .inc();
+        } else if let Some(t) = self.hub.find(&route.name, topic) {
+            // This node's readers need not wait for the announcement; when this is not the
+            // next position, the announcements bring it in order.
+            let remote = Remote {
+                seq,
+                origin,
+                body: RemoteBody::Message {
+                    id: message.id,
+                    content_type: message.content_type,
+                    payload: message.payload.clone(),
+                    arrived: message.arrived,
+                },
+            };
+            t.apply(epoch, remote);
+        }
+        Ok(Published {
+            cursor,
+            duplicate,
+            stored: message.payload.len() <= limits.bytes,
+        })
+    }
+
+    /// Loads `topic` from its log (a topic this node just made, or one whose announcements
+    /// left a hole), unless a load of it is under way: then that one loads once more, and
+    /// the answer is true.
+    pub fn load(self: &Arc<Self>, topic: Arc<Topic>) -> bool {
+        let key = (topic.route().name.clone(), Box::<str>::from(topic.name()));
+        match self.loading.entry(key.clone()) {
+            dashmap::Entry::Occupied(mut again) => {
+                *again.get_mut() = true;
+                return true;
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(false);
+            }
+        }
+        let this = self.clone();
+        self.runtime
+            .spawn(async move { this.load_until_current(&topic, &key).await });
+        false
+    }
+
+    /// Loads until the topic is current and nobody asked again meanwhile; then `key` leaves
+    /// `loading`.
+    async fn load_until_current(&self, topic: &Topic, key: &(Arc<str>, Box<str>)) {
+        let (mut pause, mut behind) = (RETRY_FIRST, 0);
+        while !topic.is_retired() {
+            match self.load_once(topic).await {
+                Ok(true) => {
+                    if self.loading.remove_if(key, |_, again| !*again).is_some() {
+                        return;
+                    }
+                    if let Some(mut again) = self.loading.get_mut(key) {
+                        *again = false;
+                    }
+                }
+                Ok(false) => {
+                    behind += 1;
+                    if behind >= LOADS_AT_ONCE {
+                        behind = 0;
+                        tokio::time::sleep(jittered(pause)).await;
+                        pause = (pause * 2).min(RETRY_MAX);
+                    }
+                }
+                Err(e) => {
+                    // Redis not answering is hidden for the grace; Redis refusing is not.
+                    let down = !link::connection_broken(&e) || self.health.failed() >= self.grace;
+                    topic.load_failed(down);
+                    tracing::debug!(route = %key.0, topic = %key.1, error = %e, "loading a topic from the backplane failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(jittered(pause)) => {}
+                        () = self.health.recovered.notified() => {}
+                    }
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        self.loading.remove(key);
+    }
+
+    /// One load; true when the topic is current (or was given a new epoch), false when it
+    /// must be loaded again.
+    async fn load_once(&self, topic: &Topic) -> RedisResult<bool> {
+        let route = topic.route();
+        let keys = Keys::new(&self.config.prefix, &route.name, topic.name());
+        let held = topic.position();
+        let head = held.map_or(-1, |(_, head, _)| i64::try_from(head).unwrap_or(i64::MAX));
+        let mut invocation = self.scripts.load.key(&keys.meta);
+        invocation
+            .key(&keys.log)
+            .arg(fresh_epoch())
+            .arg(route.settings.limits.messages.max(1))
+            .arg(millis(META_TTL))
+            .arg(head);
+        let (epoch, seq, entries): (String, String, Vec<Value>) =
+            self.eval("load", &invocation).await?;
+        let (Some(epoch), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
+            tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's meta hash is malformed; retiring its epoch");
+            self.retire_epoch(topic, &epoch).await?;
+            return Ok(false);
+        };
+        let tail: Vec<Remote> = entries.iter().filter_map(reader::log_entry).collect();
+        let resets = &self.metrics.backplane.epoch_resets;
+        match topic.sync(epoch, seq, tail) {
+            Synced::Current { gap } => {
+                // A topic this node already held, brought forward: a repair.
+                let moved = held.zip(topic.position()).is_some_and(|(a, b)| b.1 > a.1);
+                let result = if gap { "gap" } else { "filled" };
+                if moved {
+                    let repairs = &self.metrics.backplane.repairs;
+                    repairs.with_label_values(&[&route.name, result]).inc();
+                }
+                Ok(true)
+            }
+            Synced::NewEpoch => {
+                tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's log started again: older cursors are expired");
+                resets.with_label_values(&[&route.name, "new_epoch"]).inc();
+                Ok(true)
+            }
+            Synced::Regressed => {
+                tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's log lost positions clients had seen (a failover?): retiring its epoch");
+                resets.with_label_values(&[&route.name, "regression"]).inc();
+                self.retire_epoch(topic, &epoch.to_string()).await?;
+                Ok(false)
+            }
+            Synced::Hole => Ok(false),
+        }
+    }
+
+    async fn retire_epoch(&self, topic: &Topic, epoch: &str) -> RedisResult<()> {
+        let keys = Keys::new(&self.config.prefix, &topic.route().name, topic.name());
+        let mut invocation = self.scripts.retire_epoch.key(&keys.meta);
+        invocation.key(&keys.log).arg(epoch).arg(fresh_epoch());
+        self.eval::<Value>("epoch", &invocation).await.map(drop)
+    }
+
+    /// Runs a script once on the command connection, recording its latency and Redis's
+    /// health; a broken connection is replaced for the next command.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        command: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        let started = Instant::now();
+        let result = match self.link.get().await {
+            Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        self.metrics
+            .backplane
+            .command_duration
+            .with_label_values(&[command])
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => self.health.ok(),
+            Err(e) => self.connection_failed(e),
+        }
+        result
+    }
+
+    /// Counts a failed connection and drops it if it is broken.
+    fn connection_failed(&self, e: &RedisError) {
+        if link::connection_broken(e) {
+            if self.link.failed(e) {
+                let reconnects = &self.metrics.backplane.reconnects;
+                reconnects.with_label_values(&[link::reason(e)]).inc();
+            }
+            self.health.failed();
+        }
+    }
+
+    /// An announcement of `epoch`'s position for `topic` of `route`: applied if this node
+    /// holds the topic; a hole or a divergence loads it again.
+    fn announced(self: &Arc<Self>, route: &str, topic: &str, epoch: u64, entry: Remote) {
+        let Some(t) = self.hub.find(route, topic) else {
+            return;
+        };
+        let origin = entry.origin;
+        match t.apply(epoch, entry) {
+            Applied::Appended => {
+                let delay = since_origin(origin).as_secs_f64();
+                self.metrics.backplane.propagation.observe(delay);
+            }
+            Applied::Hole | Applied::Diverged => {
+                self.load(t);
+            }
+            Applied::Duplicate | Applied::Buffered => {}
+        }
+    }
+}
+
+/// The time since a backplane timestamp (ms since the Unix epoch, Redis's clock), 0 when it is
+/// in the future (clocks differ) and at most an hour.
+fn since_origin(origin_ms: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(Duration::from_millis(origin_ms))
+        .min(Duration::from_secs(3600))
+}
+
+/// This node's idea of when a message logged at `origin_ms` arrived.
+fn arrived_at(origin_ms: u64) -> Instant {
+    let now = Instant::now();
+    now.checked_sub(since_origin(origin_ms)).unwrap_or(now)
+}
+
+/// An epoch as the meta hash stores it: a decimal, never 0.
+fn parse_epoch(text: &str) -> Option<u64> {
+    text.parse::<u64>().ok().filter(|e| *e != 0)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `pause` plus up to half of it, so nodes retrying together drift apart.
+fn jittered(pause: Duration) -> Duration {
+    pause + pause.mul_f64(fastrand::f64() / 2.0)
+}
+
+/// The host name the OS reports, for `node_id`'s default.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("pollmux-{:08x}", fastrand::u32(..)))
+}

@@ -1,0 +1,159 @@
+//! The backplane's key layout and its Lua scripts: each runs atomically in Redis, so a
+//! topic's sequence, its log, its announcement and its de-duplication key change together.
+//!
+//! Keys (the topic's share one hash tag, `{route/topic}`):
+//! - `<p>:{r/t}:m`: hash `e` (epoch), `s` (last position), `u` (last upstream id)
+//! - `<p>:{r/t}:s`: stream, entry id `<seq>-0`; fields `d` payload, `ct` content type, `m`
+//!   message id, `ts` the backplane's time (ms), `g` = 1 for a gap
+//! - `<p>:{r/t}:mid:<id>`: `<epoch>:<seq>` of the message published with that id
+//! - `<p>:{r/t}:req:<token>`: the same for one publish request without an id, while it may
+//!   be retried
+//! - `<p>:fh:<k>`: the announcement streams, every message of every topic hashed to `k`:
+//!   fields `r` route, `t` topic, `e`, `s` and the entry's own fields
+
+use redis::Script;
+
+/// A topic's keys.
+pub struct Keys {
+    pub meta: String,
+    pub log: String,
+    base: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, route: &str, topic: &str) -> Keys {
+        let base = format!("{prefix}:{{{route}/{topic}}}");
+        Keys {
+            meta: format!("{base}:m"),
+            log: format!("{base}:s"),
+            base,
+        }
+    }
+
+    pub fn message_id(&self, id: &str) -> String {
+        format!("{}:mid:{id}", self.base)
+    }
+
+    /// The key of one publish request without a `Message-Id`, so that retrying it after an
+    /// answer that never came cannot log it twice.
+    pub fn request(&self, token: u64) -> String {
+        format!("{}:req:{token:016x}", self.base)
+    }
+}
+
+/// The announcement stream `shard`.
+pub fn firehose(prefix: &str, shard: u16) -> String {
+    format!("{prefix}:fh:{shard}")
+}
+
+/// Appends one message (or gap) to a topic's log and announces it.
+///
+/// KEYS: meta, log, announcement stream, de-duplication key (message id, or the request's).
+/// ARGV: payload, content type, message id ('' none), gap ('1'/'0'), log length, log ttl ms,
+/// meta ttl ms, announcement retention ms, route, topic, a fresh epoch, the de-duplication
+/// key's ttl ms.
+/// Returns {epoch, seq, duplicate (0/1), ts}.
+///
+/// A missing meta hash (a new topic, or Redis forgot it) starts a new epoch and drops any log
+/// left from an older one. A log whose last id is not below the next position (the meta was
+/// rolled back under it) starts a new epoch too, so a position never names two messages.
+pub const PUBLISH: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[11]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', e, 's', 0)
+end
+local seen = redis.call('GET', KEYS[4])
+if seen then
+  local se, ss = string.match(seen, '^(%d+):(%d+)$')
+  if se == e then
+    return {e, ss, 1, now}
+  end
+end
+local s = redis.call('HINCRBY', KEYS[1], 's', 1)
+local fields
+if ARGV[4] == '1' then
+  fields = {'g', '1', 'ts', now}
+else
+  fields = {'d', ARGV[1], 'ct', ARGV[2], 'm', ARGV[3], 'ts', now}
+end
+local ok = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], s .. '-0', unpack(fields))
+if type(ok) == 'table' and ok.err then
+  e = ARGV[11]
+  s = 1
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', e, 's', s)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], s .. '-0', unpack(fields))
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('XADD', KEYS[3], 'MINID', '~', now - tonumber(ARGV[8]), '*',
+  'r', ARGV[9], 't', ARGV[10], 'e', e, 's', s, unpack(fields))
+redis.call('SET', KEYS[4], e .. ':' .. s, 'PX', ARGV[12])
+return {e, tostring(s), 0, now}
+"#;
+
+/// A topic's state and the log entries a node needs to load it or catch up.
+///
+/// KEYS: meta, log. ARGV: a fresh epoch, count, meta ttl ms, the node's head (-1: none).
+/// Returns {epoch, head, entries (ascending)}: from the node's head on (itself included, so
+/// the node can tell whether it is the same message) when at most `count` follow it, else the
+/// newest `count`. A topic nobody published to yet gets its epoch here, so that every node
+/// names the same one.
+pub const LOAD: &str = r#"
+local e = redis.call('HGET', KEYS[1], 'e')
+if not e then
+  e = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', e, 's', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+local s = tonumber(redis.call('HGET', KEYS[1], 's')) or 0
+local n = tonumber(ARGV[2])
+local after = tonumber(ARGV[4])
+if after >= 0 and s >= after and s - after <= n then
+  return {e, tostring(s), redis.call('XRANGE', KEYS[2], after .. '-0', '+', 'COUNT', n + 1)}
+end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', n)
+local entries = {}
+for i = #newest, 1, -1 do
+  entries[#entries + 1] = newest[i]
+end
+return {e, tostring(s), entries}
+"#;
+
+/// Retires an epoch whose log lost positions clients had seen, unless another node did first.
+///
+/// KEYS: meta, log. ARGV: the epoch to retire, a fresh one. Returns the epoch in force.
+pub const RETIRE_EPOCH: &str = r#"
+if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+end
+return redis.call('HGET', KEYS[1], 'e')
+"#;
+
+/// The scripts, hashed once.
+pub struct Scripts {
+    pub publish: Script,
+    pub load: Script,
+    pub retire_epoch: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Scripts {
+        Scripts {
+            publish: Script::new(PUBLISH),
+            load: Script::new(LOAD),
+            retire_epoch: Script::new(RETIRE_EPOCH),
+        }
+    }
+}
+
+/// A fresh epoch: random, never 0, as text (the meta hash stores it so).
+pub fn fresh_epoch() -> String {
+    fastrand::u64(1..).to_string()
+}

@@ -1,0 +1,491 @@
+//! Cluster mode on real Redis servers that the tests start themselves (on a unix socket in a
+//! temporary directory, without persistence unless the test is about it): several pollmux
+//! nodes in this process as one gateway.
+//!
+//! Without `redis-server` on the PATH these tests are skipped, unless `POLLMUX_REQUIRE_REDIS`
+//! is set (CI sets it), when a missing server is a failure.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use http::Request;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+use crate::common::*;
+
+/// A redis-server of the test's own.
+struct Redis {
+    child: Child,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Redis {
+    /// A server without persistence; `None` when redis-server is not installed and the run
+    /// does not require it.
+    async fn start() -> Option<Redis> {
+        Redis::start_with(&["--save", "", "--appendonly", "no"]).await
+    }
+
+    async fn start_with(args: &[&str]) -> Option<Redis> {
+        if which("redis-server").is_none() {
+            assert!(
+                std::env::var_os("POLLMUX_REQUIRE_REDIS").is_none(),
+                "POLLMUX_REQUIRE_REDIS is set but redis-server is not installed"
+            );
+            eprintln!("redis-server is not installed: cluster test skipped");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let child = spawn(dir.path(), &args);
+        let redis = Redis { child, dir, args };
+        redis.wait_ready().await;
+        Some(redis)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    fn url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url();
+        eventually("redis-server answers", || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+    }
+
+    /// Kills the server and starts it again on the same socket and directory (with its
+    /// persistence files, if it writes any).
+    async fn restart(&mut self) {
+        self.child.kill().await.expect("kill redis-server");
+        self.child = spawn(self.dir.path(), &self.args);
+        self.wait_ready().await;
+    }
+
+    /// SIGSTOP / SIGCONT: the server keeps its connections open and answers nothing.
+    fn pause(&self, paused: bool) {
+        let pid = self.child.id().expect("running").to_string();
+        let signal = if paused { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    async fn command(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await.unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // Never leave a stopped server behind.
+        let _ = self.child.start_kill();
+    }
+}
+
+fn spawn(dir: &std::path::Path, args: &[String]) -> Child {
+    Command::new("redis-server")
+        .arg("--port")
+        .arg("0")
+        .arg("--unixsocket")
+        .arg(dir.join("redis.sock"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server starts")
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// A node of the cluster on `redis`: a publish route `feed` with topics `/feed/{id}`.
+fn node_config(redis: &Redis, node: &str, extra_route: &str) -> String {
+    format!(
+        r#"
+[listeners.public]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[cluster]
+backplane = "redis"
+node_id = "{node}"
+backplane_grace = "2s"
+[cluster.redis]
+url = "{url}"
+[routes.feed]
+path = "/feed/{{id}}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+hold = "10s"
+max_hold = "30s"
+{extra_route}
+"#,
+        url = redis.url()
+    )
+}
+
+async fn nodes(redis: &Redis, n: usize, extra_route: &str) -> Vec<Gateway> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(Gateway::start(&node_config(redis, &format!("n{i}"), extra_route)).await);
+    }
+    out
+}
+
+/// Publishes `body` (with `Message-Id: id` when given); the status and the JSON answer.
+async fn publish_id(
+    admin: std::net::SocketAddr,
+    topic: &str,
+    body: &str,
+    id: Option<&str>,
+) -> (u16, Value) {
+    let mut req = Request::post(format!("/publish/feed/{topic}"))
+        .header("host", "admin")
+        .header("content-type", "text/plain");
+    if let Some(id) = id {
+        req = req.header("message-id", id);
+    }
+    let resp = send(admin, req.body(full(body.to_owned())).unwrap()).await;
+    let status = resp.status().as_u16();
+    (status, body_json(resp).await)
+}
+
+async fn poll(gw: &Gateway, path: &str) -> (u16, Value) {
+    let resp = get(gw.addr(), path).await;
+    let status = resp.status().as_u16();
+    (status, body_json(resp).await)
+}
+
+fn data(batch: &Value) -> Vec<String> {
+    batch["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["data"].as_str().expect("text data").to_owned())
+        .collect()
+}
+
+/// The cursor of `topic`'s current head, as a node hands it out (a poll that need not wait).
+async fn head_cursor(gw: &Gateway, topic: &str) -> String {
+    let (status, body) = poll(gw, &format!("/feed/{topic}?cursor=latest&timeout=0")).await;
+    assert_eq!(status, 200, "{body}");
+    body["cursor"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_publish_on_one_node_answers_polls_held_on_the_others() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gws = nodes(&redis, 3, "").await;
+    // Clients wait on nodes 1 and 2 from the topic's head.
+    let mut held = Vec::new();
+    for gw in &gws[1..] {
+        let cursor = head_cursor(gw, "a").await;
+        let addr = gw.addr();
+        held.push(tokio::spawn(async move {
+            let resp = get(addr, &format!("/feed/a?cursor={cursor}")).await;
+            (resp.status().as_u16(), body_json(resp).await)
+        }));
+    }
+    for gw in &gws[1..] {
+        eventually("the poll is held", || async {
+            gw.metric("pollmux_polls_active{route=\"feed\"}").await == 1.0
+        })
+        .await;
+    }
+    let (status, published) = publish_id(gws[0].admin, "a", "hello", None).await;
+    assert_eq!(status, 202, "{published}");
+    for h in held {
+        let (status, body) = h.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(data(&body), ["hello"]);
+        assert_eq!(
+            body["cursor"], published["cursor"],
+            "one cursor on every node"
+        );
+    }
+    // The node that published keeps no copy of a topic nobody polls there.
+    let text = gws[0].metrics_text().await;
+    assert_eq!(
+        metric_value(&text, "pollmux_topics_active{route=\"feed\"}"),
+        0.0
+    );
+    assert_eq!(metric_value(&text, "pollmux_backplane_up"), 1.0);
+}
+
+#[tokio::test]
+async fn a_client_alternating_nodes_gets_every_message_once_in_order() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gws = std::sync::Arc::new(nodes(&redis, 3, "buffer.messages = 2000").await);
+    const N: usize = 1000;
+    let mut cursor = head_cursor(&gws[0], "t").await;
+    let publisher = {
+        let admins: Vec<_> = gws.iter().map(|g| g.admin).collect();
+        tokio::spawn(async move {
+            for i in 0..N {
+                let (status, body) =
+                    publish_id(admins[i % admins.len()], "t", &i.to_string(), None).await;
+                assert_eq!(status, 202, "{body}");
+            }
+        })
+    };
+    let mut received = Vec::with_capacity(N);
+    let mut polls = 0;
+    while received.len() < N {
+        let gw = &gws[polls % gws.len()];
+        polls += 1;
+        let (status, body) = poll(gw, &format!("/feed/t?cursor={cursor}")).await;
+        assert_eq!(status, 200, "poll {polls} on node {}: {body}", polls % 3);
+        assert_ne!(body["gap"], true, "{body}");
+        received.extend(data(&body));
+        cursor = body["cursor"].as_str().unwrap().to_owned();
+    }
+    publisher.await.unwrap();
+    let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
+    assert_eq!(received, expected, "every message once, in order");
+    assert!(polls >= 3, "the client went to every node");
+}
+
+#[tokio::test]
+async fn one_message_id_published_to_two_nodes_is_one_message() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gws = nodes(&redis, 2, "start = \"earliest\"").await;
+    let (s1, first) = publish_id(gws[0].admin, "d", "once", Some("m-1")).await;
+    let (s2, second) = publish_id(gws[1].admin, "d", "once", Some("m-1")).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(
+        first["cursor"], second["cursor"],
+        "the same cursor from both"
+    );
+    publish_id(gws[1].admin, "d", "next", Some("m-2")).await;
+    for gw in &gws {
+        let (status, body) = poll(gw, "/feed/d?cursor=earliest&timeout=0").await;
+        assert_eq!(status, 200);
+        assert_eq!(data(&body), ["once", "next"]);
+    }
+    assert_eq!(
+        gws[1]
+            .metric("pollmux_backplane_dedupe_total{route=\"feed\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn cursors_survive_a_node_restart() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gw = Gateway::start(&node_config(&redis, "n0", "")).await;
+    let cursor = head_cursor(&gw, "r").await;
+    publish_id(gw.admin, "r", "before", None).await;
+    gw.shutdown().await;
+    let again = Gateway::start(&node_config(&redis, "n0", "")).await;
+    publish_id(again.admin, "r", "after", None).await;
+    let (status, body) = poll(&again, &format!("/feed/r?cursor={cursor}&timeout=0")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(data(&body), ["before", "after"]);
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_expires_old_cursors() {
+    let Some(mut redis) = Redis::start().await else {
+        return;
+    };
+    let gws = nodes(&redis, 2, "").await;
+    let cursor = head_cursor(&gws[1], "x").await;
+    publish_id(gws[0].admin, "x", "one", None).await;
+    let (_, body) = poll(&gws[1], &format!("/feed/x?cursor={cursor}")).await;
+    assert_eq!(data(&body), ["one"]);
+    let seen = body["cursor"].as_str().unwrap().to_owned();
+    redis.restart().await;
+    // The first publish after the restart may meet a node still reconnecting: it retries
+    // within backplane_grace.
+    let (status, body) = publish_id(gws[0].admin, "x", "two", None).await;
+    assert_eq!(status, 202, "{body}");
+    // The log started again: the cursor of before names a position of another epoch.
+    eventually("node 1 sees the new epoch", || async {
+        let resets = gws[1]
+            .metric("pollmux_backplane_epoch_resets_total{cause=\"new_epoch\",route=\"feed\"}")
+            .await;
+        resets >= 1.0
+    })
+    .await;
+    let (status, body) = poll(&gws[1], &format!("/feed/x?cursor={seen}&timeout=0")).await;
+    assert_eq!(status, 410, "{body}");
+    let latest = body["latest_cursor"].as_str().unwrap();
+    assert!(body["earliest_cursor"].is_string());
+    let (_, batch) = poll(&gws[1], "/feed/x?cursor=earliest&timeout=0").await;
+    assert_eq!(data(&batch), ["two"], "only what the new log holds");
+    assert_eq!(batch["cursor"], latest);
+}
+
+#[tokio::test]
+async fn with_appendfsync_always_a_restart_keeps_every_cursor() {
+    let Some(mut redis) = Redis::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ])
+    .await
+    else {
+        return;
+    };
+    let gw = Gateway::start(&node_config(&redis, "n0", "")).await;
+    let cursor = head_cursor(&gw, "p").await;
+    for m in ["a", "b"] {
+        publish_id(gw.admin, "p", m, None).await;
+    }
+    redis.restart().await;
+    let (status, body) = publish_id(gw.admin, "p", "c", None).await;
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = poll(&gw, &format!("/feed/p?cursor={cursor}&timeout=0")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(data(&body), ["a", "b", "c"], "same epoch, nothing lost");
+    assert_eq!(
+        gw.metric("pollmux_backplane_epoch_resets_total{cause=\"new_epoch\",route=\"feed\"}")
+            .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn redis_unreachable_past_the_grace_and_back() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gws = nodes(&redis, 2, "").await;
+    // A warm topic on node 1 with a message, and a poll held there.
+    let cursor = head_cursor(&gws[1], "w").await;
+    publish_id(gws[0].admin, "w", "before", None).await;
+    let (_, body) = poll(&gws[1], &format!("/feed/w?cursor={cursor}")).await;
+    assert_eq!(data(&body), ["before"]);
+    let at = body["cursor"].as_str().unwrap().to_owned();
+    let held = {
+        let addr = gws[1].addr();
+        let at = at.clone();
+        tokio::spawn(async move {
+            let resp = get(addr, &format!("/feed/w?cursor={at}&timeout=3")).await;
+            (resp.status().as_u16(), body_json(resp).await)
+        })
+    };
+    eventually("the poll is held", || async {
+        gws[1].metric("pollmux_polls_active{route=\"feed\"}").await == 1.0
+    })
+    .await;
+    redis.pause(true);
+    // Publishes are retried for backplane_grace (2 s), then refused. Redis may still run
+    // what it was sent when it answers again: a publisher retries with the same Message-Id.
+    let (status, body) = publish_id(gws[0].admin, "w", "during", Some("w-1")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:pollmux:problem:backplane-unavailable");
+    // The held poll kept holding, and timed out normally at its own deadline.
+    let (status, body) = held.await.unwrap();
+    assert_eq!((status, data(&body).len()), (200, 0), "{body}");
+    assert_eq!(body["cursor"], at.as_str());
+    // A warm topic still answers from what it holds.
+    let (status, body) = poll(&gws[1], &format!("/feed/w?cursor={cursor}&timeout=0")).await;
+    assert_eq!((status, data(&body)), (200, vec!["before".to_owned()]));
+    // A topic no node has loaded cannot be answered.
+    let (status, body) = poll(&gws[1], "/feed/cold?timeout=5").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["type"], "urn:pollmux:problem:backplane-unavailable");
+    assert_eq!(gws[1].metric("pollmux_backplane_up").await, 0.0);
+    redis.pause(false);
+    // Within seconds: publishes, polls and cold topics work again, and nothing is repeated.
+    for (m, id) in [("during", "w-1"), ("after", "w-2")] {
+        let (status, body) = publish_id(gws[0].admin, "w", m, Some(id)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let mut got = Vec::new();
+    let mut at = at;
+    while got.len() < 2 {
+        let (status, body) = poll(&gws[1], &format!("/feed/w?cursor={at}")).await;
+        assert_eq!(status, 200, "{body}");
+        got.extend(data(&body));
+        at = body["cursor"].as_str().unwrap().to_owned();
+    }
+    assert_eq!(got, ["during", "after"], "each once");
+    eventually("a topic that could not load loads", || async {
+        poll(&gws[1], "/feed/cold?cursor=latest&timeout=0").await.0 == 200
+    })
+    .await;
+    eventually("backplane_up says so", || async {
+        gws[1].metric("pollmux_backplane_up").await == 1.0
+    })
+    .await;
+    let timeouts = gws[1]
+        .metric("pollmux_backplane_reconnects_total{reason=\"timeout\"}")
+        .await;
+    assert!(timeouts >= 1.0, "a silent server is found by its deadline");
+}
+
+#[tokio::test]
+async fn the_log_is_bounded_and_a_reader_behind_it_gets_410() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let gws = nodes(&redis, 2, "buffer.messages = 3").await;
+    let cursor = head_cursor(&gws[1], "b").await;
+    for i in 0..250 {
+        publish_id(gws[0].admin, "b", &i.to_string(), None).await;
+    }
+    // A node that never held the topic loads only what is retained.
+    let (status, body) = poll(&gws[0], &format!("/feed/b?cursor={cursor}&timeout=0")).await;
+    assert_eq!(status, 410, "{body}");
+    let earliest = body["earliest_cursor"].as_str().unwrap().to_owned();
+    let (_, batch) = poll(&gws[0], &format!("/feed/b?cursor={earliest}&timeout=0")).await;
+    assert_eq!(data(&batch), ["247", "248", "249"]);
+    let len = redis.command(&["XLEN", "pm:{feed/b}:s"]).await;
+    let redis::Value::Int(len) = len else {
+        panic!("{len:?}");
+    };
+    assert!(len < 250, "the log is trimmed: {len} entries");
+}
