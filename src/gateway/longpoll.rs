@@ -7,7 +7,8 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use dashmap::DashMap;
 
@@ -149,7 +150,7 @@ pub struct Held {
     subscription: Subscription,
     /// Where the client stands; fixed to a concrete position once the poll waits.
     at: Requested,
-    deadline: tokio::time::Instant,
+    deadline: Instant,
     /// The server drains: the deadline was moved to a moment within `drain_window`.
     draining: bool,
     /// HTTP/1.1 answers to a drain say `Connection: close`.
@@ -218,9 +219,9 @@ pub fn prepare<B: hyper::body::Body>(
         subscription,
         at: requested,
         deadline: {
-            let deadline = tokio::time::Instant::now() + hold - jitter(hold);
+            let deadline = Instant::now() + hold - jitter(hold);
             // A poll authorized by a token ends when the token does.
-            until.map_or(deadline, |u| deadline.min(u.into()))
+            until.map_or(deadline, |u| deadline.min(u))
         },
         draining: false,
         close_on_drain,
@@ -348,7 +349,7 @@ impl Held {
     }
 
     /// When a waiting poll answers with [`Held::expire`].
-    pub fn deadline(&self) -> tokio::time::Instant {
+    pub fn deadline(&self) -> Instant {
         self.deadline
     }
 
@@ -448,7 +449,7 @@ impl Held {
         if !self.draining && server_draining.is_draining() {
             self.draining = true;
             let spread = drain_window.mul_f64(fastrand::f64());
-            self.deadline = (tokio::time::Instant::now() + spread).min(self.deadline);
+            self.deadline = (Instant::now() + spread).min(self.deadline);
         }
         Err(generation)
     }

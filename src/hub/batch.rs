@@ -1,7 +1,7 @@
 //! Poll answers: a `Batch`, encoded once per (topic, position) and shared by every reader there.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 

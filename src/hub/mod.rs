@@ -39,7 +39,8 @@ mod tests {
     use super::*;
 
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     use bytes::Bytes;
     use prometheus::IntGauge;

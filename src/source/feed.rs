@@ -2,7 +2,8 @@
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -111,12 +112,12 @@ impl Feed {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let delay = delay.max(asked.unwrap_or_default());
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let until = now + delay;
         let grace_ends = self
             .topic
             .failing_since()
-            .map(|since| tokio::time::Instant::from_std(since + self.upstream_grace));
+            .map(|since| since + self.upstream_grace);
         if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
             tokio::select! {
                 () = self.topic.retired() => return false,
