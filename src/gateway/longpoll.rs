@@ -562,40 +562,4 @@ impl<'a> PollQuery<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_parsing() {
-        let q = PollQuery::parse(Some("cursor=abc&timeout=5&_=123")).unwrap();
-        assert_eq!(q.cursor, Some("abc"));
-        assert_eq!(q.timeout, Some("5"));
-        assert!(PollQuery::parse(Some("cursor=a&cursor=b")).is_err());
-        assert_eq!(PollQuery::parse(None).unwrap(), PollQuery::default());
-        assert_eq!(PollQuery::parse(Some("timeout")).unwrap().timeout, Some(""));
-    }
-
-    #[test]
-    fn client_polls_are_bounded_per_topic_and_client() {
-        let polls = Arc::new(ClientPolls::new(2));
-        let a = polls.acquire("r", "t", b"alice").unwrap();
-        let b = polls.acquire("r", "t", b"alice").unwrap();
-        assert!(polls.acquire("r", "t", b"alice").is_none());
-        let other_client = polls.acquire("r", "t", b"bob").unwrap();
-        let other_topic = polls.acquire("r", "u", b"alice").unwrap();
-        drop(a);
-        let again = polls.acquire("r", "t", b"alice").unwrap();
-        assert_eq!(polls.len(), 3);
-        drop((b, again, other_client, other_topic));
-        assert!(polls.is_empty());
-    }
-
-    #[test]
-    fn jitter_is_bounded() {
-        let hold = Duration::from_secs(16);
-        for _ in 0..1000 {
-            assert!(jitter(hold) <= Duration::from_secs(1));
-        }
-        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
-    }
-}
+mod tests;
