@@ -502,7 +502,9 @@ fn rejected(
 
 /// The answer with a batch of messages (without CORS headers).
 pub fn batch_response(batch: &Batch) -> Response<Body> {
-    let cursor = HeaderValue::from_str(&batch.cursor).expect("cursors are URL-safe ASCII");
+    // Shares the batch's bytes: every waiter's header is a reference count, not a copy.
+    let cursor =
+        HeaderValue::from_maybe_shared(batch.cursor.clone()).expect("cursors are URL-safe ASCII");
     poll_response(batch.body.clone(), cursor, batch.gap, false)
 }
 

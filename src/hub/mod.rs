@@ -96,8 +96,8 @@ mod tests {
         }
         let v: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
         assert_eq!(v["messages"][0]["data"], "one");
-        assert_eq!(v["cursor"], first.cursor);
-        assert_eq!(v["messages"][0]["cursor"], first.cursor);
+        assert_eq!(first.cursor, v["cursor"].as_str().unwrap());
+        assert_eq!(first.cursor, v["messages"][0]["cursor"].as_str().unwrap());
     }
 
     #[test]

@@ -158,3 +158,39 @@ async fn a_drain_answers_a_held_poll_within_the_drain_window() {
     assert_eq!(resp.headers()[header::CONNECTION], "close");
     assert_eq!(json(resp).await["messages"], serde_json::json!([]));
 }
+
+/// Every answer with one batch carries its cursor in `Poll-Cursor` without a copy of its own:
+/// the header is the batch's cursor bytes, which are the body's.
+#[test]
+fn batch_answers_share_the_batchs_cursor_bytes() {
+    let (route, hub) = (news(), Hub::new());
+    let message = NewMessage {
+        id: None,
+        content_type: Some("text/plain".into()),
+        payload: Bytes::from_static(b"goal"),
+        arrived: Instant::now(),
+    };
+    let published = route.publish(&hub, "t", message).unwrap();
+    let subscription = hub.subscribe(&route.topics, "t").unwrap();
+    let Poll::Batch(batch) = subscription
+        .topic()
+        .poll(Requested::Earliest, Instant::now())
+    else {
+        panic!("the message is there to read");
+    };
+    let body = batch.body.as_ptr_range();
+    for _ in 0..2 {
+        let resp = batch_response(&batch);
+        let cursor = resp.headers()[POLL_CURSOR].as_bytes();
+        assert_eq!(cursor, published.cursor.as_bytes());
+        assert_eq!(
+            cursor.as_ptr(),
+            batch.cursor.as_ptr(),
+            "a copy of the cursor"
+        );
+        assert!(
+            body.contains(&cursor.as_ptr()),
+            "the cursor is not the body's"
+        );
+    }
+}
