@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http_body_util::{LengthLimitError, Limited};
 

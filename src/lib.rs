@@ -370,7 +370,7 @@ async fn sweep_task(current: Arc<Current>, metrics: Arc<Metrics>, drain: Drain) 
             () = drain.begun() => return,
             _ = tick.tick() => {
                 let gateway = current.get();
-                let removed = gateway.sweep(std::time::Instant::now());
+                let removed = gateway.sweep(tokio::time::Instant::now());
                 let buffered = i64::try_from(gateway.buffered_bytes()).unwrap_or(i64::MAX);
                 metrics.buffered_bytes.set(buffered);
                 if removed > 0 {

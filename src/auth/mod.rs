@@ -17,7 +17,8 @@ pub mod jwt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;

@@ -16,10 +16,11 @@ mod reader;
 mod scripts;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use redis::{FromRedisValue, RedisError, RedisResult, ScriptInvocation, Value};
+use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, RedisConfig};
 use crate::hub::cursor::{self, Cursor};

@@ -4,7 +4,9 @@
 //! so what was announced while it was away is read from the topics' logs instead.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use redis::{RedisError, Value};

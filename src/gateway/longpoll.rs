@@ -5,21 +5,20 @@
 //! request is dropped: a held poll keeps only its subscription, a position and its timers, so
 //! hyper can reuse the connection's read buffer (see the memory notes in docs/BENCHMARKS.md).
 
-use std::hash::{BuildHasher, RandomState};
+mod answer;
+mod clients;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
-use dashmap::DashMap;
-
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full};
+use http::{Method, Request, Response, Version};
 
 use super::cors;
 use crate::backplane::Backplane;
 use crate::config::{OnGap, PollConfig, Start};
-use crate::hub::cursor::{self, Cursor, Requested};
+use crate::hub::cursor::{self, Requested};
 use crate::hub::ring::BufferLimits;
 use crate::hub::{
     Batch, Hub, NewMessage, Poll, Published, RouteTopics, Subscription, TooManyTopics, Topic,
@@ -29,11 +28,15 @@ use crate::metrics::{GaugeGuard, Outcome, PollMetrics};
 use crate::problem::Problem;
 use crate::service::Drain;
 use crate::upstream::Body;
+#[cfg(test)]
+use answer::POLL_CURSOR;
+pub use answer::{batch_response, rejected_full};
+use answer::{empty_response, rejected};
+use clients::ClientPoll;
+pub use clients::ClientPolls;
 
 /// The query parameter of a poll's cursor.
 pub const CURSOR_PARAM: &str = "cursor";
-const POLL_CURSOR: &str = "poll-cursor";
-const POLL_GAP: &str = "poll-gap";
 const LAST_EVENT_ID: &str = "last-event-id";
 /// Hold jitter: up to this fraction of the hold is taken off, so clients that started together
 /// drift apart (docs/protocol.md 1.2).
@@ -98,69 +101,13 @@ impl PollRoute {
     }
 }
 
-/// Polls held per (route, topic, credential), so one client cannot hold a topic's waiters
-/// hostage (docs/protocol.md 1.3: 429). A credential is the request's `Authorization` value;
-/// requests without one are not counted (many clients share an address behind NAT).
-pub struct ClientPolls {
-    held: DashMap<u64, usize>,
-    keys: RandomState,
-    max: usize,
-}
-
-impl ClientPolls {
-    pub fn new(max: usize) -> ClientPolls {
-        ClientPolls {
-            held: DashMap::new(),
-            keys: RandomState::new(),
-            max,
-        }
-    }
-
-    fn acquire(self: &Arc<Self>, route: &str, topic: &str, client: &[u8]) -> Option<ClientPoll> {
-        let key = self.keys.hash_one((route, topic, client));
-        let mut n = self.held.entry(key).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientPoll {
-            polls: self.clone(),
-            key,
-        })
-    }
-
-    /// Clients with polls held now (tests: entries do not accumulate).
-    pub fn len(&self) -> usize {
-        self.held.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
-}
-
-/// One held poll's place in [`ClientPolls`], given back on drop.
-struct ClientPoll {
-    polls: Arc<ClientPolls>,
-    key: u64,
-}
-
-impl Drop for ClientPoll {
-    fn drop(&mut self) {
-        if let Some(mut n) = self.polls.held.get_mut(&self.key) {
-            *n -= 1;
-        }
-        self.polls.held.remove_if(&self.key, |_, n| *n == 0);
-    }
-}
-
 /// A poll that passed every check and holds its subscription: all a parked poll keeps.
 pub struct Held {
     _client: Option<ClientPoll>,
     subscription: Subscription,
     /// Where the client stands; fixed to a concrete position once the poll waits.
     at: Requested,
-    deadline: tokio::time::Instant,
+    deadline: Instant,
     /// The server drains: the deadline was moved to a moment within `drain_window`.
     draining: bool,
     /// HTTP/1.1 answers to a drain say `Connection: close`.
@@ -235,9 +182,9 @@ pub fn prepare<B: hyper::body::Body>(
         subscription,
         at: requested,
         deadline: {
-            let deadline = tokio::time::Instant::now() + hold - jitter(hold);
+            let deadline = Instant::now() + hold - jitter(hold);
             // A poll authorized by a token ends when the token does.
-            until.map_or(deadline, |u| deadline.min(u.into()))
+            until.map_or(deadline, |u| deadline.min(u))
         },
         draining: false,
         close_on_drain,
@@ -367,7 +314,7 @@ impl Held {
     }
 
     /// When a waiting poll answers with [`Held::expire`].
-    pub fn deadline(&self) -> tokio::time::Instant {
+    pub fn deadline(&self) -> Instant {
         self.deadline
     }
 
@@ -528,7 +475,7 @@ impl Held {
         if !self.draining && server_draining.is_draining() {
             self.draining = true;
             let spread = drain_window.mul_f64(fastrand::f64());
-            self.deadline = (tokio::time::Instant::now() + spread).min(self.deadline);
+            self.deadline = (Instant::now() + spread).min(self.deadline);
         }
     }
 }
@@ -546,68 +493,6 @@ pub enum Next {
 /// Random part of the hold taken off, up to `hold / 16`.
 fn jitter(hold: Duration) -> Duration {
     (hold / JITTER_DIVISOR).mul_f64(fastrand::f64())
-}
-
-/// The 503 for a topic that cannot be made.
-pub fn rejected_full(full: TooManyTopics) -> (Response<Body>, Outcome) {
-    match full {
-        TooManyTopics::Route => rejected(
-            Problem::TooManyTopics,
-            "the route has reached its max_topics",
-            None,
-        ),
-        TooManyTopics::Memory => rejected(
-            Problem::Overloaded,
-            "the topics' buffers have reached max_buffered_bytes",
-            None,
-        ),
-        TooManyTopics::Retired => rejected(
-            Problem::Overloaded,
-            "the route was just reloaded; poll again",
-            None,
-        ),
-    }
-}
-
-fn rejected(
-    problem: Problem,
-    detail: &str,
-    extra: Option<&[(&str, &str)]>,
-) -> (Response<Body>, Outcome) {
-    let resp = problem.response_with(Some(detail), extra.unwrap_or_default());
-    (resp, problem.outcome())
-}
-
-/// The answer with a batch of messages (without CORS headers).
-pub fn batch_response(batch: &Batch) -> Response<Body> {
-    let cursor = HeaderValue::from_str(&batch.cursor).expect("cursors are URL-safe ASCII");
-    poll_response(batch.body.clone(), cursor, batch.gap, false)
-}
-
-fn empty_response(at: &Cursor, close: bool) -> Response<Body> {
-    let cursor = at.encode();
-    let body = format!("{{\"cursor\":\"{cursor}\",\"messages\":[],\"more\":false}}");
-    let header = HeaderValue::from_str(&cursor).expect("cursors are URL-safe ASCII");
-    poll_response(Bytes::from(body), header, false, close)
-}
-
-fn poll_response(body: Bytes, cursor: HeaderValue, gap: bool, close: bool) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = StatusCode::OK;
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(POLL_CURSOR, cursor);
-    if gap {
-        h.insert(POLL_GAP, HeaderValue::from_static("1"));
-    }
-    if close {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    resp
 }
 
 /// The query parameters a poll understands; others are ignored (cache busters).
@@ -640,40 +525,4 @@ impl<'a> PollQuery<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn query_parsing() {
-        let q = PollQuery::parse(Some("cursor=abc&timeout=5&_=123")).unwrap();
-        assert_eq!(q.cursor, Some("abc"));
-        assert_eq!(q.timeout, Some("5"));
-        assert!(PollQuery::parse(Some("cursor=a&cursor=b")).is_err());
-        assert_eq!(PollQuery::parse(None).unwrap(), PollQuery::default());
-        assert_eq!(PollQuery::parse(Some("timeout")).unwrap().timeout, Some(""));
-    }
-
-    #[test]
-    fn client_polls_are_bounded_per_topic_and_client() {
-        let polls = Arc::new(ClientPolls::new(2));
-        let a = polls.acquire("r", "t", b"alice").unwrap();
-        let b = polls.acquire("r", "t", b"alice").unwrap();
-        assert!(polls.acquire("r", "t", b"alice").is_none());
-        let other_client = polls.acquire("r", "t", b"bob").unwrap();
-        let other_topic = polls.acquire("r", "u", b"alice").unwrap();
-        drop(a);
-        let again = polls.acquire("r", "t", b"alice").unwrap();
-        assert_eq!(polls.len(), 3);
-        drop((b, again, other_client, other_topic));
-        assert!(polls.is_empty());
-    }
-
-    #[test]
-    fn jitter_is_bounded() {
-        let hold = Duration::from_secs(16);
-        for _ in 0..1000 {
-            assert!(jitter(hold) <= Duration::from_secs(1));
-        }
-        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
-    }
-}
+mod tests;

@@ -14,7 +14,7 @@ pub mod router;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use std::time::Duration;
 
@@ -137,7 +137,7 @@ impl Gateway {
     }
 
     /// Removes lingered topics (poll and collapse routes); returns how many.
-    pub fn sweep(&self, now: std::time::Instant) -> usize {
+    pub fn sweep(&self, now: Instant) -> usize {
         let collapse: usize = self
             .runtimes
             .iter()

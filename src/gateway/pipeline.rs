@@ -139,7 +139,7 @@ impl Gateway {
         conn: ConnInfo,
         params: &[(String, String)],
         mut record: Record,
-        until: Option<std::time::Instant>,
+        until: Option<Instant>,
     ) -> Step<PreparedPoll> {
         match &self.runtimes[route] {
             Runtime::Poll(poll) => {
@@ -275,7 +275,7 @@ impl HeldPoll for PreparedPoll {
         }
     }
 
-    fn deadline(&self) -> tokio::time::Instant {
+    fn deadline(&self) -> Instant {
         self.held.deadline()
     }
 

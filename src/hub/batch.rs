@@ -1,7 +1,7 @@
 //! Poll answers: a `Batch`, encoded once per (topic, position) and shared by every reader there.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -9,13 +9,16 @@ use super::topic::{State, Topic};
 
 /// A response batch stops growing past about this many bytes (docs/protocol.md 1.3).
 pub const BATCH_BYTES_MAX: usize = 1 << 20;
+/// What a batch's body starts with: its cursor follows.
+const CURSOR_HEAD: &[u8] = b"{\"cursor\":\"";
 
 /// An encoded poll response body, shared by every reader at the same position.
 #[derive(Debug)]
 pub struct Batch {
     pub body: Bytes,
-    /// The cursor the body names.
-    pub cursor: String,
+    /// The cursor the body names (URL-safe ASCII): a slice of `body`, so an answer's
+    /// `Poll-Cursor` header shares it rather than copying it.
+    pub cursor: Bytes,
     pub messages: usize,
     /// Arrival of the oldest message in the batch (delivery latency).
     pub oldest: Instant,
@@ -48,7 +51,7 @@ impl Topic {
         }
         let cursor = self.cursor(st.epoch, to);
         let mut body = BytesMut::with_capacity(64 + cursor.len());
-        body.put_slice(b"{\"cursor\":\"");
+        body.put_slice(CURSOR_HEAD);
         body.put_slice(cursor.as_bytes());
         body.put_slice(b"\",\"messages\":[");
         let mut oldest = None;
@@ -70,9 +73,10 @@ impl Topic {
             body.put_slice(b",\"gap\":true");
         }
         body.put_u8(b'}');
+        let body = body.freeze();
         let batch = Arc::new(Batch {
-            body: body.freeze(),
-            cursor,
+            cursor: body.slice(CURSOR_HEAD.len()..CURSOR_HEAD.len() + cursor.len()),
+            body,
             messages,
             oldest: oldest.unwrap_or_else(Instant::now),
             gap,

@@ -1,7 +1,8 @@
 //! De-duplication of a topic's messages by `Message-Id`, within a window of time and count.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a `Message-Id` is remembered for de-duplication (docs/protocol.md 3).
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(60);

@@ -4,7 +4,7 @@
 //! position the log gave two different messages) it reports, and the backplane loads it again.
 
 use std::mem;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 

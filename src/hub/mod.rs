@@ -41,7 +41,8 @@ mod tests {
     use super::*;
 
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
+    use tokio::time::Instant;
 
     use bytes::Bytes;
     use prometheus::IntGauge;
@@ -98,8 +99,8 @@ mod tests {
         }
         let v: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
         assert_eq!(v["messages"][0]["data"], "one");
-        assert_eq!(v["cursor"], first.cursor);
-        assert_eq!(v["messages"][0]["cursor"], first.cursor);
+        assert_eq!(first.cursor, v["cursor"].as_str().unwrap());
+        assert_eq!(first.cursor, v["messages"][0]["cursor"].as_str().unwrap());
     }
 
     #[test]

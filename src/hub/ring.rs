@@ -8,7 +8,8 @@
 //! sequence number of its own and moves `floor` to it, so readers on either side of it are told.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 

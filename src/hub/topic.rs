@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::mem;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::Notify;

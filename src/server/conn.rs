@@ -7,7 +7,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};

@@ -111,7 +111,9 @@ impl ConnectionLimit {
         if !self.per_ip.enabled() || self.trusted.iter().any(|n| n.contains(&peer)) {
             return Ok(None);
         }
-        self.per_ip.admit(peer, std::time::Instant::now()).map(Some)
+        self.per_ip
+            .admit(peer, tokio::time::Instant::now())
+            .map(Some)
     }
 }
 

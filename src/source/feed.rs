@@ -2,10 +2,11 @@
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
@@ -37,6 +38,14 @@ pub struct Feed {
 
 /// A `Retry-After` longer than this is taken as this: a source must keep trying.
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
+
+/// The delay a refusal's `Retry-After` asks for, in whole seconds (an HTTP date is ignored),
+/// at most [`RETRY_AFTER_MAX`].
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    let secs = secs.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX))
+}
 
 impl Feed {
     /// Sends `req` through the connect gate. An answer whose status `usable` accepts clears
@@ -74,12 +83,8 @@ impl Feed {
             }
             Ok(r) => {
                 tracing::warn!(%upstream, status = %r.status(), "upstream refused the source's request");
-                let asked = r
-                    .headers()
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                    .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_MAX));
-                *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) = asked;
+                *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
+                    retry_after(r.headers());
                 self.topic
                     .upstream_failed(Some(r.status().as_u16()), Instant::now());
                 Err(Ended::Reconnect)
@@ -111,12 +116,12 @@ impl Feed {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let delay = delay.max(asked.unwrap_or_default());
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let until = now + delay;
         let grace_ends = self
             .topic
             .failing_since()
-            .map(|since| tokio::time::Instant::from_std(since + self.upstream_grace));
+            .map(|since| since + self.upstream_grace);
         if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
             tokio::select! {
                 () = self.topic.retired() => return false,
@@ -146,5 +151,131 @@ impl Feed {
         if !self.topic.publish(message).duplicate {
             self.poll_metrics.received.inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use futures_util::FutureExt;
+    use http::HeaderValue;
+    use prometheus::IntGauge;
+
+    use crate::config::Config;
+    use crate::hub::ring::BufferLimits;
+    use crate::hub::{Hub, RouteTopics, TopicSettings, UpstreamProblem};
+    use crate::metrics::Metrics;
+
+    /// A feed of one fresh topic. Its upstream is never asked: these tests drive the feed's
+    /// waits alone, on the paused clock.
+    fn feed(upstream_grace: Duration) -> Feed {
+        let text = "[listeners.p]\naddress = \"127.0.0.1:0\"\n\
+                    [upstreams.u]\nurl = \"http://127.0.0.1:1\"\n\
+                    [routes.r]\npath = \"/r/{id}\"\nkind = \"poll\"\nauth = \"public\"\n\
+                    source = { type = \"upstream-sse\", upstream = \"u\", path = \"/s/{id}\" }\n";
+        let config = Config::from_toml(text, std::path::Path::new(".")).unwrap();
+        let metrics = Metrics::new(&config);
+        let settings = TopicSettings {
+            limits: BufferLimits {
+                messages: 10,
+                bytes: 1 << 20,
+                age: Duration::from_secs(300),
+            },
+            linger: Duration::from_secs(30),
+            max_batch: 10,
+            resume_on_gap: false,
+            mirrored: false,
+        };
+        let gauge = IntGauge::new("t", "t").unwrap();
+        let route = Arc::new(RouteTopics::new("r", settings, 10, gauge));
+        let topic = Hub::new().subscribe(&route, "t").unwrap().topic_arc();
+        Feed {
+            upstream: Arc::new(Upstream::new(config.upstreams[0].clone())),
+            topic,
+            upstream_grace,
+            max_message_bytes: 1 << 20,
+            poll_metrics: PollMetrics::new(&metrics, "r"),
+            route_metrics: Arc::new(RouteMetrics::new(&metrics, "r", "poll")),
+            connects: Arc::new(Semaphore::new(1)),
+            retry_after: Mutex::default(),
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_up_to_the_cap() {
+        let asked = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            let value = HeaderValue::from_static(value);
+            headers.insert(http::header::RETRY_AFTER, value);
+            retry_after(&headers)
+        };
+        assert_eq!(asked("1"), Some(Duration::from_secs(1)));
+        assert_eq!(asked(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(asked("100000"), Some(RETRY_AFTER_MAX));
+        assert_eq!(asked("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(asked("-1"), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    /// What `sources_honour_retry_after` (tests/integration/sources.rs) sees over real
+    /// sockets, to the millisecond: the attempt after a `Retry-After` waits at least that long.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_lasts_at_least_the_upstreams_retry_after_once() {
+        let feed = feed(Duration::from_secs(60));
+        let paused = async |asked: Option<Duration>, backoff: Duration| {
+            *feed.retry_after.lock().unwrap() = asked;
+            let started = Instant::now();
+            assert!(feed.pause(backoff).await, "the topic is not retired");
+            started.elapsed()
+        };
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        assert_eq!(paused(Some(s(1)), ms(100)).await, s(1));
+        assert_eq!(paused(None, ms(100)).await, ms(100));
+        assert_eq!(
+            paused(Some(s(1)), s(3)).await,
+            s(3),
+            "a longer backoff wins"
+        );
+        // A Retry-After is taken by the one pause after it.
+        *feed.retry_after.lock().unwrap() = Some(s(1));
+        let started = Instant::now();
+        assert!(feed.pause(ms(100)).await);
+        assert!(feed.pause(ms(100)).await);
+        assert_eq!(started.elapsed(), ms(1100));
+    }
+
+    /// What `outage_longer_than_grace_is_503_then_recovers` (tests/integration/sources.rs)
+    /// relies on: waiting polls are woken when the outage outlasts the grace, not at the next
+    /// attempt, and then see the upstream as down.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_wakes_waiting_polls_when_the_outage_outlasts_the_grace() {
+        let grace = Duration::from_millis(300);
+        let feed = feed(grace);
+        let failed = Instant::now();
+        feed.topic.upstream_failed(None, failed);
+        let changed = feed.topic.changed();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        let pause = feed.pause(Duration::from_secs(10));
+        let mut pause = std::pin::pin!(pause);
+        tokio::select! {
+            () = &mut changed => {}
+            _ = &mut pause => panic!("the pause ended without waking the waiting polls"),
+        }
+        assert_eq!(failed.elapsed(), grace);
+        let problem = feed.topic.upstream_problem(grace, Instant::now());
+        assert_eq!(problem, Some(UpstreamProblem::Down));
+        assert!(pause.await);
+        assert_eq!(failed.elapsed(), Duration::from_secs(10));
+
+        // A pause that ends within the grace wakes no one: the next attempt may succeed.
+        let feed = self::feed(grace);
+        feed.topic.upstream_failed(None, Instant::now());
+        let changed = feed.topic.changed();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        assert!(feed.pause(Duration::from_millis(200)).await);
+        assert!(changed.now_or_never().is_none(), "woken within the grace");
     }
 }

@@ -341,6 +341,62 @@ fn architecture_check_reads_every_path_form() {
 /// ARCHITECTURE.md's walk of a held poll on the cleartext HTTP/1.1 path names at most six
 /// files, each of them exists, and every function it names (`name`, `Type::name`) is defined in
 /// one of them; every type it names exists somewhere under `src/`.
+/// How many times `code` (comments and strings removed) names `std::time::Instant`: as
+/// `std::time::Instant`, in a `std::time::{…}` group, or as `time::Instant` not after `tokio::`.
+fn std_instants(code: &str) -> usize {
+    let flat: String = code.chars().filter(|c| !c.is_whitespace()).collect();
+    flat.match_indices("time::")
+        .filter(|&(at, _)| {
+            let before = &flat[..at];
+            if before.ends_with("tokio::") || before.ends_with("tokio::{") {
+                return false;
+            }
+            let after = &flat[at + "time::".len()..];
+            let is_instant = |name: &str| {
+                let rest = name.strip_prefix("Instant");
+                rest.is_some_and(|r| !r.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
+                    || name.starts_with("Instantas")
+            };
+            match after.strip_prefix('{') {
+                Some(group) => group[..group.find('}').unwrap_or(group.len())]
+                    .split(',')
+                    .any(is_instant),
+                None => is_instant(after),
+            }
+        })
+        .count()
+}
+
+/// ARCHITECTURE.md's invariant "one clock: tokio's": no file under `src/` names
+/// `std::time::Instant`, so tokio's paused clock drives every deadline, backoff and age.
+#[test]
+fn monotonic_time_is_tokios_clock() {
+    assert_eq!(std_instants("use std::time::Instant;"), 1);
+    assert_eq!(std_instants("use std::time::{Duration, Instant};"), 1);
+    assert_eq!(
+        std_instants("use std::{sync::Arc, time::{Duration, Instant as I}};"),
+        1
+    );
+    assert_eq!(std_instants("let t = std::time::Instant::now();"), 1);
+    assert_eq!(
+        std_instants("use std::time;\nlet t = time::Instant::now();"),
+        1
+    );
+    let tokio = "use std::time::{Duration, SystemTime};\nuse tokio::time::Instant;\n\
+                 let t: tokio::time::Instant = Instant::now();\nuse std::time::InstantLike;";
+    assert_eq!(std_instants(tokio), 0);
+    let mut files = Vec::new();
+    rust_files(&Path::new(ROOT).join("src"), &mut files);
+    let offenders: Vec<_> = files
+        .iter()
+        .filter(|f| std_instants(&code_only(&std::fs::read_to_string(f).unwrap())) > 0)
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "std::time::Instant in {offenders:?}: use tokio::time::Instant (ARCHITECTURE.md, invariants)"
+    );
+}
+
 #[test]
 fn architecture_held_poll_walk_names_what_exists() {
     let doc = std::fs::read_to_string(Path::new(ROOT).join("ARCHITECTURE.md")).unwrap();
