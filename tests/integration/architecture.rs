@@ -1,8 +1,10 @@
 //! The layering of ARCHITECTURE.md, checked: every file under `src/` is read whole (inline test
 //! modules included), every path into the crate (`use crate::x`, `use crate::{x, y}`,
-//! `crate::x::f()`, `super::` paths that climb to the crate root) is resolved to the top-level
-//! module it names, and a module may name only modules of lower layers. The layer table is read
-//! from ARCHITECTURE.md itself, so the document and the check cannot drift apart.
+//! `crate::x::f()`, `$crate::x` in macros, the same through an alias such as `use crate as c;`,
+//! `super::` paths that climb to the crate root, in nested groups too, with or without spaces
+//! around `::`) is resolved to the top-level module it names, and a module may name only
+//! modules of lower layers. The layer table is read from ARCHITECTURE.md itself, so the document
+//! and the check cannot drift apart.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,50 +142,129 @@ fn code_only(text: &str) -> String {
     out
 }
 
-/// The first segments of the paths in a `{a::b, c, d::{e, f}}` group.
-fn group_heads(group: &str) -> Vec<String> {
-    let mut heads = Vec::new();
-    let (mut depth, mut start) = (0, 0);
-    let inner = &group[1..group.len() - 1];
-    for (i, c) in inner.char_indices() {
+/// Whether a word may start at `i`: the byte before it is no part of an identifier (a `$`, as
+/// in a macro body's `$crate`, is not).
+fn word_start(code: &str, i: usize) -> bool {
+    code[..i]
+        .chars()
+        .next_back()
+        .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+}
+
+/// The identifier at the start of `text` (possibly empty).
+fn ident(text: &str) -> &str {
+    let end = text
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(text.len());
+    &text[..end]
+}
+
+/// `text` after the whole word `word` and the whitespace behind it.
+fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let rest = text.strip_prefix(word)?;
+    ident(rest).is_empty().then(|| rest.trim_start())
+}
+
+/// `text` after a `::` at its start, whitespace allowed around it (`crate ::x`, `crate::\n x`).
+fn strip_separator(text: &str) -> Option<&str> {
+    Some(text.trim_start().strip_prefix("::")?.trim_start())
+}
+
+/// The items of the `{…}` group `text` starts with, split at its own commas.
+fn group_items(text: &str) -> Vec<&str> {
+    let mut items = Vec::new();
+    let (mut depth, mut start) = (0usize, 1);
+    for (i, c) in text.char_indices() {
         match c {
             '{' => depth += 1,
-            '}' => depth -= 1,
-            ',' if depth == 0 => {
-                heads.push(inner[start..i].to_owned());
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    items.push(&text[start..i]);
+                    return items;
+                }
+            }
+            ',' if depth == 1 => {
+                items.push(&text[start..i]);
                 start = i + 1;
             }
             _ => {}
         }
     }
-    heads.push(inner[start..].to_owned());
-    heads
-        .iter()
-        .map(|p| {
-            let p = p.trim();
-            let end = p
-                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .unwrap_or(p.len());
-            p[..end].to_owned()
-        })
-        .filter(|h| !h.is_empty() && h != "self")
-        .collect()
+    items.push(&text[start..]);
+    items
 }
 
-/// The top-level modules `code` names by a path from the crate root: `crate::x` and
-/// `crate::{x, y}`, and `super::…::x` where the `super`s climb from the file's `depth` (plus
-/// the inline `mod name { … }` blocks around them) to the root.
+/// The names `code` imports the crate root under: `use crate as c;`, `use crate::{self as c};`
+/// and `extern crate self as c;`, whose `c::x` then names `x` as `crate::x` does.
+fn crate_aliases(code: &str) -> Vec<String> {
+    let alias = |text: &str| {
+        let name = ident(strip_word(text, "as")?);
+        (!name.is_empty() && name != "_").then(|| name.to_owned())
+    };
+    let mut aliases = Vec::new();
+    for (i, _) in code.match_indices("crate") {
+        let Some(rest) = strip_word(&code[i..], "crate").filter(|_| word_start(code, i)) else {
+            continue;
+        };
+        match strip_separator(rest) {
+            Some(group) if group.starts_with('{') => {
+                let items = group_items(group).into_iter();
+                aliases.extend(items.filter_map(|item| alias(strip_word(item.trim(), "self")?)));
+            }
+            Some(_) => {} // `crate::x as y` renames `x`, not the root
+            None => aliases.extend(alias(strip_word(rest, "self").unwrap_or(rest))),
+        }
+    }
+    aliases
+}
+
+/// Adds the top-level modules named by `tail`, a path that starts at the crate root: `x::…`
+/// names `x`, a group `{x, y::z}` each item's head.
+fn from_root(tail: &str, found: &mut Vec<String>) {
+    if tail.starts_with('{') {
+        for item in group_items(tail) {
+            from_root(item.trim_start(), found);
+        }
+    } else {
+        let head = ident(tail);
+        if !head.is_empty() && head != "self" {
+            found.push(head.to_owned());
+        }
+    }
+}
+
+/// Adds the top-level modules named by `tail`, a path that follows `climbs` `super`s from a
+/// module `depth` below the crate root: more `super`s climb further, in groups too
+/// (`super::{super::x}`), and once at the root the path names modules as [`from_root`] reads.
+fn from_supers(tail: &str, climbs: usize, depth: usize, found: &mut Vec<String>) {
+    if let Some(rest) = strip_word(tail, "super").and_then(strip_separator) {
+        from_supers(rest, climbs + 1, depth, found);
+    } else if climbs >= depth {
+        from_root(tail, found);
+    } else if tail.starts_with('{') {
+        for item in group_items(tail) {
+            if let Some(rest) = strip_word(item.trim_start(), "super").and_then(strip_separator) {
+                from_supers(rest, climbs + 1, depth, found);
+            }
+        }
+    }
+}
+
+/// The top-level modules `code` names by a path from the crate root: `crate::x`,
+/// `crate::{x, y}` and `$crate::x`, the same through an alias of the crate root
+/// ([`crate_aliases`]), and `super::…::x` where the `super`s climb from the file's `depth`
+/// (plus the inline `mod name { … }` blocks around them) to the root. Whitespace may surround
+/// any `::`.
 fn named_modules(code: &str, depth: usize) -> Vec<String> {
+    let aliases = crate_aliases(code);
     let mut found = Vec::new();
     let bytes = code.as_bytes();
-    let word_start =
-        |i: usize| i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
     // Brace depth, and the depths at which inline modules opened.
     let (mut braces, mut inline_mods) = (0usize, Vec::<usize>::new());
     let mut mod_pending = false;
     let mut i = 0;
     while i < code.len() {
-        let rest = &code[i..];
         match bytes[i] {
             b'{' => {
                 if std::mem::take(&mut mod_pending) {
@@ -198,52 +279,30 @@ fn named_modules(code: &str, depth: usize) -> Vec<String> {
                 }
             }
             b';' => mod_pending = false,
-            _ if rest.starts_with("mod ") && word_start(i) => mod_pending = true,
             _ => {}
         }
-        let depth = depth + inline_mods.len();
-        let after_root = if rest.starts_with("crate::") && word_start(i) {
-            Some(i + "crate::".len())
-        } else if rest.starts_with("super::")
-            && word_start(i)
-            && (i < 2 || &bytes[i - 2..i] != b"::")
-        {
-            let mut j = i;
-            let mut climbs = 0;
-            while code[j..].starts_with("super::") {
-                climbs += 1;
-                j += "super::".len();
-            }
-            (climbs >= depth && depth > 0).then_some(j)
-        } else {
-            None
-        };
-        let Some(at) = after_root else {
-            i += rest.chars().next().map_or(1, char::len_utf8);
+        let word = ident(&code[i..]);
+        if word.is_empty() || !word_start(code, i) {
+            i += code[i..].chars().next().map_or(1, char::len_utf8);
             continue;
-        };
-        let tail = code[at..].trim_start();
-        if tail.starts_with('{') {
-            let mut depth_b = 0;
-            let end = tail
-                .char_indices()
-                .find(|&(_, c)| {
-                    match c {
-                        '{' => depth_b += 1,
-                        '}' => depth_b -= 1,
-                        _ => {}
-                    }
-                    depth_b == 0
-                })
-                .map_or(tail.len(), |(e, _)| e + 1);
-            found.extend(group_heads(&tail[..end]));
-        } else {
-            let end = tail
-                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len());
-            found.push(tail[..end].to_owned());
         }
-        i = at;
+        // `a::crate`, `a::super` and `a::c` do not start at the root.
+        let continues_a_path = code[..i].trim_end().ends_with("::");
+        let depth = depth + inline_mods.len();
+        let after = strip_separator(&code[i + word.len()..]);
+        match (word, after) {
+            ("mod", _) => mod_pending = true,
+            (_, Some(tail)) if !continues_a_path && word == "super" && depth > 0 => {
+                from_supers(tail, 1, depth, &mut found);
+            }
+            (_, Some(tail))
+                if !continues_a_path && (word == "crate" || aliases.iter().any(|a| a == word)) =>
+            {
+                from_root(tail, &mut found);
+            }
+            _ => {}
+        }
+        i += word.len();
     }
     found
 }
@@ -336,6 +395,91 @@ fn architecture_check_reads_every_path_form() {
         module_of(Path::new("/s"), Path::new("/s/admin.rs")),
         (Some("admin".into()), 1)
     );
+}
+
+/// The checker follows a name the crate root is imported under: `use crate as c;`,
+/// `use crate::{self as c};`, `extern crate self as c;`; a renamed item is no alias of the root.
+#[test]
+fn architecture_check_follows_aliases_of_the_crate_root() {
+    assert_eq!(
+        named_modules(
+            &code_only("use crate as c;\nfn f() { c::admin::run(); }"),
+            1
+        ),
+        ["admin"]
+    );
+    assert_eq!(
+        named_modules(
+            "use crate::{self as root, config};\nfn f() { root::reload::x(); }",
+            1
+        ),
+        ["config", "reload"]
+    );
+    assert_eq!(
+        named_modules("extern crate self as me;\nuse me::{hub, server};", 1),
+        ["hub", "server"]
+    );
+    assert_eq!(
+        crate_aliases("use crate as c; extern crate self as d;"),
+        ["c", "d"]
+    );
+    // `c` renames a type here, and `x::c` is a path of its own.
+    assert_eq!(
+        named_modules(
+            "use crate::hub::Topic as c;\nfn f() { c::new(); x::c::y(); }",
+            1
+        ),
+        ["hub"]
+    );
+    assert!(crate_aliases("use crate::hub::Topic as c; let crate_as = 1;").is_empty());
+}
+
+/// Whitespace around `::` changes nothing in Rust, nor here.
+#[test]
+fn architecture_check_reads_paths_spaced_around_their_separators() {
+    assert_eq!(
+        named_modules("fn f() { crate ::admin::x(); }", 1),
+        ["admin"]
+    );
+    assert_eq!(
+        named_modules("fn f() { crate::\n    reload::y(); }", 1),
+        ["reload"]
+    );
+    assert_eq!(
+        named_modules("use crate :: { gateway, server };", 1),
+        ["gateway", "server"]
+    );
+    assert_eq!(named_modules("use super :: super :: hub::X;", 2), ["hub"]);
+    assert!(named_modules("use super :: sibling;", 2).is_empty());
+}
+
+/// A `super` inside a group climbs on from where the path outside it has climbed to.
+#[test]
+fn architecture_check_climbs_through_super_in_nested_groups() {
+    assert_eq!(
+        named_modules("use super::{super::admin::X, sibling::Y};", 2),
+        ["admin"]
+    );
+    assert_eq!(
+        named_modules("use super::{super::{super::hub::X}};", 3),
+        ["hub"]
+    );
+    assert_eq!(
+        named_modules("use super::{super::{admin, config}};", 2),
+        ["admin", "config"]
+    );
+    // Two levels up from three below the root is not the root.
+    assert!(named_modules("use super::{super::sibling};", 3).is_empty());
+}
+
+/// `$crate` in a macro body names the crate root, as `crate` does.
+#[test]
+fn architecture_check_reads_dollar_crate_in_macro_bodies() {
+    let code = code_only(
+        "macro_rules! m {\n    ($e:expr) => { $crate::admin::call($e) };\n    \
+         () => { $crate :: server::x() };\n}\n",
+    );
+    assert_eq!(named_modules(&code, 1), ["admin", "server"]);
 }
 
 /// ARCHITECTURE.md's walk of a held poll on the cleartext HTTP/1.1 path names at most six
