@@ -3,10 +3,10 @@
 //! `crate::x::f()`, `$crate::x` in macros, the same through an alias such as `use crate as c;`,
 //! `super::` paths that climb to the crate root, in nested groups too, with or without spaces
 //! around `::`) is resolved to the top-level module it names, and a module may name only
-//! modules of lower layers. The layer table is read from ARCHITECTURE.md itself, so the document
-//! and the check cannot drift apart.
+//! modules of lower layers. The layer table is read from ARCHITECTURE.md itself, and must list
+//! exactly the modules src/lib.rs declares, so the document and the code cannot drift apart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -307,6 +307,48 @@ fn named_modules(code: &str, depth: usize) -> Vec<String> {
     found
 }
 
+/// The modules `code` (a crate root) declares from files: `mod x;` with any visibility, outside
+/// every block (not an inline `mod x { … }`, nor a declaration inside one).
+fn declared_modules(code: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    for (i, c) in code.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.saturating_sub(1),
+            'm' if depth == 0 && word_start(code, i) => {
+                if let Some(rest) = strip_word(&code[i..], "mod") {
+                    let name = ident(rest);
+                    if !name.is_empty() && rest[name.len()..].trim_start().starts_with(';') {
+                        out.push(name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// src/lib.rs declares exactly the modules of ARCHITECTURE.md's layer table: a module added to
+/// one and not the other fails here.
+#[test]
+fn architecture_layer_table_lists_the_modules_of_lib_rs() {
+    let lib = std::fs::read_to_string(Path::new(ROOT).join("src/lib.rs")).unwrap();
+    let declared: BTreeSet<String> = declared_modules(&code_only(&lib)).into_iter().collect();
+    let listed: BTreeSet<String> = layers().into_keys().collect();
+    let unlisted: Vec<_> = declared.difference(&listed).collect();
+    let undeclared: Vec<_> = listed.difference(&declared).collect();
+    assert!(
+        unlisted.is_empty(),
+        "src/lib.rs declares {unlisted:?}, which ARCHITECTURE.md's layer table does not list"
+    );
+    assert!(
+        undeclared.is_empty(),
+        "ARCHITECTURE.md's layer table lists {undeclared:?}, which src/lib.rs does not declare"
+    );
+}
+
 #[test]
 fn architecture_layers_import_only_downwards() {
     let layers = layers();
@@ -315,7 +357,7 @@ fn architecture_layers_import_only_downwards() {
     rust_files(&src, &mut files);
     files.sort();
     let mut violations = Vec::new();
-    let mut seen_modules = std::collections::BTreeSet::new();
+    let mut seen_modules = BTreeSet::new();
     for file in &files {
         let (module, depth) = module_of(&src, file);
         let Some(module) = module else {
@@ -480,6 +522,14 @@ fn architecture_check_reads_dollar_crate_in_macro_bodies() {
          () => { $crate :: server::x() };\n}\n",
     );
     assert_eq!(named_modules(&code, 1), ["admin", "server"]);
+}
+
+/// lib.rs's module list as the layer-table check reads it.
+#[test]
+fn architecture_check_reads_the_modules_a_crate_root_declares() {
+    let lib = "pub mod a;\nmod b;\npub(crate) mod c ;\n#[cfg(test)]\nmod tests {\n    mod inner;\n}\n\
+               fn f() { let module = 1; }\n";
+    assert_eq!(declared_modules(lib), ["a", "b", "c"]);
 }
 
 /// ARCHITECTURE.md's walk of a held poll on the cleartext HTTP/1.1 path names at most six
