@@ -4,7 +4,8 @@
 //! `super::` paths that climb to the crate root, in nested groups too, with or without spaces
 //! around `::`) is resolved to the top-level module it names, and a module may name only
 //! modules of lower layers. The layer table is read from ARCHITECTURE.md itself, and must list
-//! exactly the modules src/lib.rs declares, so the document and the code cannot drift apart.
+//! exactly the modules src/lib.rs declares, so the document and the code cannot drift apart; the
+//! document's walk of a held poll must name functions where they are.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -532,21 +533,159 @@ fn architecture_check_reads_the_modules_a_crate_root_declares() {
     assert_eq!(declared_modules(lib), ["a", "b", "c"]);
 }
 
+/// The walk's checks find a function in the blocks of the type it is named with, and a free
+/// function outside every block.
+#[test]
+fn architecture_walk_check_finds_functions_in_their_own_blocks() {
+    let code = code_only(
+        "impl<H: Handler> Socket<H> where H: Send { fn start(&self) {} }\n\
+         fn f(h: impl Socket) { fn inner() {} }\n\
+         impl<H> Drop for crate::x::Socket<H> { fn drop(&mut self) {} }\n\
+         pub trait Socket: Send { fn look(&self); }\n\
+         impl Other { fn park() {} }\n\
+         enum Slot<P> { Idle, Woken(P) }\n",
+    );
+    let blocks = blocks_of(&code, &["impl", "trait"], "Socket");
+    assert_eq!(blocks.len(), 3, "{blocks:?}");
+    for name in ["start", "drop", "look"] {
+        assert!(
+            blocks.iter().any(|b| has_word(b, &format!("fn {name}"))),
+            "{name}"
+        );
+    }
+    for name in ["inner", "park"] {
+        assert!(
+            !blocks.iter().any(|b| has_word(b, &format!("fn {name}"))),
+            "{name}"
+        );
+    }
+    assert!(defines_free_fn(&code, "f"));
+    assert!(!defines_free_fn(&code, "start"));
+    assert!(!defines_free_fn(&code, "inner"));
+    let slot = blocks_of(&code, &["enum"], "Slot");
+    assert!(has_word(slot[0], "Woken") && !has_word(slot[0], "Woke"));
+}
+
+/// The body (braces included) of the block whose `{` is at `open`.
+fn block_at(code: &str, open: usize) -> &str {
+    let mut depth = 0usize;
+    for (i, c) in code[open..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &code[open..=open + i];
+                }
+            }
+            _ => {}
+        }
+    }
+    &code[open..]
+}
+
+/// The type an `impl` header (the text between `impl` and its `{`) is for: `Socket` in
+/// `<H: Handler> Socket<H> where …`, `Current` in `service::Handler for Current`.
+fn impl_self_type(header: &str) -> &str {
+    let mut rest = header.trim_start();
+    if rest.starts_with('<') {
+        let mut depth = 0;
+        let end = rest
+            .char_indices()
+            .find(|&(_, c)| {
+                match c {
+                    '<' => depth += 1,
+                    '>' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0
+            })
+            .map_or(rest.len(), |(e, _)| e + 1);
+        rest = &rest[end..];
+    }
+    let rest = rest.split(" where ").next().unwrap_or_default();
+    let rest = rest.split_once(" for ").map_or(rest, |(_, ty)| ty);
+    let path = rest.trim().split('<').next().unwrap_or_default();
+    ident(path.rsplit("::").next().unwrap_or_default())
+}
+
+/// The bodies of the blocks that define `ty`'s functions in `code`: every item-level `impl`
+/// for it (`impl Ty`, `impl<T> Ty<T>`, `impl Trait for Ty`) and `trait Ty`; with `enum`, the
+/// body of `enum Ty`. An `impl Trait` in a type's place (`fn f(x: impl Ty)`) is none of them.
+fn blocks_of<'a>(code: &'a str, keywords: &[&str], ty: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    for &keyword in keywords {
+        for (i, _) in code.match_indices(keyword) {
+            if !word_start(code, i) || strip_word(&code[i..], keyword).is_none() {
+                continue;
+            }
+            let before = code[..i].trim_end();
+            let item = before.is_empty()
+                || before.ends_with(['}', ';', '{', ']'])
+                || ["pub", "pub(crate)", "pub(super)", "unsafe"]
+                    .iter()
+                    .any(|w| before.ends_with(w));
+            let Some(open) = code[i..].find(['{', ';']).map(|o| i + o) else {
+                continue;
+            };
+            if (keyword == "impl" && !item) || code.as_bytes()[open] == b';' {
+                continue;
+            }
+            let header = &code[i + keyword.len()..open];
+            let named = if keyword == "impl" {
+                impl_self_type(header)
+            } else {
+                ident(header.trim_start())
+            };
+            if named == ty {
+                out.push(block_at(code, open));
+            }
+        }
+    }
+    out
+}
+
+/// Whether `text` has the whole word `word`.
+fn has_word(text: &str, word: &str) -> bool {
+    text.match_indices(word)
+        .any(|(i, _)| word_start(text, i) && ident(&text[i + word.len()..]).is_empty())
+}
+
+/// Whether `code` defines `fn name` outside every block (a free function of its module).
+fn defines_free_fn(code: &str, name: &str) -> bool {
+    let pattern = format!("fn {name}");
+    code.match_indices(&pattern).any(|(i, _)| {
+        let depth: isize = code[..i]
+            .chars()
+            .map(|c| match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            })
+            .sum();
+        depth == 0 && word_start(code, i) && ident(&code[i + pattern.len()..]).is_empty()
+    })
+}
+
 /// ARCHITECTURE.md's walk of a held poll on the cleartext HTTP/1.1 path names at most six
-/// files, each of them exists, and every function it names (`name`, `Type::name`) is defined in
-/// one of them; every type it names exists somewhere under `src/`.
+/// files, each of them exists, and every function it names is defined where it says: in the
+/// file its step opens with (`1. `src/server/conn.rs`: …`) or the file named right after it
+/// (`` `Topic::park` in `src/hub/topic.rs` ``, `` `hold` (in `h1/mod.rs`) ``); `Type::name` in
+/// an `impl` of `Type` or in `trait Type` there (in the file defining `Type` when the walk names
+/// no file); `module::name` as a free function of that module's file. A plain name its step's
+/// file does not define must be a method of the contract it crosses (a trait of `service`).
+/// Every type it names exists under `src/`, and every `Enum::Variant` is a variant of `Enum`.
 #[test]
 fn architecture_held_poll_walk_names_what_exists() {
     let doc = std::fs::read_to_string(Path::new(ROOT).join("ARCHITECTURE.md")).unwrap();
     let start = doc
-        .find("\n### ")
-        .and_then(|_| {
-            doc.match_indices("\n### ").map(|(i, _)| i).find(|&i| {
-                doc[i..]
-                    .lines()
-                    .nth(1)
-                    .is_some_and(|h| h.contains("held poll"))
-            })
+        .match_indices("\n### ")
+        .map(|(i, _)| i)
+        .find(|&i| {
+            doc[i..]
+                .lines()
+                .nth(1)
+                .is_some_and(|h| h.contains("held poll"))
         })
         .expect("ARCHITECTURE.md has a ### heading with \"held poll\" in it");
     let end = doc[start + 4..]
@@ -565,61 +704,161 @@ fn architecture_held_poll_walk_names_what_exists() {
         "the walk names {} files: {files:?}",
         files.len()
     );
-    let texts: Vec<String> = files
-        .iter()
-        .map(|f| {
-            std::fs::read_to_string(Path::new(ROOT).join(f))
-                .unwrap_or_else(|_| panic!("{f}, named in ARCHITECTURE.md, does not exist"))
-        })
-        .collect();
+    for f in &files {
+        assert!(
+            Path::new(ROOT).join(f).is_file(),
+            "{f}, named in ARCHITECTURE.md, does not exist"
+        );
+    }
+    // Every file under src/, as code, by its path from the root (`src/hub/topic.rs`).
     let mut all_src = Vec::new();
     rust_files(&Path::new(ROOT).join("src"), &mut all_src);
-    let everything: String = all_src
+    let code: BTreeMap<String, String> = all_src
         .iter()
-        .map(|f| std::fs::read_to_string(f).unwrap())
+        .map(|f| {
+            let rel = f.strip_prefix(ROOT).unwrap().to_string_lossy();
+            let rel = rel.trim_start_matches('/').to_owned();
+            (rel, code_only(&std::fs::read_to_string(f).unwrap()))
+        })
         .collect();
-    let defines = |text: &str, keyword: &str, name: &str| {
-        text.match_indices(&format!("{keyword} {name}"))
-            .any(|(i, m)| {
-                let after = text[i + m.len()..].chars().next();
-                after.is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
-            })
+    // A file as the walk writes it: from the root, or its tail (`h1/socket.rs`).
+    let resolve = |written: &str| {
+        let matching: Vec<&String> = files
+            .iter()
+            .filter(|f| *f == written || f.ends_with(&format!("/{written}")))
+            .collect();
+        assert_eq!(
+            matching.len(),
+            1,
+            "ARCHITECTURE.md's walk names `{written}`: one of {files:?} expected"
+        );
+        matching[0].clone()
     };
+    // The files that define the type `ty` (with one of `keywords`).
+    let defining = |keywords: &[&str], ty: &str| -> Vec<String> {
+        code.iter()
+            .filter(|(_, c)| keywords.iter().any(|k| has_word(c, &format!("{k} {ty}"))))
+            .map(|(f, _)| f.clone())
+            .collect()
+    };
+    // The bodies of the contract's traits.
+    let contract: Vec<&str> = code
+        .iter()
+        .filter(|(f, _)| f.starts_with("src/service"))
+        .flat_map(|(_, c)| {
+            let traits = c.match_indices("trait ").filter(|&(i, _)| word_start(c, i));
+            traits.flat_map(|(i, _)| blocks_of(c, &["trait"], ident(&c[i + "trait ".len()..])))
+        })
+        .collect();
+
+    // The quoted names, each with the file its step opens with and the file named after it.
+    let quotes: Vec<(usize, &str)> = {
+        let ticks: Vec<usize> = section.match_indices('`').map(|(i, _)| i).collect();
+        ticks
+            .chunks(2)
+            .filter(|pair| pair.len() == 2)
+            .map(|pair| (pair[0], &section[pair[0] + 1..pair[1]]))
+            .collect()
+    };
+    let step_file = |at: usize| -> Option<String> {
+        // A step is a numbered item; it ends at a blank line.
+        let before = &section[..at];
+        let line_start = before.match_indices('\n').map(|(i, _)| i + 1).rfind(|&i| {
+            let line = &section[i..];
+            let digits = line.find(|c: char| !c.is_ascii_digit()).unwrap_or(0);
+            digits > 0 && line[digits..].starts_with(". ")
+        })?;
+        if section[line_start..at].contains("\n\n") {
+            return None;
+        }
+        let text = section[line_start..].split_once(". ")?.1;
+        let file = text.strip_prefix('`')?.split('`').next()?;
+        file.ends_with(".rs").then(|| resolve(file))
+    };
+    // `in `F``, `(`F`)` or `(in `F`)` right after the quote that closes at `close`, across
+    // line breaks.
+    let named_after = |close: usize| -> Option<String> {
+        let rest = section[close + 1..].trim_start();
+        let after_paren = rest.strip_prefix('(').map(str::trim_start);
+        let after_in = strip_word(after_paren.unwrap_or(rest), "in");
+        if after_paren.is_none() && after_in.is_none() {
+            return None;
+        }
+        let rest = after_in.or(after_paren)?;
+        let file = rest.strip_prefix('`')?.split('`').next()?;
+        file.ends_with(".rs").then(|| resolve(file))
+    };
+
     let mut checked = 0;
-    for (i, quoted) in section.split('`').enumerate() {
-        if i % 2 == 0 {
+    for &(open, quoted) in &quotes {
+        let is_path = quoted
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '_' || c == ':');
+        // Files, prose, and config keys (not functions of ours).
+        if quoted.is_empty() || !is_path || ["write_timeout", "max_connections"].contains(&quoted) {
             continue;
         }
-        let is_path = |s: &str| {
-            s.chars()
-                .all(|c| c.is_alphanumeric() || c == '_' || c == ':')
+        let close = open + 1 + quoted.len();
+        let segments: Vec<&str> = quoted.split("::").collect();
+        let (qualifier, name) = match segments.as_slice() {
+            [name] => (None, *name),
+            [qualifier, name] => (Some(*qualifier), *name),
+            _ => panic!("ARCHITECTURE.md's walk names `{quoted}`, a path this test cannot check"),
         };
-        if quoted.is_empty() || !is_path(quoted) || quoted.starts_with("src") {
-            continue;
-        }
-        let last = quoted.rsplit("::").next().unwrap();
-        if last.chars().next().is_some_and(char::is_lowercase) {
-            let known = ["write_timeout", "max_connections", "http1", "http2"];
-            if known.contains(&last) {
-                continue; // config keys and hyper's modules, not functions of ours
+        let file = named_after(close).or_else(|| step_file(open));
+        let lower = |s: &str| s.starts_with(|c: char| c.is_lowercase());
+        match qualifier {
+            // A free function of a module: `h1::serve`.
+            Some(module) if lower(module) && lower(name) => {
+                let module_file = resolve(&format!("{module}/mod.rs"));
+                assert!(
+                    defines_free_fn(&code[&module_file], name),
+                    "ARCHITECTURE.md names `{quoted}`, but {module_file} has no free `fn {name}`"
+                );
             }
-            assert!(
-                texts.iter().any(|t| defines(t, "fn", last)),
-                "ARCHITECTURE.md names `{quoted}`, but no `fn {last}` is in {files:?}"
-            );
-        } else {
-            let variant = [format!("{last}("), format!("{last} {{"), format!("{last},")]
-                .iter()
-                .any(|v| everything.contains(v.as_str()));
-            assert!(
-                variant
-                    || ["struct", "enum", "trait", "type"].iter().any(|k| defines(
-                        &everything,
-                        k,
-                        last
-                    )),
-                "ARCHITECTURE.md names the type or variant `{quoted}`, which src/ does not define"
-            );
+            // A method: `Socket::park`, `HeldPoll::expire`.
+            Some(ty) if lower(name) => {
+                let file = file.unwrap_or_else(|| {
+                    let found = defining(&["struct", "enum", "trait"], ty);
+                    assert_eq!(found.len(), 1, "`{ty}` is defined in {found:?}");
+                    found[0].clone()
+                });
+                let blocks = blocks_of(&code[&file], &["impl", "trait"], ty);
+                assert!(
+                    blocks.iter().any(|b| has_word(b, &format!("fn {name}"))),
+                    "ARCHITECTURE.md names `{quoted}`, but no `impl {ty}` or `trait {ty}` in \
+                     {file} has a `fn {name}`"
+                );
+            }
+            // A variant: `Slot::Woken`.
+            Some(ty) => {
+                let variant = code
+                    .values()
+                    .flat_map(|c| blocks_of(c, &["enum"], ty))
+                    .any(|body| has_word(body, name));
+                assert!(
+                    variant,
+                    "ARCHITECTURE.md names `{quoted}`: no `enum {ty}` has it"
+                );
+            }
+            // A function of the step's file, or of the contract it calls through.
+            None if lower(name) => {
+                let own = file
+                    .as_ref()
+                    .is_some_and(|f| has_word(&code[f], &format!("fn {name}")));
+                let through_contract = contract.iter().any(|t| has_word(t, &format!("fn {name}")));
+                assert!(
+                    own || through_contract,
+                    "ARCHITECTURE.md names `{quoted}` in {}, which has no `fn {name}`, nor does \
+                     a trait of src/service.rs",
+                    file.as_deref().unwrap_or("a passage that names no file")
+                );
+            }
+            // A type.
+            None => assert!(
+                !defining(&["struct", "enum", "trait", "type"], name).is_empty(),
+                "ARCHITECTURE.md names the type `{quoted}`, which src/ does not define"
+            ),
         }
         checked += 1;
     }
