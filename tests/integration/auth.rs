@@ -92,17 +92,9 @@ async fn serve(backend: Arc<Backend>, req: Request<Incoming>) -> Response<pollmu
         .unwrap()
 }
 
-fn config(upstream: &Upstream, extra_hook: &str) -> String {
-    format!(
+fn config(upstream: &Upstream, extra_hook: &str) -> TestConfig {
+    let private = format!(
         r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.backend]
-url = "{}"
-headers = {{ X-Pollmux-Token = "own" }}
-[routes.private]
 path = "/private/{{topic}}"
 params.topic = "^[0-9]{{1,4}}$"
 kind = "poll"
@@ -112,9 +104,15 @@ start = "earliest"
 hold = "10s"
 max_hold = "10s"
 linger = "30s"
-"#,
-        upstream.url()
-    )
+"#
+    );
+    TestConfig::new()
+        .upstream_with(
+            "backend",
+            &upstream.url(),
+            r#"headers = { X-Pollmux-Token = "own" }"#,
+        )
+        .route("private", &private)
 }
 
 async fn poll_as(conn: &mut Conn, path: &str, user: &str) -> (u16, HeaderMap, Bytes) {
@@ -133,7 +131,7 @@ async fn poll_as(conn: &mut Conn, path: &str, user: &str) -> (u16, HeaderMap, By
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_message_reaches_a_client_the_hook_did_not_allow() {
     let (backend, upstream) = start_backend().await;
-    let gw = Gateway::start(&config(&upstream, "")).await;
+    let gw = Gateway::start(&config(&upstream, "").toml()).await;
     let addr = gw.addr();
     let mut rng = fastrand::Rng::with_seed(7);
     let mut plan = Vec::new();
@@ -203,7 +201,9 @@ async fn no_message_reaches_a_client_the_hook_did_not_allow() {
 async fn concurrent_checks_share_one_hook_request_and_decisions_are_cached() {
     let (backend, upstream) = start_backend().await;
     backend.hook_delay_ms.store(300, Ordering::SeqCst);
-    let text = config(&upstream, "") + "[limits]\nmax_polls_per_client = 64\n";
+    let text = config(&upstream, "")
+        .limits("max_polls_per_client = 64")
+        .toml();
     let gw = Gateway::start(&text).await;
     let addr = gw.addr();
     // User 0 may read topic 0; 50 of its polls at once ask the hook once.
@@ -238,7 +238,7 @@ async fn concurrent_checks_share_one_hook_request_and_decisions_are_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_refusals_pass_through_and_failures_fail_closed() {
     let (backend, upstream) = start_backend().await;
-    let gw = Gateway::start(&config(&upstream, ", timeout = \"200ms\"")).await;
+    let gw = Gateway::start(&config(&upstream, ", timeout = \"200ms\"").toml()).await;
     let mut conn = Conn::open(gw.addr()).await;
     let cases: [(u16, u16, &str); 3] = [
         (401, 401, "urn:pollmux:problem:unauthorized"),
@@ -301,23 +301,17 @@ async fn private_answers_are_not_shared_on_a_hook_route() {
         }
     })
     .await;
-    let text = format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[routes.inbox]
-path = "/inbox/{{id}}"
+    let inbox = r#"
+path = "/inbox/{id}"
 kind = "collapse"
 upstream = "api"
-auth = {{ hook = {{ upstream = "api", path = "/can-read/{{id}}" }} }}
+auth = { hook = { upstream = "api", path = "/can-read/{id}" } }
 max_unshared = 2
-"#,
-        upstream.url()
-    );
+"#;
+    let text = TestConfig::new()
+        .upstream("api", &upstream.url())
+        .route("inbox", inbox)
+        .toml();
     let gw = Gateway::start(&text).await;
     let addr = gw.addr();
     let ask = move |user: u64| async move {
@@ -365,13 +359,16 @@ max_unshared = 2
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_on_a_collapse_route_is_authorized_first() {
     let (backend, upstream) = start_backend().await;
-    let text = format!(
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-         [upstreams.backend]\nurl = \"{}\"\n[routes.c]\npath = \"/c/{{topic}}\"\n\
-         kind = \"collapse\"\nupstream = \"backend\"\n\
-         auth = {{ hook = {{ upstream = \"backend\", path = \"/can-read/{{topic}}\" }} }}\n",
-        upstream.url()
-    );
+    let c = r#"
+path = "/c/{topic}"
+kind = "collapse"
+upstream = "backend"
+auth = { hook = { upstream = "backend", path = "/can-read/{topic}" } }
+"#;
+    let text = TestConfig::new()
+        .upstream("backend", &upstream.url())
+        .route("c", c)
+        .toml();
     let gw = Gateway::start(&text).await;
     // User 0 may not read topic 1: no method gets through to the upstream.
     for method in ["POST", "DELETE", "HEAD", "GET"] {

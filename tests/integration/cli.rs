@@ -128,10 +128,7 @@ fn version_is_printed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_asks_the_admin_listener() {
-    let gw = Gateway::start(
-        "[listeners.p]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let gw = Gateway::start(&TestConfig::with_listener("p", "").toml()).await;
     let admin = gw.admin.to_string();
     let out = tokio::task::spawn_blocking(move || pollmux(&["health", "--address", &admin]))
         .await
@@ -210,9 +207,7 @@ impl Child {
 
 #[tokio::test]
 async fn sighup_reloads_and_an_invalid_file_keeps_the_running_config() {
-    let base =
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n";
-    let child = Child::start(base).await;
+    let child = Child::start(&TestConfig::new().toml()).await;
     assert_eq!(get(child.public, "/news/a?timeout=0").await.status(), 404);
     let failures = |admin: SocketAddr| async move {
         let text = body_string(get(admin, "/metrics").await).await;
@@ -225,8 +220,9 @@ async fn sighup_reloads_and_an_invalid_file_keeps_the_running_config() {
     })
     .await;
     assert_eq!(readyz_status(child.admin).await, 200, "still serving");
-    let news = "[routes.news]\npath = \"/news/{topic}\"\nkind = \"poll\"\nsource.type = \"publish\"\nauth = \"public\"\n";
-    std::fs::write(&child.file, format!("{base}{news}")).unwrap();
+    let news =
+        "path = \"/news/{topic}\"\nkind = \"poll\"\nsource.type = \"publish\"\nauth = \"public\"";
+    std::fs::write(&child.file, TestConfig::new().route("news", news).toml()).unwrap();
     child.signal("-HUP");
     eventually("the added route to serve", || async {
         get(child.public, "/news/a?timeout=0").await.status() == 200
@@ -251,25 +247,21 @@ async fn gated_upstream() -> (Upstream, mpsc::Receiver<()>, watch::Sender<bool>)
     (upstream, arrived, release)
 }
 
-fn child_config(upstream: &Upstream, shutdown_timeout: &str) -> String {
-    format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[shutdown]
-drain_window = "100ms"
-timeout = "{shutdown_timeout}"
-[upstreams.api]
-url = "{}"
-[routes.api]
-path = "/api/{{*rest}}"
+/// A proxy route to the upstream `api`.
+const API: &str = r#"
+path = "/api/{*rest}"
 kind = "proxy"
 upstream = "api"
-"#,
-        upstream.url()
-    )
+"#;
+
+fn child_config(upstream: &Upstream, shutdown_timeout: &str) -> String {
+    TestConfig::new()
+        .shutdown(&format!(
+            "drain_window = \"100ms\"\ntimeout = \"{shutdown_timeout}\""
+        ))
+        .upstream("api", &upstream.url())
+        .route("api", API)
+        .toml()
 }
 
 async fn readyz_status(admin: SocketAddr) -> u16 {
@@ -331,12 +323,7 @@ async fn second_signal_exits_at_once() {
 /// binary, every scenario, and nothing lost, duplicated or reordered.
 #[tokio::test]
 async fn load_tool_smoke_run_loses_nothing() {
-    let config = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[routes.bench]
+    let bench = r#"
 path = "/bench/{topic}"
 kind = "poll"
 source.type = "publish"
@@ -344,7 +331,7 @@ auth = "public"
 hold = "30s"
 max_hold = "30s"
 "#;
-    let child = Child::start(config).await;
+    let child = Child::start(&TestConfig::new().route("bench", bench).toml()).await;
     let pid = child.child.id().expect("running").to_string();
     let sub = format!("http://{}/bench/{{topic}}", child.public);
     let publish = format!("http://{}/publish/bench/{{topic}}", child.admin);
@@ -457,13 +444,16 @@ fn public_listening(line: &str) -> Option<SocketAddr> {
 #[tokio::test]
 async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
     let upstream = Upstream::start(|_req| async { text_response(500, "down") }).await;
-    let config = format!(
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-         [upstreams.api]\nurl = \"{}\"\n\
-         [routes.feed]\npath = \"/feed/{{id}}\"\nkind = \"poll\"\nauth = \"public\"\n\
-         source = {{ type = \"upstream-sse\", upstream = \"api\", path = \"/events/{{id}}\" }}\n",
-        upstream.url()
-    );
+    let feed = r#"
+path = "/feed/{id}"
+kind = "poll"
+auth = "public"
+source = { type = "upstream-sse", upstream = "api", path = "/events/{id}" }
+"#;
+    let config = TestConfig::new()
+        .upstream("api", &upstream.url())
+        .route("feed", feed)
+        .toml();
     let mut log = TextLog::start(&config, &[]).await;
     let mut public = None;
     let mut seen = Vec::new();
@@ -491,11 +481,10 @@ async fn logs_to_a_pipe_are_plain_and_name_the_route_and_topic() {
 #[tokio::test]
 async fn debug_logs_carry_connection_and_request_spans() {
     let closed = closed_port().await;
-    let config = format!(
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-         [upstreams.api]\nurl = \"http://{closed}\"\n\
-         [routes.api]\npath = \"/api/{{*rest}}\"\nkind = \"proxy\"\nupstream = \"api\"\n"
-    );
+    let config = TestConfig::new()
+        .upstream("api", &format!("http://{closed}"))
+        .route("api", API)
+        .toml();
     let mut log = TextLog::start(&config, &["--log-level", "pollmux=debug"]).await;
     let (mut failed, mut closed_line) = (None, None);
     while failed.is_none() || closed_line.is_none() {

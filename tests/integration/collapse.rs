@@ -157,18 +157,9 @@ async fn answer(api: Arc<Api>, req: Request<Incoming>) -> Response<pollmux::upst
     }
 }
 
-fn config(upstream: &Upstream, extra: &str) -> String {
-    format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-headers = {{ X-Pollmux-Token = "own" }}
-[routes.orders]
-path = "/orders/{{id}}/status"
+fn config(upstream: &Upstream, extra: &str) -> TestConfig {
+    let orders = r#"
+path = "/orders/{id}/status"
 kind = "collapse"
 upstream = "api"
 cursor.query = "version"
@@ -176,10 +167,14 @@ next_cursor.json = "/version"
 expose_headers = ["x-trace"]
 auth = "public"
 linger = "30s"
-{extra}
-"#,
-        upstream.url()
-    )
+"#;
+    TestConfig::new()
+        .upstream_with(
+            "api",
+            &upstream.url(),
+            r#"headers = { X-Pollmux-Token = "own" }"#,
+        )
+        .route("orders", &format!("{orders}{extra}"))
 }
 
 const PUBLIC: &str = "share = \"public\"";
@@ -212,7 +207,7 @@ async fn wait_for_waiters(gw: &Gateway, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_clients_share_one_upstream_request_and_get_identical_bytes() {
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let addr = gw.addr();
     let mut clients = Vec::new();
     for i in 0..1000 {
@@ -277,7 +272,7 @@ async fn chained_requests_keep_one_upstream_request_per_event() {
     const CLIENTS: usize = 1000;
     const EVENTS: u64 = 10;
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let addr = gw.addr();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -329,7 +324,7 @@ async fn chained_requests_keep_one_upstream_request_per_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_request_is_open_before_the_client_polls_again() {
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let mut conn = Conn::open(gw.addr()).await;
     let addr = gw.addr();
     let first = tokio::spawn(async move {
@@ -354,7 +349,7 @@ async fn the_next_request_is_open_before_the_client_polls_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_client_is_answered_from_the_stored_response() {
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let addr = gw.addr();
     let first = tokio::spawn(async move {
         let mut conn = Conn::open(addr).await;
@@ -378,7 +373,7 @@ async fn late_client_is_answered_from_the_stored_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_timeout_answers_and_errors_go_to_current_waiters_only() {
     let (api, upstream) = start_api(Duration::from_millis(300)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let mut conn = Conn::open(gw.addr()).await;
 
     // The upstream's own timeout answer (304, same version) is relayed, never stored.
@@ -406,7 +401,7 @@ async fn upstream_timeout_answers_and_errors_go_to_current_waiters_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vary_authorization_shares_only_within_one_credential() {
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, "vary = [\"authorization\"]")).await;
+    let gw = Gateway::start(&config(&upstream, "vary = [\"authorization\"]").toml()).await;
     let addr = gw.addr();
     let mut clients = Vec::new();
     for i in 0..150 {
@@ -443,7 +438,7 @@ async fn vary_authorization_shares_only_within_one_credential() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_methods_and_bodies_pass_through() {
     let (api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, PUBLIC)).await;
+    let gw = Gateway::start(&config(&upstream, PUBLIC).toml()).await;
     let addr: SocketAddr = gw.addr();
     for _ in 0..2 {
         let req = Request::post("/orders/3/status?version=0")
@@ -471,8 +466,9 @@ async fn other_methods_and_bodies_pass_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_shutdown_waiters_without_an_answer_get_503_after_the_drain_window() {
     let (_api, upstream) = start_api(Duration::from_secs(30)).await;
-    let text =
-        config(&upstream, PUBLIC) + "[shutdown]\ndrain_window = \"200ms\"\ntimeout = \"5s\"\n";
+    let text = config(&upstream, PUBLIC)
+        .shutdown("drain_window = \"200ms\"\ntimeout = \"5s\"")
+        .toml();
     let gw = Gateway::start(&text).await;
     let addr = gw.addr();
     let waiter = tokio::spawn(async move {
@@ -491,7 +487,7 @@ async fn on_shutdown_waiters_without_an_answer_get_503_after_the_drain_window() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_topics_turns_new_topics_into_503() {
     let (_api, upstream) = start_api(Duration::from_secs(30)).await;
-    let gw = Gateway::start(&config(&upstream, "share = \"public\"\nmax_topics = 1")).await;
+    let gw = Gateway::start(&config(&upstream, "share = \"public\"\nmax_topics = 1").toml()).await;
     let addr = gw.addr();
     let _held = tokio::spawn(async move {
         let mut conn = Conn::open(addr).await;
@@ -513,7 +509,7 @@ async fn max_topics_turns_new_topics_into_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_without_a_sharing_rule_is_rejected() {
     let (_api, upstream) = start_api(Duration::from_secs(1)).await;
-    let text = config(&upstream, "");
+    let text = config(&upstream, "").toml();
     let err = pollmux::config::Config::from_toml(&text, std::path::Path::new("."))
         .unwrap_err()
         .to_string();

@@ -117,6 +117,107 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{text}"))
 }
 
+/// The TOML of a test gateway, section by section: one `public` listener and the admin listener
+/// on `127.0.0.1:0` (so [`Gateway::start`] and child processes can bind them), then whatever the
+/// test adds. Each method takes the keys of its section as TOML lines, written as given;
+/// sections are written in a fixed order (listeners, admin, limits, shutdown, upstreams,
+/// routes), listeners, upstreams and routes in the order they were added, and a section with no
+/// keys is left out.
+#[derive(Default)]
+pub struct TestConfig {
+    listeners: String,
+    admin: String,
+    limits: String,
+    shutdown: String,
+    upstreams: String,
+    routes: String,
+}
+
+impl TestConfig {
+    /// The `public` listener and the admin listener, nothing else.
+    pub fn new() -> TestConfig {
+        TestConfig::with_listener("public", "")
+    }
+
+    /// Listener `name` (with `keys` besides its address) instead of `public`.
+    pub fn with_listener(name: &str, keys: &str) -> TestConfig {
+        TestConfig::default().listener(name, keys)
+    }
+
+    /// One more listener, `name`, on `127.0.0.1:0`, with `keys` besides its address.
+    pub fn listener(mut self, name: &str, keys: &str) -> TestConfig {
+        self.listeners += &format!("[listeners.{name}]\naddress = \"127.0.0.1:0\"\n");
+        push_lines(&mut self.listeners, keys);
+        self
+    }
+
+    /// Keys of `[admin]` besides its address (each call adds to the keys given before, as do
+    /// `limits` and `shutdown`).
+    pub fn admin(mut self, keys: &str) -> TestConfig {
+        push_lines(&mut self.admin, keys);
+        self
+    }
+
+    /// Keys of `[limits]`.
+    pub fn limits(mut self, keys: &str) -> TestConfig {
+        push_lines(&mut self.limits, keys);
+        self
+    }
+
+    /// Keys of `[shutdown]`.
+    pub fn shutdown(mut self, keys: &str) -> TestConfig {
+        push_lines(&mut self.shutdown, keys);
+        self
+    }
+
+    /// `[upstreams.NAME]` with its `url` and nothing else.
+    pub fn upstream(self, name: &str, url: &str) -> TestConfig {
+        self.upstream_with(name, url, "")
+    }
+
+    /// `[upstreams.NAME]` with its `url` and `keys`.
+    pub fn upstream_with(mut self, name: &str, url: &str, keys: &str) -> TestConfig {
+        self.upstreams += &format!("[upstreams.{name}]\nurl = \"{url}\"\n");
+        push_lines(&mut self.upstreams, keys);
+        self
+    }
+
+    /// `[routes.NAME]` with `keys`.
+    pub fn route(mut self, name: &str, keys: &str) -> TestConfig {
+        self.routes += &format!("[routes.{name}]\n");
+        push_lines(&mut self.routes, keys);
+        self
+    }
+
+    /// The configuration file's text.
+    pub fn toml(&self) -> String {
+        let mut out = self.listeners.clone();
+        out += "[admin]\naddress = \"127.0.0.1:0\"\n";
+        out += &self.admin;
+        for (header, keys) in [
+            ("[limits]\n", &self.limits),
+            ("[shutdown]\n", &self.shutdown),
+        ] {
+            if !keys.is_empty() {
+                out += header;
+                out += keys;
+            }
+        }
+        out += &self.upstreams;
+        out += &self.routes;
+        out
+    }
+}
+
+/// Appends `keys` (TOML lines) to a section.
+fn push_lines(section: &mut String, keys: &str) {
+    let keys = keys.trim();
+    if !keys.is_empty() {
+        section.push_str(keys);
+        section.push('\n');
+    }
+}
+
 /// A fake upstream: an in-process HTTP/1 server on 127.0.0.1:0 answering with `handler`.
 pub struct Upstream {
     pub addr: SocketAddr,

@@ -6,24 +6,16 @@ use http::{HeaderMap, Request};
 
 use crate::common::*;
 
-/// A poll route with `route` added to its table, and `top` (upstreams) before it.
-fn config(route: &str, top: &str) -> String {
-    format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-{top}
-[routes.news]
-path = "/news/{{channel}}"
+/// A poll route with `route` added to its keys.
+fn config(route: &str) -> TestConfig {
+    let news = r#"
+path = "/news/{channel}"
 kind = "poll"
 source.type = "publish"
 hold = "60s"
 max_hold = "60s"
-{route}
-"#
-    )
+"#;
+    TestConfig::new().route("news", &format!("{news}{route}"))
 }
 
 const APP: &str = "https://app.example";
@@ -58,7 +50,7 @@ async fn poll(gw: &Gateway, origin: &str, authorization: Option<&str>) -> (u16, 
 async fn credentialed_polls_get_their_exact_origin_and_allow_credentials() {
     let route =
         format!("auth = \"public\"\ncors = {{ origins = [\"{APP}\"], credentials = true }}");
-    let gw = Gateway::start(&config(&route, "")).await;
+    let gw = Gateway::start(&config(&route).toml()).await;
     let (status, h) = preflight(&gw, APP, "authorization").await;
     assert_eq!(status, 204);
     assert_eq!(h["access-control-allow-origin"], APP);
@@ -94,7 +86,7 @@ async fn credentialed_polls_get_their_exact_origin_and_allow_credentials() {
 #[tokio::test]
 async fn without_credentials_the_answer_does_not_allow_them() {
     let route = format!("auth = \"public\"\ncors.origins = [\"{APP}\"]");
-    let gw = Gateway::start(&config(&route, "")).await;
+    let gw = Gateway::start(&config(&route).toml()).await;
     let (status, h) = poll(&gw, APP, None).await;
     assert_eq!(status, 200);
     assert_eq!(h["access-control-allow-origin"], APP);
@@ -107,7 +99,7 @@ async fn without_credentials_the_answer_does_not_allow_them() {
 
 #[tokio::test]
 async fn a_wildcard_lets_any_origin_read_without_credentials() {
-    let gw = Gateway::start(&config("auth = \"public\"\ncors.origins = [\"*\"]", "")).await;
+    let gw = Gateway::start(&config("auth = \"public\"\ncors.origins = [\"*\"]").toml()).await;
     for origin in [APP, "http://localhost:5173"] {
         let (status, h) = poll(&gw, origin, None).await;
         assert_eq!(status, 200);
@@ -125,12 +117,11 @@ async fn a_wildcard_lets_any_origin_read_without_credentials() {
 #[tokio::test]
 async fn refusals_and_hook_headers_are_readable_cross_origin() {
     let hook = Upstream::start(|_req| async { text_response(401, "no") }).await;
-    let upstreams = format!("[upstreams.auth]\nurl = \"{}\"\n", hook.url());
     let route = format!(
         "cors = {{ origins = [\"{APP}\"], credentials = true }}\n\
          auth = {{ hook = {{ upstream = \"auth\", path = \"/check\", headers = [\"authorization\", \"x-api-key\", \"cookie\"] }} }}"
     );
-    let gw = Gateway::start(&config(&route, &upstreams)).await;
+    let gw = Gateway::start(&config(&route).upstream("auth", &hook.url()).toml()).await;
     let (_, h) = preflight(&gw, APP, "x-api-key").await;
     assert_eq!(
         h["access-control-allow-headers"],
@@ -148,7 +139,7 @@ async fn refusals_and_hook_headers_are_readable_cross_origin() {
 async fn a_held_poll_answered_in_place_allows_credentials() {
     let route =
         format!("auth = \"public\"\ncors = {{ origins = [\"{APP}\"], credentials = true }}");
-    let gw = Gateway::start(&config(&route, "")).await;
+    let gw = Gateway::start(&config(&route).toml()).await;
     let addr = gw.addr();
     let held = tokio::spawn(async move {
         let req = Request::get("/news/held?timeout=50")

@@ -23,14 +23,8 @@ const HELD: usize = 16;
 /// Connections opened on top: more than the descriptors left.
 const FLOOD: usize = 80;
 
-const CONFIG: &str = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[limits]
-max_connections = 1000                # far above the descriptor limit: accept() fails first
-[routes.held]
+fn config() -> String {
+    let held = r#"
 path = "/held/{topic}"
 kind = "poll"
 source.type = "publish"
@@ -38,6 +32,12 @@ auth = "public"
 hold = "30s"
 max_hold = "30s"
 "#;
+    TestConfig::new()
+        // Far above the descriptor limit: accept() fails first.
+        .limits("max_connections = 1000")
+        .route("held", held)
+        .toml()
+}
 
 /// A `pollmux run` child under the descriptor limit, its addresses read from its JSON log, and
 /// every later log event forwarded.
@@ -122,7 +122,7 @@ async fn metrics(admin: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_survives_descriptor_exhaustion_and_resumes() {
-    let mut child = Child::start(CONFIG).await;
+    let mut child = Child::start(&config()).await;
     let (public, admin) = (child.public, child.admin);
     let text = metrics(admin).await;
     assert_eq!(

@@ -10,12 +10,8 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 
-const CONFIG: &str = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[routes.news]
+fn config() -> String {
+    let news = r#"
 path = "/news/{channel}"
 kind = "poll"
 source.type = "publish"
@@ -24,6 +20,8 @@ hold = "60s"
 max_hold = "60s"
 cors.origins = ["https://app.example"]
 "#;
+    TestConfig::new().route("news", news).toml()
+}
 
 const HELD: &str = r#"pollmux_polls_active{route="news"}"#;
 
@@ -111,7 +109,7 @@ async fn connect(gw: &Gateway) -> TcpStream {
 
 #[tokio::test]
 async fn a_parked_poll_is_answered_in_place_and_the_connection_goes_on() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let mut s = connect(&gw).await;
     let mut buf = Vec::new();
     s.write_all(&get("/news/a", "")).await.unwrap();
@@ -156,7 +154,7 @@ async fn a_parked_poll_is_answered_in_place_and_the_connection_goes_on() {
 
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let mut s = connect(&gw).await;
     let mut buf = Vec::new();
     let mut both = get("/news/p", "");
@@ -175,7 +173,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test]
 async fn clients_that_leave_parked_polls_free_them() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let mut clients = Vec::new();
     for _ in 0..50 {
         let mut s = connect(&gw).await;
@@ -200,7 +198,7 @@ async fn get_json_once(addr: SocketAddr, path: &str) -> Value {
 
 #[tokio::test]
 async fn cross_origin_polls_answered_in_place_carry_their_cors_headers() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let mut s = connect(&gw).await;
     let mut buf = Vec::new();
     s.write_all(&get("/news/x", "Origin: https://app.example\r\n"))
@@ -220,7 +218,7 @@ async fn cross_origin_polls_answered_in_place_carry_their_cors_headers() {
 
 #[tokio::test]
 async fn an_answer_larger_than_the_socket_takes_at_once_arrives_whole() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     // A client that reads slowly, with a small receive buffer: the publisher cannot write the
     // whole answer at once, and the connection writes the rest.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -247,24 +245,18 @@ async fn an_answer_larger_than_the_socket_takes_at_once_arrives_whole() {
 async fn a_client_that_leaves_while_its_authorized_poll_waits_frees_it() {
     // Every poll asks the hook (nothing cached): its wait begins after the hook's answer.
     let hook = Upstream::start(|_| async { text_response(200, "") }).await;
-    let config = format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.auth]
-url = "{}"
-[routes.news]
-path = "/news/{{channel}}"
+    let news = r#"
+path = "/news/{channel}"
 kind = "poll"
 source.type = "publish"
-auth = {{ hook = {{ upstream = "auth", path = "/can-read/{{channel}}", ttl = "0s" }} }}
+auth = { hook = { upstream = "auth", path = "/can-read/{channel}", ttl = "0s" } }
 hold = "60s"
 max_hold = "60s"
-"#,
-        hook.url()
-    );
+"#;
+    let config = TestConfig::new()
+        .upstream("auth", &hook.url())
+        .route("news", news)
+        .toml();
     let gw = Gateway::start(&config).await;
     let mut clients = Vec::new();
     for i in 0..20 {
@@ -283,7 +275,7 @@ max_hold = "60s"
 
 #[tokio::test]
 async fn bytes_that_are_no_http_get_hypers_answer_at_once() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     // The start of a TLS ClientHello on the cleartext port: no end of head will ever come, and
     // the client keeps its side open waiting for an answer. It gets hyper's 400, not the silent
     // close at the header read timeout (10 s here).

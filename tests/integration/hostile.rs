@@ -6,6 +6,20 @@ use std::sync::{Arc, Mutex};
 
 use crate::common::*;
 
+/// A proxy route to `url`, with `limits`.
+fn api_config(url: &str, limits: &str) -> String {
+    let api = r#"
+path = "/api/{*rest}"
+kind = "proxy"
+upstream = "api"
+"#;
+    TestConfig::new()
+        .limits(limits)
+        .upstream("api", url)
+        .route("api", api)
+        .toml()
+}
+
 async fn setup() -> (Gateway, Arc<Mutex<Vec<String>>>, Upstream) {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let record = seen.clone();
@@ -17,23 +31,7 @@ async fn setup() -> (Gateway, Arc<Mutex<Vec<String>>>, Upstream) {
         }
     })
     .await;
-    let config = format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[limits]
-header_read_timeout = "1s"
-[upstreams.api]
-url = "{}"
-[routes.api]
-path = "/api/{{*rest}}"
-kind = "proxy"
-upstream = "api"
-"#,
-        upstream.url()
-    );
+    let config = api_config(&upstream.url(), "header_read_timeout = \"1s\"");
     (Gateway::start(&config).await, seen, upstream)
 }
 
@@ -119,12 +117,7 @@ async fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
         http::Response::new(http_body_util::StreamBody::new(endless).boxed())
     })
     .await;
-    let config = format!(
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-         [limits]\nwrite_timeout = \"300ms\"\n[upstreams.api]\nurl = \"{}\"\n\
-         [routes.api]\npath = \"/api/{{*rest}}\"\nkind = \"proxy\"\nupstream = \"api\"\n",
-        upstream.url()
-    );
+    let config = api_config(&upstream.url(), "write_timeout = \"300ms\"");
     let gw = Gateway::start(&config).await;
     let open = "pollmux_connections_open{listener=\"public\",protocol=\"http1\"}";
     let mut stalled = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
@@ -147,12 +140,20 @@ async fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
     drop(stalled);
 }
 
-fn per_ip_config(limits: &str) -> String {
-    format!(
-        "[listeners.public]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
-         [limits]\n{limits}\n[routes.news]\npath = \"/news/{{topic}}\"\nkind = \"poll\"\n\
-         source.type = \"publish\"\nauth = \"public\"\nhold = \"30s\"\nmax_hold = \"30s\"\n"
-    )
+/// A poll route with `extra` keys, with `limits`.
+fn per_ip_config(limits: &str, extra: &str) -> String {
+    let news = r#"
+path = "/news/{topic}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+hold = "30s"
+max_hold = "30s"
+"#;
+    TestConfig::new()
+        .limits(limits)
+        .route("news", &format!("{news}{extra}"))
+        .toml()
 }
 
 /// Holds a poll on a connection of its own; the task ends when the poll is answered.
@@ -173,7 +174,7 @@ fn hold(addr: std::net::SocketAddr, xff: Option<&str>) -> tokio::task::JoinHandl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_connection() {
-    let gw = Gateway::start(&per_ip_config("max_connections_per_ip = 3")).await;
+    let gw = Gateway::start(&per_ip_config("max_connections_per_ip = 3", "")).await;
     let held: Vec<_> = (0..3).map(|_| hold(gw.addr(), None)).collect();
     let polls = "pollmux_polls_active{route=\"news\"}";
     eventually("3 held polls", || async { gw.metric(polls).await == 3.0 }).await;
@@ -197,7 +198,7 @@ async fn one_address_cannot_take_every_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_per_second_are_limited_per_address() {
-    let gw = Gateway::start(&per_ip_config("new_connections_per_ip_per_second = 5")).await;
+    let gw = Gateway::start(&per_ip_config("new_connections_per_ip_per_second = 5", "")).await;
     let started = std::time::Instant::now();
     let mut statuses = Vec::new();
     for _ in 0..20 {
@@ -215,7 +216,7 @@ async fn new_connections_per_second_are_limited_per_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_proxy_clients_are_counted_by_forwarded_address() {
     let limits = "max_connections_per_ip = 2\ntrusted_proxies = [\"127.0.0.1\"]";
-    let gw = Gateway::start(&per_ip_config(limits)).await;
+    let gw = Gateway::start(&per_ip_config(limits, "")).await;
     // The proxy itself is exempt: its connections carry many clients.
     let held: Vec<_> = ["198.51.100.7", "6.6.6.6, 198.51.100.7"]
         .into_iter()
@@ -244,8 +245,10 @@ async fn behind_a_trusted_proxy_clients_are_counted_by_forwarded_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_buffer_memory_limit_turns_new_topics_into_503() {
-    let config =
-        per_ip_config("max_buffered_bytes = 100") + "linger = \"2s\"\nstart = \"earliest\"\n";
+    let config = per_ip_config(
+        "max_buffered_bytes = 100",
+        "linger = \"2s\"\nstart = \"earliest\"",
+    );
     let gw = Gateway::start(&config).await;
     let (status, _) = publish(gw.admin, "news/a", "text/plain", &"x".repeat(150)).await;
     assert_eq!(status, 202);

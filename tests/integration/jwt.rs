@@ -56,13 +56,8 @@ fn sign(keys: &Keys, kid: Option<&str>, claims: &serde_json::Value) -> String {
 }
 
 fn config(auth: &str) -> String {
-    format!(
+    let orders = format!(
         r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[routes.orders]
 path = "/orders/{{id}}"
 topic = "orders:{{id}}"
 kind = "poll"
@@ -71,7 +66,8 @@ auth = {{ jwt = {{ issuer = "https://id.example", audience = "pollmux", {auth}, 
 hold = "55s"
 max_hold = "55s"
 "#
-    )
+    );
+    TestConfig::new().route("orders", &orders).toml()
 }
 
 async fn poll(

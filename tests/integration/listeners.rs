@@ -11,21 +11,16 @@ use tokio::net::TcpStream;
 
 use crate::common::*;
 
-const PLAIN: &str = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[listeners.h2c]
-address = "127.0.0.1:0"
-http2 = true
-[admin]
-address = "127.0.0.1:0"
-[limits]
-header_read_timeout = "500ms"
-"#;
+/// A cleartext listener `public` and an h2c one, `h2c`.
+fn plain() -> TestConfig {
+    TestConfig::new()
+        .listener("h2c", "http2 = true")
+        .limits("header_read_timeout = \"500ms\"")
+}
 
 #[tokio::test]
 async fn h2c_prior_knowledge_and_http1_share_a_listener() {
-    let gw = Gateway::start(PLAIN).await;
+    let gw = Gateway::start(&plain().toml()).await;
     let addr = gw.addr_of("h2c");
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
@@ -49,14 +44,14 @@ async fn h2c_prior_knowledge_and_http1_share_a_listener() {
 
 #[tokio::test]
 async fn h2_preface_is_refused_where_http2_is_off() {
-    let gw = Gateway::start(PLAIN).await;
+    let gw = Gateway::start(&plain().toml()).await;
     let answer = raw_exchange(gw.addr_of("public"), b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
 }
 
 #[tokio::test]
 async fn oversized_uri_is_414_and_headers_431() {
-    let gw = Gateway::start(PLAIN).await;
+    let gw = Gateway::start(&plain().toml()).await;
     let long_path = format!("/{}", "a".repeat(9 * 1024));
     let resp = get(gw.addr(), &long_path).await;
     assert_eq!(resp.status(), 414);
@@ -81,7 +76,7 @@ async fn oversized_uri_is_414_and_headers_431() {
 
 #[tokio::test]
 async fn slow_headers_are_cut_at_the_header_read_timeout() {
-    let gw = Gateway::start(PLAIN).await;
+    let gw = Gateway::start(&plain().toml()).await;
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let mut out = Vec::new();
@@ -100,7 +95,7 @@ async fn slow_headers_are_cut_at_the_header_read_timeout() {
 
 #[tokio::test]
 async fn connections_over_the_limit_get_503_and_others_keep_working() {
-    let config = format!("{PLAIN}max_connections = 2\n");
+    let config = plain().limits("max_connections = 2").toml();
     let gw = Gateway::start(&config).await;
     let addr = gw.addr_of("public");
     let open = r#"pollmux_connections_open{listener="public",protocol="http1"}"#;
@@ -174,19 +169,18 @@ pub fn client_tls(pki: &Pki, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-const TLS: &str = r#"
-[listeners.secure]
-address = "127.0.0.1:0"
-tls.cert_file = "cert.pem"
-tls.key_file = "key.pem"
-[admin]
-address = "127.0.0.1:0"
-"#;
+/// A TLS listener `secure` with [`pki`]'s certificate, for a gateway started in its directory.
+pub fn tls_config() -> TestConfig {
+    TestConfig::with_listener(
+        "secure",
+        "tls.cert_file = \"cert.pem\"\ntls.key_file = \"key.pem\"",
+    )
+}
 
 #[tokio::test]
 async fn tls_listener_picks_h2_or_http1_by_alpn() {
     let pki = pki();
-    let gw = Gateway::start_in(TLS, pki.dir.path()).await;
+    let gw = Gateway::start_in(&tls_config().toml(), pki.dir.path()).await;
     let addr = gw.addr();
     let name = ServerName::try_from("localhost").unwrap();
 
@@ -260,22 +254,17 @@ async fn proxy_reaches_an_https_upstream_with_its_ca_file() {
             });
         }
     });
-    let config = format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.secure]
-url = "https://localhost:{}"
-ca_file = "cert.pem"
-[routes.s]
-path = "/s"
-kind = "proxy"
-upstream = "secure"
-"#,
-        up_addr.port()
-    );
+    let config = TestConfig::new()
+        .upstream_with(
+            "secure",
+            &format!("https://localhost:{}", up_addr.port()),
+            "ca_file = \"cert.pem\"",
+        )
+        .route(
+            "s",
+            "path = \"/s\"\nkind = \"proxy\"\nupstream = \"secure\"",
+        )
+        .toml();
     let gw = Gateway::start_in(&config, pki.dir.path()).await;
     let resp = get(gw.addr(), "/s").await;
     assert_eq!(resp.status(), 200);
@@ -299,7 +288,9 @@ fn pollmux_tls_server(cert: &std::path::Path, key: &std::path::Path) -> Arc<rust
 #[tokio::test]
 async fn silent_tls_clients_are_cut_at_the_handshake_timeout() {
     let pki = pki();
-    let config = format!("{TLS}[limits]\ntls_handshake_timeout = \"300ms\"\n");
+    let config = tls_config()
+        .limits("tls_handshake_timeout = \"300ms\"")
+        .toml();
     let gw = Gateway::start_in(&config, pki.dir.path()).await;
     let mut s = TcpStream::connect(gw.addr()).await.unwrap();
     let mut out = Vec::new();
@@ -320,7 +311,7 @@ async fn silent_tls_clients_are_cut_at_the_handshake_timeout() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
-    let gw = Gateway::start(PLAIN).await;
+    let gw = Gateway::start(&plain().toml()).await;
     let mut s = TcpStream::connect(gw.addr_of("public")).await.unwrap();
     s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -352,10 +343,10 @@ async fn http2_announces_its_stream_limit_and_drops_clients_that_ignore_pings() 
     const SETTINGS: u8 = 0x4;
     const PING: u8 = 0x6;
     const MAX_CONCURRENT_STREAMS: u16 = 0x3;
-    let config = PLAIN.replace(
-        "header_read_timeout = \"500ms\"",
-        "http2_max_concurrent_streams = 7\nhttp2_keep_alive_interval = \"200ms\"",
-    );
+    let config = TestConfig::new()
+        .listener("h2c", "http2 = true")
+        .limits("http2_max_concurrent_streams = 7\nhttp2_keep_alive_interval = \"200ms\"")
+        .toml();
     let gw = Gateway::start(&config).await;
     let mut stream = TcpStream::connect(gw.addr_of("h2c")).await.unwrap();
     // The client preface and an empty SETTINGS frame; the client then goes silent.

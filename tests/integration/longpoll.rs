@@ -9,34 +9,30 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn config(extra_route: &str, extra_top: &str) -> String {
+/// The poll route the tests poll, held at most `max_hold`, with `extra` keys.
+fn news(max_hold: &str, extra: &str) -> String {
     format!(
         r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-{extra_top}
-[routes.news]
 path = "/news/{{channel}}"
 kind = "poll"
 source.type = "publish"
 auth = "public"
 hold = "2s"
-max_hold = "2s"
-{extra_route}
+max_hold = "{max_hold}"
+{extra}
 "#
     )
 }
 
 async fn start(extra_route: &str) -> Gateway {
-    Gateway::start(&config(extra_route, "")).await
+    let config = TestConfig::new().route("news", &news("2s", extra_route));
+    Gateway::start(&config.toml()).await
 }
 
-/// A gateway whose polls hold long enough to all be held at once, however loaded the machine.
-async fn start_long_holds(extra_top: &str) -> Gateway {
-    let text = config("", extra_top).replace("max_hold = \"2s\"", "max_hold = \"60s\"");
-    Gateway::start(&text).await
+/// A gateway on `config` whose polls hold long enough to all be held at once, however loaded
+/// the machine.
+async fn start_long_holds(config: TestConfig) -> Gateway {
+    Gateway::start(&config.route("news", &news("60s", "")).toml()).await
 }
 
 fn cursor_of(body: &Value) -> String {
@@ -353,11 +349,15 @@ async fn methods_bodies_and_cors() {
 
 #[tokio::test]
 async fn publish_errors_and_dedupe() {
-    let text = config(
-        "buffer = { messages = 10 }",
-        "[limits]\nmax_message_bytes = 16\n[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n\
-         [routes.plain]\npath = \"/plain\"\nkind = \"proxy\"\nupstream = \"u\"",
-    );
+    let text = TestConfig::new()
+        .limits("max_message_bytes = 16")
+        .upstream("u", "http://127.0.0.1:9")
+        .route(
+            "plain",
+            "path = \"/plain\"\nkind = \"proxy\"\nupstream = \"u\"",
+        )
+        .route("news", &news("2s", "buffer = { messages = 10 }"))
+        .toml();
     let gw = Gateway::start(&text).await;
     assert_eq!(publish(gw.admin, "nope/x", "text/plain", "x").await.0, 404);
     assert_eq!(publish(gw.admin, "plain/x", "text/plain", "x").await.0, 404);
@@ -399,10 +399,10 @@ async fn publish_errors_and_dedupe() {
 
 #[tokio::test]
 async fn publish_token_is_required_when_configured() {
-    let text = config("", "").replace(
-        "[admin]\naddress = \"127.0.0.1:0\"",
-        "[admin]\naddress = \"127.0.0.1:0\"\npublish_token = \"s3cret\"",
-    );
+    let text = TestConfig::new()
+        .admin("publish_token = \"s3cret\"")
+        .route("news", &news("2s", ""))
+        .toml();
     let gw = Gateway::start(&text).await;
     let (status, body) = publish(gw.admin, "news/x", "text/plain", "x").await;
     assert_eq!(status, 401);
@@ -458,7 +458,7 @@ async fn max_topics_answers_503_and_linger_evicts() {
 
 #[tokio::test]
 async fn shutdown_answers_1000_held_polls_with_complete_200s() {
-    let gw = start_long_holds("[shutdown]\ndrain_window = \"1s\"").await;
+    let gw = start_long_holds(TestConfig::new().shutdown("drain_window = \"1s\"")).await;
     let addr = gw.addr();
     let mut polls = Vec::new();
     for i in 0..1000 {
@@ -498,7 +498,8 @@ async fn no_loss_2000_clients_20_topics_under_fast_publishing() {
     const CLIENTS_PER_TOPIC: usize = 100;
     const MESSAGES: usize = 60;
     // 2,000 clients from one address: more than the per-IP default allows.
-    let gw = Arc::new(start_long_holds("[limits]\nmax_connections_per_ip = 0").await);
+    let gw =
+        Arc::new(start_long_holds(TestConfig::new().limits("max_connections_per_ip = 0")).await);
     let addr = gw.addr();
     let mut clients = Vec::new();
     for t in 0..TOPICS {
@@ -556,7 +557,10 @@ async fn no_loss_2000_clients_20_topics_under_fast_publishing() {
 
 #[tokio::test]
 async fn one_client_cannot_hold_a_topic_hostage() {
-    let gw = Gateway::start(&config("", "[limits]\nmax_polls_per_client = 2")).await;
+    let config = TestConfig::new()
+        .limits("max_polls_per_client = 2")
+        .route("news", &news("2s", ""));
+    let gw = Gateway::start(&config.toml()).await;
     let addr = gw.addr();
     let hold = |credential: &'static str, topic: &'static str| {
         tokio::spawn(async move {

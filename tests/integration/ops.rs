@@ -8,33 +8,37 @@ use tokio::io::AsyncReadExt;
 
 use crate::common::*;
 
-const CONFIG: &str = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.api]
-url = "http://127.0.0.1:9"
-[routes.api]
+/// A route of each kind.
+fn config() -> String {
+    let api = r#"
 path = "/api/{*rest}"
 kind = "proxy"
 upstream = "api"
-[routes.news]
+"#;
+    let news = r#"
 path = "/news/{topic}"
 kind = "poll"
 source.type = "publish"
 auth = "public"
-[routes.status]
+"#;
+    let status = r#"
 path = "/status/{id}"
 kind = "collapse"
 upstream = "api"
 share = "public"
 auth = "public"
 "#;
+    TestConfig::new()
+        .upstream("api", "http://127.0.0.1:9")
+        .route("api", api)
+        .route("news", news)
+        .route("status", status)
+        .toml()
+}
 
 #[tokio::test]
 async fn admin_endpoints_answer() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let resp = get(gw.admin, "/healthz").await;
     assert_eq!(resp.status(), 200);
     let resp = get(gw.admin, "/readyz").await;
@@ -62,7 +66,7 @@ async fn admin_endpoints_answer() {
 
 #[tokio::test]
 async fn metrics_pass_promtool() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     assert_eq!(get(gw.addr(), "/api/x").await.status(), 502);
     assert_eq!(get(gw.addr(), "/elsewhere").await.status(), 404);
     assert_eq!(get(gw.addr(), "/status/1").await.status(), 502);
@@ -118,7 +122,7 @@ fn every_example_config_is_valid() {
 
 #[tokio::test]
 async fn drain_closes_idle_keep_alive_connections() {
-    let gw = Gateway::start(CONFIG).await;
+    let gw = Gateway::start(&config()).await;
     let stream = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))

@@ -11,31 +11,28 @@ use tokio::sync::mpsc;
 
 use crate::common::*;
 
-fn config(upstream_url: &str, extra: &str) -> String {
-    format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[limits]
-trusted_proxies = ["10.0.0.0/8"]
-[upstreams.api]
-url = "{upstream_url}"
+fn config(upstream_url: &str) -> String {
+    let upstream = r#"
 timeout = "300ms"
-headers = {{ Authorization = "Bearer pollmux-own" }}
-[routes.api]
-path = "/api/{{*rest}}"
+headers = { Authorization = "Bearer pollmux-own" }
+"#;
+    let api = r#"
+path = "/api/{*rest}"
 kind = "proxy"
 upstream = "api"
-[routes.item]
-path = "/items/{{id}}"
-params.id = "[0-9]{{1,5}}"
+"#;
+    let item = r#"
+path = "/items/{id}"
+params.id = "[0-9]{1,5}"
 kind = "proxy"
 upstream = "api"
-{extra}
-"#
-    )
+"#;
+    TestConfig::new()
+        .limits(r#"trusted_proxies = ["10.0.0.0/8"]"#)
+        .upstream_with("api", upstream_url, upstream)
+        .route("api", api)
+        .route("item", item)
+        .toml()
 }
 
 /// A body whose frames the test sends one by one.
@@ -70,7 +67,7 @@ async fn forwards_with_header_hygiene_and_counts() {
         }
     })
     .await;
-    let gw = Gateway::start(&config(&upstream.url(), "")).await;
+    let gw = Gateway::start(&config(&upstream.url())).await;
     let ok = r#"pollmux_requests_total{kind="proxy",route="api",status="200"}"#;
     let up_ok = r#"pollmux_upstream_requests_total{result="2xx",route="api"}"#;
     let before = (gw.metric(ok).await, gw.metric(up_ok).await);
@@ -121,7 +118,7 @@ async fn streams_response_body_before_upstream_finishes() {
         async move { Response::new(body) }
     })
     .await;
-    let gw = Gateway::start(&config(&upstream.url(), "")).await;
+    let gw = Gateway::start(&config(&upstream.url())).await;
     tx.send(Bytes::from_static(b"first;")).await.unwrap();
     let resp = get(gw.addr(), "/api/stream").await;
     assert_eq!(resp.status(), 200);
@@ -154,7 +151,7 @@ async fn streams_request_body_before_client_finishes() {
         }
     })
     .await;
-    let gw = Gateway::start(&config(&upstream.url(), "")).await;
+    let gw = Gateway::start(&config(&upstream.url())).await;
     let (tx, body) = channel_body();
     let req = Request::post("/api/upload")
         .header("host", "x")
@@ -177,7 +174,7 @@ async fn streams_request_body_before_client_finishes() {
 #[tokio::test]
 async fn unreachable_upstream_is_502_problem() {
     let port = closed_port().await;
-    let gw = Gateway::start(&config(&format!("http://{port}"), "")).await;
+    let gw = Gateway::start(&config(&format!("http://{port}"))).await;
     let errors = r#"pollmux_upstream_requests_total{result="error",route="api"}"#;
     let before = gw.metric(errors).await;
     let resp = get(gw.addr(), "/api/x").await;
@@ -202,7 +199,7 @@ async fn slow_upstream_is_504_problem() {
         }
     })
     .await;
-    let gw = Gateway::start(&config(&upstream.url(), "")).await;
+    let gw = Gateway::start(&config(&upstream.url())).await;
     let resp = get(gw.addr(), "/api/slow").await;
     assert_eq!(resp.status(), 504);
     let body = body_json(resp).await;
@@ -214,7 +211,7 @@ async fn slow_upstream_is_504_problem() {
 #[tokio::test]
 async fn bad_parameter_is_400_and_unknown_path_404() {
     let upstream = Upstream::start(|_req| async { text_response(200, "ok") }).await;
-    let gw = Gateway::start(&config(&upstream.url(), "")).await;
+    let gw = Gateway::start(&config(&upstream.url())).await;
     let resp = get(gw.addr(), "/items/12").await;
     assert_eq!(resp.status(), 200);
     for bad in [

@@ -10,15 +10,10 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::common::*;
-use crate::listeners::{client_tls, pki};
+use crate::listeners::{client_tls, pki, tls_config};
 
-const BASE: &str = r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-reload = true
-[routes.news]
+/// The route whose held polls must survive reloads.
+const NEWS: &str = r#"
 path = "/news/{topic}"
 kind = "poll"
 source.type = "publish"
@@ -28,13 +23,24 @@ max_hold = "55s"
 linger = "30s"
 "#;
 
+/// The news route, with reloads through the admin listener on.
+fn base() -> TestConfig {
+    TestConfig::new().admin("reload = true").route("news", NEWS)
+}
+
 /// A second route, changed between reloads: `variant` picks its settings.
-fn with_other(variant: usize) -> String {
-    format!(
-        "{BASE}[routes.other]\npath = \"/other/{{topic}}\"\nkind = \"poll\"\nsource.type = \"publish\"\n\
-         auth = \"public\"\nmax_batch = {}\n",
+fn with_other(variant: usize) -> TestConfig {
+    let other = format!(
+        r#"
+path = "/other/{{topic}}"
+kind = "poll"
+source.type = "publish"
+auth = "public"
+max_batch = {}
+"#,
         variant + 1
-    )
+    );
+    base().route("other", &other)
 }
 
 async fn reload(admin: SocketAddr) -> (u16, serde_json::Value) {
@@ -57,7 +63,7 @@ async fn held_polls_survive_twenty_reloads_and_lose_nothing() {
     const ROUNDS: usize = 20;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pollmux.toml");
-    write(&path, &with_other(0));
+    write(&path, &with_other(0).toml());
     let gw = Gateway::start_file(&path).await;
     let addr = gw.addr();
     let mut clients = Vec::new();
@@ -88,13 +94,10 @@ async fn held_polls_survive_twenty_reloads_and_lose_nothing() {
         .await;
         let invalid = round % 4 == 3;
         if invalid {
-            write(
-                &path,
-                &format!("{}\n[routes.broken]\nkind = 7\n", with_other(round)),
-            );
+            write(&path, &with_other(round).route("broken", "kind = 7").toml());
             failures += 1;
         } else {
-            write(&path, &with_other(round));
+            write(&path, &with_other(round).toml());
         }
         let (status, body) = reload(gw.admin).await;
         if invalid {
@@ -143,7 +146,7 @@ async fn held_polls_survive_twenty_reloads_and_lose_nothing() {
 async fn a_removed_route_answers_its_held_polls_then_404s() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pollmux.toml");
-    write(&path, &with_other(0));
+    write(&path, &with_other(0).toml());
     let gw = Gateway::start_file(&path).await;
     let addr = gw.addr();
     let held = tokio::spawn(async move { Conn::open(addr).await.get_json("/other/a").await });
@@ -151,7 +154,7 @@ async fn a_removed_route_answers_its_held_polls_then_404s() {
         gw.metric("pollmux_polls_active{route=\"other\"}").await == 1.0
     })
     .await;
-    write(&path, BASE);
+    write(&path, &base().toml());
     let (status, body) = reload(gw.admin).await;
     assert_eq!(status, 200);
     assert_eq!(body["replaced_routes"], serde_json::json!(["other"]));
@@ -167,7 +170,7 @@ async fn a_removed_route_answers_its_held_polls_then_404s() {
 async fn a_changed_route_starts_over_with_its_new_settings() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pollmux.toml");
-    write(&path, &with_other(2)); // max_batch = 3
+    write(&path, &with_other(2).toml()); // max_batch = 3
     let gw = Gateway::start_file(&path).await;
     let mut conn = Conn::open(gw.addr()).await;
     for n in 0..3 {
@@ -177,7 +180,7 @@ async fn a_changed_route_starts_over_with_its_new_settings() {
     assert_eq!(body["messages"].as_array().unwrap().len(), 3);
     let old_cursor = body["cursor"].as_str().unwrap().to_owned();
 
-    write(&path, &with_other(0)); // max_batch = 1
+    write(&path, &with_other(0).toml()); // max_batch = 1
     let (status, body) = reload(gw.admin).await;
     assert_eq!(
         (status, &body["replaced_routes"]),
@@ -201,10 +204,9 @@ async fn reload_rereads_tls_certificates() {
     let first = pki();
     let second = pki();
     let dir = first.dir.path();
-    let text = "[listeners.secure]\naddress = \"127.0.0.1:0\"\ntls.cert_file = \"cert.pem\"\n\
-                tls.key_file = \"key.pem\"\n[admin]\naddress = \"127.0.0.1:0\"\nreload = true\n";
+    let text = tls_config().admin("reload = true").toml();
     let path = dir.join("pollmux.toml");
-    write(&path, text);
+    write(&path, &text);
     let gw = Gateway::start_file(&path).await;
     let name = ServerName::try_from("localhost").unwrap();
     let handshake = |trusted: &crate::listeners::Pki| {
@@ -231,14 +233,11 @@ async fn reload_rereads_tls_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_endpoint_is_off_unless_enabled_and_needs_the_token_off_loopback() {
-    let gw = Gateway::start(&BASE.replace("reload = true\n", "")).await;
+    let gw = Gateway::start(&TestConfig::new().route("news", NEWS).toml()).await;
     assert_eq!(reload(gw.admin).await.0, 404);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pollmux.toml");
-    write(
-        &path,
-        &BASE.replace("reload = true", "reload = true\npublish_token = \"s3cret\""),
-    );
+    write(&path, &base().admin("publish_token = \"s3cret\"").toml());
     let gw = Gateway::start_file(&path).await;
     assert_eq!(reload(gw.admin).await.0, 401);
     let req = Request::post("/-/reload")

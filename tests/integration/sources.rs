@@ -216,16 +216,8 @@ fn config_for(upstream: &Upstream, format: Format, extra: &str) -> String {
         Format::Ndjson => ("upstream-ndjson", "/stream/{topic}"),
         Format::Poll => ("upstream-poll", "/stream/{topic}?cursor={cursor}"),
     };
-    format!(
+    let events = format!(
         r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[upstreams.feed]
-url = "{}"
-headers = {{ X-Pollmux-Token = "own" }}
-[routes.events]
 path = "/events/{{topic}}"
 kind = "poll"
 source = {{ type = "{kind}", upstream = "feed", path = "{path}" }}
@@ -234,9 +226,16 @@ hold = "30s"
 max_hold = "30s"
 linger = "300ms"
 {extra}
-"#,
-        upstream.url()
-    )
+"#
+    );
+    TestConfig::new()
+        .upstream_with(
+            "feed",
+            &upstream.url(),
+            r#"headers = { X-Pollmux-Token = "own" }"#,
+        )
+        .route("events", &events)
+        .toml()
 }
 
 /// Polls `topic` from `cursor` until `want` messages arrived; returns their data in order.
