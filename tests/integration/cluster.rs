@@ -138,29 +138,20 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// A node of the cluster on `redis`: a publish route `feed` with topics `/feed/{id}`.
 fn node_config(redis: &Redis, node: &str, extra_route: &str) -> String {
-    format!(
-        r#"
-[listeners.public]
-address = "127.0.0.1:0"
-[admin]
-address = "127.0.0.1:0"
-[cluster]
-backplane = "redis"
-node_id = "{node}"
-backplane_grace = "2s"
-[cluster.redis]
-url = "{url}"
-[routes.feed]
-path = "/feed/{{id}}"
-kind = "poll"
-source.type = "publish"
-auth = "public"
-hold = "10s"
-max_hold = "30s"
-{extra_route}
-"#,
-        url = redis.url()
-    )
+    TestConfig::new()
+        .cluster(&format!(
+            "backplane = \"redis\"\nnode_id = \"{node}\"\nbackplane_grace = \"2s\"\n\
+             [cluster.redis]\nurl = \"{}\"",
+            redis.url()
+        ))
+        .route(
+            "feed",
+            &format!(
+                "path = \"/feed/{{id}}\"\nkind = \"poll\"\nsource.type = \"publish\"\n\
+                 auth = \"public\"\nhold = \"10s\"\nmax_hold = \"30s\"\n{extra_route}"
+            ),
+        )
+        .toml()
 }
 
 async fn nodes(redis: &Redis, n: usize, extra_route: &str) -> Vec<Gateway> {

@@ -120,8 +120,8 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 /// The TOML of a test gateway, section by section: one `public` listener and the admin listener
 /// on `127.0.0.1:0` (so [`Gateway::start`] and child processes can bind them), then whatever the
 /// test adds. Each method takes the keys of its section as TOML lines, written as given;
-/// sections are written in a fixed order (listeners, admin, limits, shutdown, upstreams,
-/// routes), listeners, upstreams and routes in the order they were added, and a section with no
+/// sections are written in a fixed order (listeners, admin, limits, shutdown, cluster,
+/// upstreams, routes), listeners, upstreams and routes in the order they were added, and a section with no
 /// keys is left out.
 #[derive(Default)]
 pub struct TestConfig {
@@ -129,6 +129,7 @@ pub struct TestConfig {
     admin: String,
     limits: String,
     shutdown: String,
+    cluster: String,
     upstreams: String,
     routes: String,
 }
@@ -170,6 +171,12 @@ impl TestConfig {
         self
     }
 
+    /// Keys of `[cluster]` (its tables, such as `[cluster.redis]`, after them).
+    pub fn cluster(mut self, keys: &str) -> TestConfig {
+        push_lines(&mut self.cluster, keys);
+        self
+    }
+
     /// `[upstreams.NAME]` with its `url` and nothing else.
     pub fn upstream(self, name: &str, url: &str) -> TestConfig {
         self.upstream_with(name, url, "")
@@ -197,6 +204,7 @@ impl TestConfig {
         for (header, keys) in [
             ("[limits]\n", &self.limits),
             ("[shutdown]\n", &self.shutdown),
+            ("[cluster]\n", &self.cluster),
         ] {
             if !keys.is_empty() {
                 out += header;
