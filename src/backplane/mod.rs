@@ -11,9 +11,14 @@
 //! The backplane never answers a client: it feeds topics, and says when it cannot
 //! ([`BackplaneError`]).
 
+mod lease;
 mod link;
+mod publish;
 mod reader;
 mod scripts;
+
+pub use lease::Lease;
+pub use publish::Append;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,11 +28,7 @@ use redis::{FromRedisValue, RedisError, RedisResult, ScriptInvocation, Value};
 use tokio::time::Instant;
 
 use crate::config::{ClusterConfig, RedisConfig};
-use crate::hub::cursor::{self, Cursor};
-use crate::hub::{
-    Applied, DEDUPE_WINDOW, Hub, NewMessage, Published, Remote, RemoteBody, RouteTopics, Synced,
-    Topic,
-};
+use crate::hub::{Applied, Hub, Remote, Synced, Topic};
 use crate::metrics::Metrics;
 
 use link::Link;
@@ -43,6 +44,9 @@ pub enum BackplaneError {
     /// error): nothing was written.
     #[error("the backplane refused the command: {0}")]
     Refused(String),
+    /// A leased source's append after its node lost the lease: another node owns the source.
+    #[error("this node no longer holds the topic's lease")]
+    Fenced,
 }
 
 /// A meta hash outlives its log by far: a topic's identity (its epoch) must survive quiet
@@ -57,6 +61,7 @@ const LOADS_AT_ONCE: u32 = 4;
 pub struct Backplane {
     config: RedisConfig,
     grace: Duration,
+    lease_ttl: Duration,
     node: String,
     link: Link,
     scripts: Scripts,
@@ -124,6 +129,7 @@ impl Backplane {
             },
             config,
             grace: cluster.backplane_grace,
+            lease_ttl: cluster.lease_ttl,
             node,
             link,
             scripts: Scripts::default(),
@@ -143,116 +149,6 @@ impl Backplane {
     /// How long Redis trouble is hidden before answers that need it fail.
     pub fn grace(&self) -> Duration {
         self.grace
-    }
-
-    /// Appends `message` to the log of `topic` of `route`, once: a `Message-Id` already
-    /// logged (by any node) answers with that message's cursor. Redis trouble is retried
-    /// until it has lasted `backplane_grace`.
-    pub async fn publish(
-        self: &Arc<Self>,
-        route: &Arc<RouteTopics>,
-        topic: &str,
-        message: NewMessage,
-    ) -> Result<Published, BackplaneError> {
-        let (this, route, topic) = (self.clone(), route.clone(), topic.to_owned());
-        self.runtime
-            .spawn(async move { this.publish_here(&route, &topic, message).await })
-            .await
-            .unwrap_or_else(|e| Err(BackplaneError::Refused(e.to_string())))
-    }
-
-    async fn publish_here(
-        &self,
-        route: &RouteTopics,
-        topic: &str,
-        message: NewMessage,
-    ) -> Result<Published, BackplaneError> {
-        let keys = Keys::new(&self.config.prefix, &route.name, topic);
-        let shard = cursor::binding(&route.name, topic) % u64::from(self.config.firehose_shards);
-        let firehose = scripts::firehose(&self.config.prefix, shard as u16);
-        let id = message.id.as_deref().unwrap_or("");
-        // Without a Message-Id the request's own key de-duplicates its retries; a request
-        // whose answer never came may have been logged, and is retried for the grace.
-        let (dedupe_key, dedupe_ttl) = match message.id.as_deref() {
-            Some(id) => (keys.message_id(id), DEDUPE_WINDOW),
-            None => (
-                keys.request(fastrand::u64(..)),
-                self.grace + Duration::from_secs(30),
-            ),
-        };
-        let limits = route.settings.limits;
-        let mut invocation = self.scripts.publish.key(&keys.meta);
-        invocation
-            .key(&keys.log)
-            .key(&firehose)
-            .key(&dedupe_key)
-            .arg(&message.payload[..])
-            .arg(message.content_type.as_deref().unwrap_or(""))
-            .arg(id)
-            .arg("0")
-            .arg(limits.messages.max(1))
-            .arg(millis(limits.age.max(Duration::from_secs(1))))
-            .arg(millis(META_TTL))
-            .arg(millis(self.config.firehose_retention))
-            .arg(&*route.name)
-            .arg(topic)
-            .arg(fresh_epoch())
-            .arg(millis(dedupe_ttl));
-        let mut pause = RETRY_FIRST;
-        let (epoch, seq, duplicate, origin) = loop {
-            match self
-                .eval::<(String, String, u8, u64)>("publish", &invocation)
-                .await
-            {
-                Ok(reply) => break reply,
-                Err(e) if link::connection_broken(&e) => {
-                    if self.health.failed() >= self.grace {
-                        return Err(BackplaneError::Unreachable);
-                    }
-                    tokio::time::sleep(jittered(pause)).await;
-                    pause = (pause * 2).min(RETRY_MAX);
-                }
-                Err(e) => return Err(BackplaneError::Refused(e.to_string())),
-            }
-        };
-        let (Some(epoch), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
-            return Err(BackplaneError::Refused(format!(
-                "the publish script answered epoch {epoch:?}, position {seq:?}"
-            )));
-        };
-        let cursor = Cursor {
-            binding: cursor::binding(&route.name, topic),
-            epoch,
-            seq,
-        }
-        .encode();
-        let duplicate = duplicate == 1 && message.id.is_some();
-        if duplicate {
-            self.metrics
-                .backplane
-                .dedupe
-                .with_label_values(&[&route.name])
-                .inc();
-        } else if let Some(t) = self.hub.find(&route.name, topic) {
-            // This node's readers need not wait for the announcement; when this is not the
-            // next position, the announcements bring it in order.
-            let remote = Remote {
-                seq,
-                origin,
-                body: RemoteBody::Message {
-                    id: message.id,
-                    content_type: message.content_type,
-                    payload: message.payload.clone(),
-                    arrived: message.arrived,
-                },
-            };
-            t.apply(epoch, remote);
-        }
-        Ok(Published {
-            cursor,
-            duplicate,
-            stored: message.payload.len() <= limits.bytes,
-        })
     }
 
     /// Loads `topic` from its log (a topic this node just made, or one whose announcements

@@ -2,7 +2,10 @@
 //! topic's sequence, its log, its announcement and its de-duplication key change together.
 //!
 //! Keys (the topic's share one hash tag, `{route/topic}`):
-//! - `<p>:{r/t}:m`: hash `e` (epoch), `s` (last position), `u` (last upstream id)
+//! - `<p>:{r/t}:m`: hash `e` (epoch), `s` (last position), `u` (last upstream id: where a
+//!   new owner of the topic's source resumes)
+//! - `<p>:{r/t}:lease`: `<node>:<fence>`, the node that runs the topic's upstream source, with
+//!   a time to live; `<p>:{r/t}:fence` counts acquisitions
 //! - `<p>:{r/t}:s`: stream, entry id `<seq>-0`; fields `d` payload, `ct` content type, `m`
 //!   message id, `ts` the backplane's time (ms), `g` = 1 for a gap
 //! - `<p>:{r/t}:mid:<id>`: `<epoch>:<seq>` of the message published with that id
@@ -17,6 +20,8 @@ use redis::Script;
 pub struct Keys {
     pub meta: String,
     pub log: String,
+    pub lease: String,
+    pub fence: String,
     base: String,
 }
 
@@ -26,6 +31,8 @@ impl Keys {
         Keys {
             meta: format!("{base}:m"),
             log: format!("{base}:s"),
+            lease: format!("{base}:lease"),
+            fence: format!("{base}:fence"),
             base,
         }
     }
@@ -48,10 +55,13 @@ pub fn firehose(prefix: &str, shard: u16) -> String {
 
 /// Appends one message (or gap) to a topic's log and announces it.
 ///
-/// KEYS: meta, log, announcement stream, de-duplication key (message id, or the request's).
+/// KEYS: meta, log, announcement stream, de-duplication key (message id, or the request's),
+/// lease.
 /// ARGV: payload, content type, message id ('' none), gap ('1'/'0'), log length, log ttl ms,
 /// meta ttl ms, announcement retention ms, route, topic, a fresh epoch, the de-duplication
-/// key's ttl ms.
+/// key's ttl ms, the lease's token ('' for a publish), the upstream id to resume from ('').
+/// A source's append whose token is not the lease's (its owner lost it) fails `NOTOWNER`:
+/// an owner paused past its lease cannot write.
 /// Returns {epoch, seq, duplicate (0/1), ts}.
 ///
 /// A missing meta hash (a new topic, or Redis forgot it) starts a new epoch and drops any log
@@ -60,6 +70,9 @@ pub fn firehose(prefix: &str, shard: u16) -> String {
 pub const PUBLISH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[13] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[13] then
+  return redis.error_reply('NOTOWNER the lease of this topic is held by another node')
+end
 local e = redis.call('HGET', KEYS[1], 'e')
 if not e then
   e = ARGV[11]
@@ -87,6 +100,9 @@ if type(ok) == 'table' and ok.err then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', e, 's', s)
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], s .. '-0', unpack(fields))
+end
+if ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[1], 'u', ARGV[14])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
@@ -136,11 +152,43 @@ end
 return redis.call('HGET', KEYS[1], 'e')
 "#;
 
+/// Takes a topic's lease if nobody holds it.
+///
+/// KEYS: lease, fence, meta. ARGV: node, ttl ms.
+/// Returns {token, upstream id to resume from ('' none)}, or nil when another node holds it.
+pub const ACQUIRE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return false
+end
+local token = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return {token, redis.call('HGET', KEYS[3], 'u') or ''}
+"#;
+
+/// Extends a lease while it is still the caller's. KEYS: lease. ARGV: token, ttl ms. 1 or 0.
+pub const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// Gives a lease up if it is still the caller's. KEYS: lease. ARGV: token. 1 or 0.
+pub const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// The scripts, hashed once.
 pub struct Scripts {
     pub publish: Script,
     pub load: Script,
     pub retire_epoch: Script,
+    pub acquire: Script,
+    pub renew: Script,
+    pub release: Script,
 }
 
 impl Default for Scripts {
@@ -149,6 +197,9 @@ impl Default for Scripts {
             publish: Script::new(PUBLISH),
             load: Script::new(LOAD),
             retire_epoch: Script::new(RETIRE_EPOCH),
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
         }
     }
 }

@@ -109,7 +109,8 @@ impl Gateway {
                         &r.name,
                         p,
                         PollMetrics::new(metrics, &r.name),
-                        mirrored(&shared, p),
+                        // Cluster mode: every poll route's topics mirror the backplane.
+                        shared.backplane.clone(),
                     ))),
                     (RouteKind::Collapse(c), _) => Runtime::Collapse(Arc::new(CollapseRoute::new(
                         (**c).clone(),
@@ -208,8 +209,8 @@ impl Gateway {
     }
 
     /// Starts the source of a topic a poll just created (upstream sources only). The source is
-    /// built from config and the validated parameters alone. In cluster mode a topic of a
-    /// publish route is loaded from the backplane instead.
+    /// built from config and the validated parameters alone. In cluster mode the topic is
+    /// loaded from the backplane, and its source runs on whichever node holds its lease.
     pub(super) fn start_source(
         &self,
         poll: &PollRoute,
@@ -217,53 +218,16 @@ impl Gateway {
         topic: Arc<Topic>,
         params: &[(String, String)],
     ) {
-        if topic.mirrored() {
-            if let Some(backplane) = &self.shared.backplane {
-                backplane.load(topic);
-            }
-            return;
+        let backplane = self.shared.backplane.as_ref().filter(|_| topic.mirrored());
+        if let Some(b) = backplane {
+            b.load(topic.clone());
         }
-        let feed = |upstream: usize| Feed {
-            upstream: self.upstreams[upstream].clone(),
-            topic: topic.clone(),
-            upstream_grace: poll.config.upstream_grace,
-            max_message_bytes: self.limits.max_message_bytes,
-            poll_metrics: poll.metrics.clone(),
-            route_metrics: self.route_metrics[route].clone(),
-            connects: self.shared.source_connects.clone(),
-            retry_after: Default::default(),
+        let Some(make) = self.source_maker(poll, route, &topic, params) else {
+            return;
         };
-        let source: Pin<Box<dyn Future<Output = ()> + Send>> = match &poll.config.source {
-            SourceConfig::Publish => return,
-            SourceConfig::UpstreamStream {
-                format,
-                upstream,
-                path,
-                idle_timeout,
-            } => Box::pin(
-                StreamSource {
-                    format: format.clone(),
-                    path: path.render_path(params),
-                    idle_timeout: *idle_timeout,
-                    feed: feed(*upstream),
-                }
-                .run(),
-            ),
-            SourceConfig::UpstreamPoll {
-                upstream,
-                path,
-                id_pointer,
-                items_pointer,
-            } => Box::pin(
-                PollSource {
-                    path: path.clone(),
-                    params: params.to_vec(),
-                    id_pointer: id_pointer.clone(),
-                    items_pointer: items_pointer.clone(),
-                    feed: feed(*upstream),
-                }
-                .run(),
-            ),
+        let source: Pin<Box<dyn Future<Output = ()> + Send>> = match backplane {
+            Some(b) => Box::pin(leased::run(b.clone(), topic.clone(), make)),
+            None => make(Sink::Topic, None),
         };
         let slots = self.shared.sources.clone();
         let route_name = poll.name.clone();
@@ -280,16 +244,82 @@ impl Gateway {
             .instrument(span),
         );
     }
-}
 
-/// The backplane a poll route's topics mirror, if they do: in cluster mode, those of
-/// publish routes. (Upstream-fed routes keep a source per node and their topics local.)
-fn mirrored(
-    shared: &Shared,
-    poll: &crate::config::PollConfig,
-) -> Option<Arc<crate::backplane::Backplane>> {
-    let backplane = shared.backplane.as_ref()?;
-    matches!(poll.source, SourceConfig::Publish).then(|| backplane.clone())
+    /// What builds the topic's upstream source for a sink and a resume point (none for a
+    /// publish route).
+    fn source_maker(
+        &self,
+        poll: &PollRoute,
+        route: usize,
+        topic: &Arc<Topic>,
+        params: &[(String, String)],
+    ) -> Option<leased::MakeSource> {
+        let feed = {
+            let (topic, poll_metrics) = (topic.clone(), poll.metrics.clone());
+            let route_metrics = self.route_metrics[route].clone();
+            let connects = self.shared.source_connects.clone();
+            let (grace, max_bytes) = (poll.config.upstream_grace, self.limits.max_message_bytes);
+            move |upstream: Arc<crate::upstream::Upstream>, sink: Sink| Feed {
+                upstream,
+                topic: topic.clone(),
+                upstream_grace: grace,
+                max_message_bytes: max_bytes,
+                poll_metrics: poll_metrics.clone(),
+                route_metrics: route_metrics.clone(),
+                connects: connects.clone(),
+                retry_after: Default::default(),
+                sink,
+            }
+        };
+        match &poll.config.source {
+            SourceConfig::Publish => None,
+            SourceConfig::UpstreamStream {
+                format,
+                upstream,
+                path,
+                idle_timeout,
+            } => {
+                let (format, idle_timeout) = (format.clone(), *idle_timeout);
+                let (path, upstream) =
+                    (path.render_path(params), self.upstreams[*upstream].clone());
+                Some(Box::new(move |sink, resume_from| {
+                    Box::pin(
+                        StreamSource {
+                            format: format.clone(),
+                            path: path.clone(),
+                            idle_timeout,
+                            resume_from,
+                            feed: feed(upstream.clone(), sink),
+                        }
+                        .run(),
+                    )
+                }))
+            }
+            SourceConfig::UpstreamPoll {
+                upstream,
+                path,
+                id_pointer,
+                items_pointer,
+            } => {
+                let (path, params) = (path.clone(), params.to_vec());
+                let (id_pointer, items_pointer) = (id_pointer.clone(), items_pointer.clone());
+                let upstream = self.upstreams[*upstream].clone();
+                Some(Box::new(move |sink, resume_from| {
+                    Box::pin(
+                        PollSource {
+                            path: path.clone(),
+                            params: params.clone(),
+                            id_pointer: id_pointer.clone(),
+                            items_pointer: items_pointer.clone(),
+                            resume_from: resume_from.unwrap_or_default(),
+                            feed: feed(upstream.clone(), sink),
+                        }
+                        .run(),
+                    )
+                }))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 mod build;
 pub mod collapse;
 pub mod cors;
+mod leased;
 pub mod longpoll;
 mod pipeline;
 pub mod proxy;
@@ -34,7 +35,7 @@ use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
 use crate::problem::Problem;
 use crate::service::{ClientBody, ConnInfo, Drain, Handler, HeldPoll, NoBody, Step};
 use crate::source::SourceSlots;
-use crate::source::feed::Feed;
+use crate::source::feed::{Feed, Sink};
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
 use crate::upstream::{Body, Upstream};

@@ -1,6 +1,8 @@
 //! Cluster mode's series: the backplane's health, its commands, and what it repaired.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 
 use super::{NAMESPACE, opts};
 
@@ -22,12 +24,16 @@ pub struct BackplaneMetrics {
     pub repairs: IntCounterVec,
     pub epoch_resets: IntCounterVec,
     pub dedupe: IntCounterVec,
+    pub leases_held: IntGaugeVec,
+    pub lease_transitions: IntCounterVec,
 }
 
 /// Why a backplane connection was opened again.
 pub const RECONNECT_REASONS: [&str; 3] = ["error", "timeout", "readonly"];
 /// The backplane commands whose latency is recorded.
-pub const COMMANDS: [&str; 4] = ["publish", "read", "load", "epoch"];
+pub const COMMANDS: [&str; 5] = ["publish", "read", "load", "epoch", "lease"];
+/// What happens to a lease of this node.
+const LEASE_EVENTS: [&str; 5] = ["acquired", "released", "lost", "renewal_failed", "fenced"];
 
 impl BackplaneMetrics {
     pub(super) fn new(registry: &Registry) -> BackplaneMetrics {
@@ -59,7 +65,8 @@ impl BackplaneMetrics {
             HistogramOpts::new(
                 "backplane_command_duration_seconds",
                 "Backplane command latency, by command: publish, read (the announcement \
-                 stream's blocking read), load (a topic's log), epoch (retiring an epoch).",
+                 stream's blocking read), load (a topic's log), epoch (retiring an epoch), lease \
+                 (taking, renewing, giving up a source's lease).",
             )
             .namespace(NAMESPACE)
             .buckets(COMMAND_BUCKETS.to_vec()),
@@ -100,8 +107,26 @@ impl BackplaneMetrics {
              upstream id) was already logged, on any node.",
             &["route"],
         );
+        let leases_held = IntGaugeVec::new(
+            opts(
+                "topic_leases_held",
+                "Cluster mode: topics whose upstream source this node runs (it holds their lease).",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        register(Box::new(leases_held.clone()));
+        let lease_transitions = counter(
+            "topic_lease_transitions_total",
+            "Cluster mode: this node's source leases, by event: acquired, released (the topic \
+             ended here), lost (another node holds it), renewal_failed (not renewed in time: \
+             the source stopped), fenced (an append refused because the lease was gone).",
+            &["route", "event"],
+        );
         BackplaneMetrics {
             up,
+            leases_held,
+            lease_transitions,
             reconnects,
             command_duration,
             propagation,
@@ -120,5 +145,9 @@ impl BackplaneMetrics {
             self.epoch_resets.with_label_values(&[route, cause]);
         }
         self.dedupe.with_label_values(&[route]);
+        self.leases_held.with_label_values(&[route]);
+        for event in LEASE_EVENTS {
+            self.lease_transitions.with_label_values(&[route, event]);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! What every upstream source of a topic shares: the upstream and the topic it feeds, the
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -16,7 +17,7 @@ use crate::upstream::{Body, Upstream, UpstreamError};
 
 /// How a source's attempt ended.
 pub enum Ended {
-    /// The topic was retired: the source stops.
+    /// The source stops: its topic was retired, or (cluster mode) another node owns it now.
     Retired,
     /// Try again after a backoff.
     Reconnect,
@@ -34,6 +35,37 @@ pub struct Feed {
     pub connects: Arc<Semaphore>,
     /// The upstream's last `Retry-After`: the next attempt waits at least this long.
     pub retry_after: Mutex<Option<Duration>>,
+    /// Where messages go: the topic, or (cluster mode) the topic's log in the backplane.
+    pub sink: Sink,
+}
+
+/// Where a source's messages go.
+pub enum Sink {
+    /// Into the topic itself (a single node).
+    Topic,
+    /// Into the topic's log, which every node's copy of the topic follows (cluster mode: the
+    /// node holding the topic's lease runs its source).
+    Log(Box<dyn Log>),
+}
+
+/// A topic's log, as a source writes to it.
+pub trait Log: Send + Sync {
+    /// Appends a message (`None`: a gap) with the upstream id a source resuming after it
+    /// would start from. `Ok(false)`: a message already logged (the same id).
+    fn append(
+        &self,
+        message: Option<NewMessage>,
+        resume_from: Option<&str>,
+    ) -> Pin<Box<dyn Future<Output = Result<bool, LogError>> + Send + '_>>;
+}
+
+/// Why a log did not take a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogError {
+    /// Another node holds the topic's lease now: this source must stop.
+    Fenced,
+    /// The backplane is unreachable: reconnect later, from the last message logged.
+    Unavailable,
 }
 
 /// A `Retry-After` longer than this is taken as this: a source must keep trying.
@@ -99,10 +131,10 @@ impl Feed {
 
     /// The upstream answered 410 to a resume: messages after the last id are lost to us.
     /// Readers behind this point get 410 (or `gap: true`); the source starts afresh.
-    pub fn unresumable(&self) {
+    pub async fn unresumable(&self) -> Result<(), Ended> {
         tracing::warn!(upstream = %self.upstream.config.name, "upstream cannot resume; gap recorded");
         self.poll_metrics.gaps_unresumable.inc();
-        self.topic.record_gap();
+        self.write(None, None).await.map(drop)
     }
 
     /// Waits `delay` (or the upstream's `Retry-After`, if longer) before the next attempt, waking waiting polls if the outage outlasts the
@@ -135,12 +167,20 @@ impl Feed {
     }
 
     /// Publishes one message into the topic; `None` (over `max_message_bytes`) records a gap.
-    pub fn deliver(&self, id: Option<String>, payload: Option<Bytes>, content_type: &str) {
+    /// `resume_from`: the upstream id a source resuming after this message starts from. An
+    /// error ends the connection (the log did not take it; the source resumes from the last
+    /// message it did take, or stops when fenced).
+    pub async fn deliver(
+        &self,
+        id: Option<String>,
+        payload: Option<Bytes>,
+        content_type: &str,
+        resume_from: Option<&str>,
+    ) -> Result<(), Ended> {
         let Some(payload) = payload else {
             tracing::warn!(id = ?id, "oversized upstream message skipped; gap recorded");
             self.poll_metrics.gaps_oversized.inc();
-            self.topic.record_gap();
-            return;
+            return self.write(None, resume_from).await.map(drop);
         };
         let message = NewMessage {
             id,
@@ -148,8 +188,37 @@ impl Feed {
             payload,
             arrived: Instant::now(),
         };
-        if !self.topic.publish(message).duplicate {
+        if self.write(Some(message), resume_from).await? {
             self.poll_metrics.received.inc();
+        }
+        Ok(())
+    }
+
+    /// A message (or a gap) into the sink; whether it was new.
+    async fn write(
+        &self,
+        message: Option<NewMessage>,
+        resume_from: Option<&str>,
+    ) -> Result<bool, Ended> {
+        let log = match &self.sink {
+            Sink::Log(log) => log,
+            Sink::Topic => {
+                return Ok(match message {
+                    Some(m) => !self.topic.publish(m).duplicate,
+                    None => {
+                        self.topic.record_gap();
+                        true
+                    }
+                });
+            }
+        };
+        match log.append(message, resume_from).await {
+            Ok(new) => Ok(new),
+            Err(LogError::Fenced) => {
+                tracing::warn!("another node owns this topic's source now; stopping");
+                Err(Ended::Retired)
+            }
+            Err(LogError::Unavailable) => Err(Ended::Reconnect),
         }
     }
 }
@@ -199,6 +268,7 @@ mod tests {
             route_metrics: Arc::new(RouteMetrics::new(&metrics, "r", "poll")),
             connects: Arc::new(Semaphore::new(1)),
             retry_after: Mutex::default(),
+            sink: Sink::Topic,
         }
     }
 

@@ -22,6 +22,9 @@ pub const BATCH_MESSAGES_MAX: usize = 16;
 pub const CURSOR_PARAM: &str = "cursor";
 
 pub struct PollSource {
+    /// The upstream's position to start from (cluster mode: where the previous owner of the
+    /// topic's source stopped); empty: the start.
+    pub resume_from: String,
     /// Path and query template over the topic's parameters and `{cursor}`.
     pub path: TopicTemplate,
     /// The topic's validated parameters.
@@ -36,7 +39,7 @@ impl PollSource {
     pub async fn run(self) {
         let _open = GaugeGuard::new(self.feed.poll_metrics.subscriptions_active.clone());
         let mut backoff = Backoff::default();
-        let mut cursor = String::new();
+        let mut cursor = self.resume_from.clone();
         loop {
             match self.poll_once(&mut cursor).await {
                 Ok(()) => backoff.reset(),
@@ -75,9 +78,8 @@ impl PollSource {
             StatusCode::NO_CONTENT => return Ok(()),
             StatusCode::GONE => {
                 // The upstream no longer knows our cursor: start afresh after a gap.
-                self.feed.unresumable();
                 cursor.clear();
-                return Ok(());
+                return self.feed.unresumable().await;
             }
             _ => {}
         }
@@ -116,10 +118,13 @@ impl PollSource {
             });
             let json = serde_json::to_vec(item).unwrap_or_default();
             let payload = (json.len() <= self.feed.max_message_bytes).then(|| json.into());
-            if let Some(id) = &id {
-                cursor.clone_from(id);
-            }
-            self.feed.deliver(id, payload, "application/json");
+            let next = id.clone().unwrap_or_else(|| cursor.clone());
+            self.feed
+                .deliver(id, payload, "application/json", Some(&next))
+                .await?;
+            // Only what was taken moves the cursor: a source that could not log a message
+            // asks for it again.
+            *cursor = next;
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ pub const LINE_OVERHEAD_BYTES: usize = 64 * 1024;
 
 /// Everything one topic's streaming source needs; nothing from any client.
 pub struct StreamSource {
+    /// The upstream id to resume from (cluster mode: where the previous owner of the topic's
+    /// source stopped).
+    pub resume_from: Option<String>,
     pub format: StreamFormat,
     /// Path and query on the upstream, rendered from the route's template.
     pub path: String,
@@ -42,7 +45,7 @@ impl StreamSource {
     /// Runs until the topic is retired.
     pub async fn run(self) {
         let mut backoff = Backoff::default();
-        let mut last_id: Option<String> = None;
+        let mut last_id: Option<String> = self.resume_from.clone();
         let mut asked_retry: Option<Duration> = None;
         loop {
             match self
@@ -105,9 +108,11 @@ impl StreamSource {
         };
         if response.status() == StatusCode::GONE {
             // 410 to a resume: the upstream no longer has what followed our last id.
-            self.feed.unresumable();
             *last_id = None;
-            return Ended::Reconnect;
+            return match self.feed.unresumable().await {
+                Ok(()) => Ended::Reconnect,
+                Err(ended) => ended,
+            };
         }
         let _open = GaugeGuard::new(self.feed.poll_metrics.subscriptions_active.clone());
         let mut body = response.into_body();
@@ -123,6 +128,8 @@ impl StreamSource {
             }
         };
         let mut items = Vec::new();
+        // The resume id of the last message delivered.
+        let mut logged = last_id.clone();
         let ended = loop {
             let frame = tokio::select! {
                 () = self.feed.topic.retired() => break Ended::Retired,
@@ -145,9 +152,28 @@ impl StreamSource {
                 },
             };
             let well_formed = decoder.feed(&data, &mut items);
+            let mut refused = None;
             for item in items.drain(..) {
-                self.feed.deliver(item.id, item.payload, item.content_type);
+                let resume = resume_id(&self.format, item.id.as_deref());
+                let resume = resume.or(logged.as_deref()).map(str::to_owned);
+                match self
+                    .feed
+                    .deliver(item.id, item.payload, item.content_type, resume.as_deref())
+                    .await
+                {
+                    Ok(()) => logged = resume,
+                    Err(ended) => {
+                        refused = Some(ended);
+                        break;
+                    }
+                }
                 backoff.reset();
+            }
+            if let Some(ended) = refused {
+                // Resume from the last message the log took, not from what was decoded.
+                *last_id = logged;
+                *asked_retry = decoder.retry().or(*asked_retry);
+                return ended;
             }
             if !well_formed {
                 tracing::warn!(path = %self.path, "malformed upstream stream; reconnecting");
@@ -161,6 +187,21 @@ impl StreamSource {
 }
 
 /// One message out of a stream, whatever its format.
+/// The id an upstream resumes after `id`: for SSE, the id in force when the event came (an
+/// event without an id of its own is delivered as `ID#n`, the n-th after `ID`).
+fn resume_id<'a>(format: &StreamFormat, id: Option<&'a str>) -> Option<&'a str> {
+    let id = id?;
+    match format {
+        StreamFormat::Sse => Some(match id.rsplit_once('#') {
+            Some((in_force, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                in_force
+            }
+            _ => id,
+        }),
+        StreamFormat::Ndjson { .. } => Some(id),
+    }
+}
+
 struct Item {
     id: Option<String>,
     /// `None`: over the size limit, skipped.

@@ -149,62 +149,6 @@ async fn health_asks_the_admin_listener() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
 }
 
-/// A running `pollmux run` child with its bound addresses read from its JSON log.
-struct Child {
-    child: tokio::process::Child,
-    public: SocketAddr,
-    admin: SocketAddr,
-    /// The configuration file it runs with.
-    file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Child {
-    async fn start(config: &str) -> Child {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("pollmux.toml");
-        std::fs::write(&file, config).unwrap();
-        let mut child = tokio::process::Command::new(BIN)
-            .args([
-                "run",
-                "--config",
-                file.to_str().unwrap(),
-                "--log-format",
-                "json",
-            ])
-            .env_remove("RUST_LOG")
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (public, admin) = read_listening(&mut lines).await;
-        // Keep draining the log so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Child {
-            child,
-            public,
-            admin,
-            file,
-            _dir: dir,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = Command::new("kill").args([name, &pid]).status().unwrap();
-        assert!(status.success());
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        tokio::time::timeout(WAIT, self.child.wait())
-            .await
-            .expect("pollmux exits")
-            .unwrap()
-            .code()
-    }
-}
-
 #[tokio::test]
 async fn sighup_reloads_and_an_invalid_file_keeps_the_running_config() {
     let child = Child::start(&TestConfig::new().toml()).await;

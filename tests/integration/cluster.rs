@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use crate::common::*;
 
 /// A redis-server of the test's own.
-struct Redis {
+pub(crate) struct Redis {
     child: Child,
     dir: tempfile::TempDir,
     args: Vec<String>,
@@ -24,7 +24,7 @@ struct Redis {
 impl Redis {
     /// A server without persistence; `None` when redis-server is not installed and the run
     /// does not require it.
-    async fn start() -> Option<Redis> {
+    pub(crate) async fn start() -> Option<Redis> {
         Redis::start_with(&["--save", "", "--appendonly", "no"]).await
     }
 
@@ -49,7 +49,7 @@ impl Redis {
         self.dir.path().join("redis.sock")
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("unix://{}", self.socket().display())
     }
 

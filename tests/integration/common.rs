@@ -437,3 +437,65 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
         .expect("read");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A running `pollmux run` child with its bound addresses read from its JSON log.
+pub struct Child {
+    pub child: tokio::process::Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    /// The configuration file it runs with.
+    pub file: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Child {
+    pub async fn start(config: &str) -> Child {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pollmux.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pollmux"))
+            .args([
+                "run",
+                "--config",
+                file.to_str().unwrap(),
+                "--log-format",
+                "json",
+            ])
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stderr.take().unwrap(),
+        ));
+        let (public, admin) = read_listening(&mut lines).await;
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Child {
+            child,
+            public,
+            admin,
+            file,
+            _dir: dir,
+        }
+    }
+
+    /// Sends the signal `name` (`-HUP`, `-TERM`, `-KILL`, `-STOP`, `-CONT`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .expect("pollmux exits")
+            .unwrap()
+            .code()
+    }
+}
