@@ -156,8 +156,34 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.limits.trusted_proxies != new.limits.trusted_proxies {
         changed.push("[limits] trusted_proxies");
     }
+    if old.cluster != new.cluster {
+        changed.push("[cluster] (the backplane, node_id, lease_ttl, backplane_grace)");
+    }
     if old.shutdown.timeout != new.shutdown.timeout {
         changed.push("[shutdown] timeout");
     }
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a reload cannot apply is named, and only that: the backplane among it.
+    #[test]
+    fn restart_only_settings_are_named() {
+        let parse = |extra: &str| {
+            let text = format!("[listeners.p]\naddress = \"127.0.0.1:0\"\n{extra}");
+            Config::from_toml(&text, std::path::Path::new(".")).unwrap()
+        };
+        let single = parse("");
+        assert!(restart_only_changes(&single, &parse("")).is_empty());
+        let cluster = parse(
+            "[cluster]\nbackplane = \"redis\"\n[cluster.redis]\nurl = \"redis://127.0.0.1:1\"\n",
+        );
+        let changed = restart_only_changes(&single, &cluster);
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert!(changed[0].starts_with("[cluster]"));
+        assert!(restart_only_changes(&cluster, &cluster.clone()).is_empty());
+    }
 }
