@@ -127,6 +127,33 @@ impl Lease {
         result.map(|p| !p.duplicate)
     }
 
+    /// Records the topic's upstream state (`None`: healthy; else failing since, and its last
+    /// definitive refusal) and announces it to every node; nothing when the lease is gone.
+    pub async fn announce_upstream(&self, state: Option<(Instant, Option<u16>)>) {
+        let bp = &self.backplane;
+        let firehose = super::firehose_of(&bp.config, &self.route.name, &self.topic);
+        let (failing_for, refused) = match state {
+            None => (String::new(), String::new()),
+            Some((since, refused)) => (
+                millis(since.elapsed()).to_string(),
+                refused.map(|r| r.to_string()).unwrap_or_default(),
+            ),
+        };
+        let mut invocation = bp.scripts.upstream.key(&self.keys.meta);
+        invocation
+            .key(&firehose)
+            .key(&self.keys.lease)
+            .arg(&self.token)
+            .arg(&*self.route.name)
+            .arg(&self.topic)
+            .arg(failing_for)
+            .arg(refused)
+            .arg(millis(bp.config.firehose_retention));
+        if let Err(e) = bp.eval::<i64>("lease", &invocation).await {
+            tracing::debug!(error = %e, "the upstream's state was not announced");
+        }
+    }
+
     /// Gives the lease up (the topic ended here, or the source stopped), so another node with
     /// waiters takes it at once rather than after its time to live.
     pub async fn release(self) {

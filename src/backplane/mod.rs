@@ -223,14 +223,25 @@ impl Backplane {
             .arg(route.settings.limits.messages.max(1))
             .arg(millis(META_TTL))
             .arg(head);
-        let (epoch, seq, entries): (String, String, Vec<Value>) =
-            self.eval("load", &invocation).await?;
+        let (epoch, seq, entries, failing_since, refused): (
+            String,
+            String,
+            Vec<Value>,
+            String,
+            String,
+        ) = self.eval("load", &invocation).await?;
         let (Some(epoch), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
             tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's meta hash is malformed; retiring its epoch");
             self.retire_epoch(topic, &epoch).await?;
             return Ok(false);
         };
         let tail: Vec<Remote> = entries.iter().filter_map(reader::log_entry).collect();
+        // An upstream failing as the node running the source last said (a healthy one needs
+        // no telling: this node may run the source itself, and know better).
+        let upstream = reader::upstream_state(Some(&failing_since), Some(&refused));
+        if upstream.is_some() {
+            topic.set_upstream_state(upstream);
+        }
         let resets = &self.metrics.backplane.epoch_resets;
         match topic.sync(epoch, seq, tail) {
             Synced::Current { gap } => {
@@ -318,6 +329,12 @@ impl Backplane {
             Applied::Duplicate | Applied::Buffered => {}
         }
     }
+}
+
+/// The announcement stream of `topic` of `route`.
+fn firehose_of(config: &RedisConfig, route: &str, topic: &str) -> String {
+    let shard = crate::hub::cursor::binding(route, topic) % u64::from(config.firehose_shards);
+    scripts::firehose(&config.prefix, shard as u16)
 }
 
 /// The time since a backplane timestamp (ms since the Unix epoch, Redis's clock), 0 when it is

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::scripts::{self, Keys, fresh_epoch};
+use super::scripts::{Keys, fresh_epoch};
 use super::{
     Backplane, BackplaneError, META_TTL, RETRY_FIRST, RETRY_MAX, jittered, link, millis,
     parse_epoch,
@@ -65,8 +65,7 @@ impl Backplane {
         append: Append,
     ) -> Result<Published, BackplaneError> {
         let keys = Keys::new(&self.config.prefix, &route.name, topic);
-        let shard = cursor::binding(&route.name, topic) % u64::from(self.config.firehose_shards);
-        let firehose = scripts::firehose(&self.config.prefix, shard as u16);
+        let firehose = super::firehose_of(&self.config, &route.name, topic);
         let message = append.message.as_ref();
         let id = message.and_then(|m| m.id.as_deref());
         // Without a Message-Id the request's own key de-duplicates its retries; a request

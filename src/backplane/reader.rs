@@ -113,6 +113,14 @@ impl Backplane {
     fn announcement(self: &Arc<Self>, entry: &Value) {
         let fields = entry_fields(entry);
         let text = |name: &str| field(&fields, name).and_then(|v| std::str::from_utf8(v).ok());
+        if text("k") == Some("u") {
+            if let (Some(route), Some(topic)) = (text("r"), text("t"))
+                && let Some(t) = self.hub.find(route, topic)
+            {
+                t.set_upstream_state(upstream_state(text("uf"), text("uc")));
+            }
+            return;
+        }
         let (Some(route), Some(topic), Some(epoch), Some(seq)) = (
             text("r"),
             text("t"),
@@ -126,6 +134,17 @@ impl Backplane {
             self.announced(route, topic, epoch, remote);
         }
     }
+}
+
+/// An upstream state as the backplane records it (`uf`: failing since, the backplane's ms,
+/// empty while healthy; `uc`: the last definitive refusal) as a topic takes it.
+pub(super) fn upstream_state(
+    failing_since: Option<&str>,
+    refused: Option<&str>,
+) -> Option<(Instant, Option<u16>)> {
+    let since = failing_since?.parse::<u64>().ok()?;
+    let refused = refused.and_then(|r| r.parse::<u16>().ok());
+    Some((arrived_at(since), refused))
 }
 
 /// A log entry (`[id, [field, value, …]]`, id `<seq>-0`) as a topic takes it.

@@ -14,8 +14,8 @@ pub const BACKPLANE_GRACE_DEFAULT: Duration = Duration::from_secs(10);
 pub const PREFIX_DEFAULT: &str = "pm";
 /// Streams every message is announced on, each node reading all of them.
 pub const FIREHOSE_SHARDS_DEFAULT: u16 = 16;
-/// How long an announcement stays readable: a node whose reader was away for less catches up
-/// from the firehose; beyond it, from each topic's own log.
+/// How long an announcement stays in its stream (which bounds the streams' memory); a node whose
+/// reader was away catches up from each topic's own log.
 pub const FIREHOSE_RETENTION_DEFAULT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -77,17 +77,17 @@ impl Validator<'_, '_> {
             self.err(&["cluster", "lease_ttl"], "must be at least 1s");
         }
         let backplane_grace = raw.backplane_grace.map_or(BACKPLANE_GRACE_DEFAULT, |d| d.0);
-        let redis = match (on, raw.redis) {
-            (true, Some(r)) => self.redis(r),
-            (true, None) => {
-                self.err(
-                    &["cluster", "backplane"],
-                    "backplane = \"redis\" needs [cluster.redis] with its url",
-                );
-                None
-            }
-            (false, _) => None,
-        };
+        // [cluster.redis] is checked even while the backplane is off, so a config ready to be
+        // switched on is known to be valid.
+        let given = raw.redis.is_some();
+        let redis = raw.redis.and_then(|r| self.redis(r));
+        if on && !given {
+            self.err(
+                &["cluster", "backplane"],
+                "backplane = \"redis\" needs [cluster.redis] with its url",
+            );
+        }
+        let redis = redis.filter(|_| on);
         ClusterConfig {
             redis,
             node_id,
@@ -251,6 +251,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs [cluster.redis]"), "{e}");
+        // Checked while the backplane is off too.
+        let e = parse(&format!(
+            "{BASE}[cluster]\nbackplane = \"none\"\n[cluster.redis]\nurl = \"http://x\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("expected a redis://"), "{e}");
         let e = parse(&format!("{BASE}[cluster]\nbackplane = \"nats\"\n"))
             .unwrap_err()
             .to_string();

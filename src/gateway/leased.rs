@@ -6,6 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::backplane::{Backplane, BackplaneError, Lease};
 use crate::hub::{NewMessage, Topic};
 use crate::source::feed::{Log, LogError, Sink};
@@ -70,5 +72,10 @@ impl Log for LeasedLog {
                     }
                 })
         })
+    }
+
+    fn upstream(&self, state: Option<(Instant, Option<u16>)>) {
+        let lease = self.0.clone();
+        tokio::spawn(async move { lease.announce_upstream(state).await });
     }
 }

@@ -357,6 +357,31 @@ impl Topic {
         self.state().failing_since
     }
 
+    /// The upstream's state as its source last saw it: `None` while healthy, else since when
+    /// it has been failing and its last definitive refusal (404, 401, 403).
+    pub fn upstream_state(&self) -> Option<(Instant, Option<u16>)> {
+        let st = self.state();
+        st.failing_since.map(|since| (since, st.refused))
+    }
+
+    /// Cluster mode: the state of the upstream as the node running the topic's source reports
+    /// it. Waiting readers look again when it fails (a refusal, or the grace running out,
+    /// reaches them at once).
+    pub fn set_upstream_state(&self, state: Option<(Instant, Option<u16>)>) {
+        let mut st = self.state();
+        match state {
+            None => {
+                st.failing_since = None;
+                st.refused = None;
+            }
+            Some((since, refused)) => {
+                st.failing_since = Some(st.failing_since.map_or(since, |s| s.min(since)));
+                st.refused = refused;
+                self.changed_now(st);
+            }
+        }
+    }
+
     /// Wakes every waiting reader (to re-check the upstream's state, a drain, retirement).
     pub fn wake(&self) {
         self.changed_now(self.state());

@@ -36,9 +36,13 @@ pub const COMMANDS: [&str; 5] = ["publish", "read", "load", "epoch", "lease"];
 const LEASE_EVENTS: [&str; 5] = ["acquired", "released", "lost", "renewal_failed", "fenced"];
 
 impl BackplaneMetrics {
-    pub(super) fn new(registry: &Registry) -> BackplaneMetrics {
+    /// The series, exported by `registry` only in cluster mode (`clustered`): a single node has
+    /// no backplane, and a `backplane_up` of 0 there would be a false alarm.
+    pub(super) fn new(registry: &Registry, clustered: bool) -> BackplaneMetrics {
         let register = |c: Box<dyn prometheus::core::Collector>| {
-            registry.register(c).expect("registered once");
+            if clustered {
+                registry.register(c).expect("registered once");
+            }
         };
         let up = IntGauge::with_opts(opts(
             "backplane_up",

@@ -164,7 +164,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub buffered_bytes: IntGauge,
     pub config_last_reload_successful: IntGauge,
-    /// Cluster mode's series (present, at 0, on a single node too).
+    /// Cluster mode's series (not exported on a single node).
     pub backplane: BackplaneMetrics,
 }
 
@@ -368,7 +368,7 @@ impl Metrics {
             ))
             .expect("registered once");
 
-        let backplane = BackplaneMetrics::new(&registry);
+        let backplane = BackplaneMetrics::new(&registry, config.cluster.redis.is_some());
         let metrics = Metrics {
             registry,
             requests,

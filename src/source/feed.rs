@@ -57,6 +57,10 @@ pub trait Log: Send + Sync {
         message: Option<NewMessage>,
         resume_from: Option<&str>,
     ) -> Pin<Box<dyn Future<Output = Result<bool, LogError>> + Send + '_>>;
+
+    /// Tells every node the upstream's state (`None`: healthy; else failing since, and its
+    /// last definitive refusal), without waiting: polls on other nodes answer as here.
+    fn upstream(&self, state: Option<(Instant, Option<u16>)>);
 }
 
 /// Why a log did not take a message.
@@ -110,22 +114,41 @@ impl Feed {
         let upstream = &self.upstream.config.name;
         match response {
             Ok(r) if usable(r.status()) => {
-                self.topic.upstream_ok();
+                self.upstream_state(None);
                 Ok(r)
             }
             Ok(r) => {
                 tracing::warn!(%upstream, status = %r.status(), "upstream refused the source's request");
                 *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
                     retry_after(r.headers());
-                self.topic
-                    .upstream_failed(Some(r.status().as_u16()), Instant::now());
+                self.upstream_state(Some(Some(r.status().as_u16())));
                 Err(Ended::Reconnect)
             }
             Err(e) => {
                 tracing::warn!(%upstream, error = %e, "source request failed");
-                self.topic.upstream_failed(None, Instant::now());
+                self.upstream_state(Some(None));
                 Err(Ended::Reconnect)
             }
+        }
+    }
+
+    /// Records the upstream's state on the topic (`None`: healthy; else failing, with the
+    /// status it answered), and in cluster mode announces every change of it.
+    fn upstream_state(&self, failing: Option<Option<u16>>) {
+        let before = self.topic.upstream_state();
+        match failing {
+            None => self.topic.upstream_ok(),
+            Some(status) => self.topic.upstream_failed(status, Instant::now()),
+        }
+        let after = self.topic.upstream_state();
+        if before != after {
+            self.announce_upstream();
+        }
+    }
+
+    fn announce_upstream(&self) {
+        if let Sink::Log(log) = &self.sink {
+            log.upstream(self.topic.upstream_state());
         }
     }
 
@@ -157,7 +180,11 @@ impl Feed {
         if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
             tokio::select! {
                 () = self.topic.retired() => return false,
-                () = tokio::time::sleep_until(at) => self.topic.wake(),
+                () = tokio::time::sleep_until(at) => {
+                    self.topic.wake();
+                    // Other nodes' waiting polls look again too.
+                    self.announce_upstream();
+                }
             }
         }
         tokio::select! {

@@ -248,3 +248,33 @@ async fn an_owner_paused_past_its_lease_is_fenced() {
         .collect();
     assert_eq!(all, [1, 2, 3, 4, 5, 6, 7], "the log holds each item once");
 }
+
+/// The node running a topic's source tells the others what its upstream says: a topic the
+/// upstream does not have is a 404 on every node, not only on the one that asked.
+#[tokio::test]
+async fn an_upstream_refusal_reaches_polls_on_every_node() {
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let upstream = Upstream::start(|_req| async { text_response(404, "no such feed") }).await;
+    let (a, b) = (
+        Gateway::start(&node(&redis, &upstream, "n0")).await,
+        Gateway::start(&node(&redis, &upstream, "n1")).await,
+    );
+    let polls: Vec<_> = [a.addr(), b.addr()]
+        .into_iter()
+        .map(|addr| {
+            tokio::spawn(async move {
+                let resp = get(addr, "/feed/missing?timeout=20").await;
+                (resp.status().as_u16(), body_json(resp).await)
+            })
+        })
+        .collect();
+    for poll in polls {
+        let (status, body) = poll.await.unwrap();
+        assert_eq!(status, 404, "{body}");
+    }
+    let owners = a.metric("pollmux_topic_leases_held{route=\"feed\"}").await
+        + b.metric("pollmux_topic_leases_held{route=\"feed\"}").await;
+    assert!(owners <= 1.0, "one source for the cluster");
+}
