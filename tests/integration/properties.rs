@@ -67,6 +67,14 @@ const CONFIG_FILES: &[(&str, &str)] = &[
         "upstream-ndjson.toml",
         include_str!("../../config/upstream-ndjson.toml"),
     ),
+    (
+        "cluster-a.toml",
+        include_str!("../../config/cluster-a.toml"),
+    ),
+    (
+        "cluster-b.toml",
+        include_str!("../../config/cluster-b.toml"),
+    ),
 ];
 
 /// Lines a mutation may insert: keys that exist, keys that do not, wrong types, bad values,
