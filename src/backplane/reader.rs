@@ -125,7 +125,7 @@ impl Backplane {
             text("r"),
             text("t"),
             text("e").and_then(parse_epoch),
-            text("s").and_then(|s| s.parse::<u64>().ok()),
+            text("s").and_then(|s| s.parse::<u64>().ok().filter(|s| *s > 0)),
         ) else {
             tracing::warn!("malformed backplane announcement skipped");
             return;
@@ -150,7 +150,12 @@ pub(super) fn upstream_state(
 /// A log entry (`[id, [field, value, …]]`, id `<seq>-0`) as a topic takes it.
 pub(super) fn log_entry(entry: &Value) -> Option<Remote> {
     let id = entry_id(entry)?;
-    let seq = id.strip_suffix("-0")?.parse::<u64>().ok()?;
+    // Positions start at 1: a 0 is not one of pollmux's entries.
+    let seq = id
+        .strip_suffix("-0")?
+        .parse::<u64>()
+        .ok()
+        .filter(|s| *s > 0)?;
     remote(seq, &entry_fields(entry))
 }
 
@@ -276,6 +281,7 @@ mod tests {
         for bad in [
             entry("8-1", &[("d", "x"), ("ts", "5")]),
             entry("x-0", &[("d", "x"), ("ts", "5")]),
+            entry("0-0", &[("d", "x"), ("ts", "5")]),
             entry("9-0", &[("d", "x")]),
             entry("9-0", &[("ts", "5")]),
             bulk("9-0"),
