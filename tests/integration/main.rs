@@ -17,5 +17,6 @@ mod longpoll;
 mod ops;
 mod properties;
 mod proxy;
+mod redis_server;
 mod reload;
 mod sources;
