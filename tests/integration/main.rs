@@ -5,6 +5,7 @@ mod architecture;
 mod auth;
 mod cli;
 mod cluster;
+mod cluster_faults;
 mod collapse;
 mod common;
 mod cors;

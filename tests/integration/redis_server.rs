@@ -15,6 +15,9 @@ use tokio::process::{Child, Command};
 
 use crate::common::*;
 
+/// A master waits 5 s by default for more replicas before it starts a sync.
+pub const REPLICATE_AT_ONCE: [&str; 2] = ["--repl-diskless-sync-delay", "0"];
+
 /// A redis-server of the test's own.
 pub struct Redis {
     child: Child,
@@ -36,9 +39,10 @@ impl Redis {
     }
 
     /// A server without persistence that also listens on 127.0.0.1:`port` (for Sentinel,
-    /// which names servers by address).
+    /// which names servers by address), and starts a replica's sync at once.
     pub async fn start_on_port(port: u16, args: &[&str]) -> Option<Redis> {
         let mut all = vec!["--save", "", "--appendonly", "no"];
+        all.extend_from_slice(&REPLICATE_AT_ONCE);
         all.extend_from_slice(args);
         Redis::start_on(port, &all).await
     }
@@ -66,11 +70,6 @@ impl Redis {
 
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket().display())
-    }
-
-    /// The TCP port given to [`Redis::start_on_port`].
-    pub fn port(&self) -> u16 {
-        self.port
     }
 
     async fn wait_ready(&self) {
@@ -263,4 +262,129 @@ pub async fn head_cursor(gw: &Gateway, topic: &str) -> String {
     let (status, body) = poll(gw, &format!("/feed/{topic}?cursor=latest&timeout=0")).await;
     assert_eq!(status, 200, "{body}");
     body["cursor"].as_str().unwrap().to_owned()
+}
+
+/// Loopback ports that were free a moment ago: bound together (so they differ), then released
+/// for the servers to bind. Sentinel names servers by TCP address, so a unix socket will not
+/// do; another process could take a port in between (a tiny race), and the server that
+/// wanted it then fails to start, failing its test visibly rather than passing.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// A redis-sentinel of the test's own on 127.0.0.1:`port`, monitoring one master, quick to
+/// declare it down (1 s) and to fail over.
+pub struct Sentinel {
+    child: Child,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Sentinel {
+    /// `None` when redis-sentinel is not installed and the run does not require it.
+    pub async fn start(port: u16, master: &str, master_port: u16) -> Option<Sentinel> {
+        if !installed("redis-sentinel") {
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Sentinel rewrites its configuration file: it must be its own, and writable.
+        let conf = dir.path().join("sentinel.conf");
+        let text = format!(
+            "port {port}\nbind 127.0.0.1\ndir {}\n\
+             sentinel monitor {master} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {master} 1000\n\
+             sentinel failover-timeout {master} 2000\n",
+            dir.path().display()
+        );
+        std::fs::write(&conf, text).expect("sentinel.conf");
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-sentinel starts");
+        let sentinel = Sentinel {
+            child,
+            _dir: dir,
+            port,
+        };
+        let url = sentinel.url();
+        eventually("redis-sentinel answers", || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+        Some(sentinel)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `host:port`, as `[cluster.redis] sentinel.addrs` takes it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A command's answer, or the error Sentinel gave.
+    pub async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut conn).await
+    }
+
+    /// The port of the master Sentinel names.
+    pub async fn master_port(&self, master: &str) -> Option<u16> {
+        let reply = self
+            .try_command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", master])
+            .await
+            .ok()?;
+        let redis::Value::Array(parts) = reply else {
+            return None;
+        };
+        match parts.get(1)? {
+            redis::Value::BulkString(p) => std::str::from_utf8(p).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// What Sentinel knows of `master`'s replicas, field by field.
+    pub async fn replicas(&self, master: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let Ok(redis::Value::Array(replicas)) =
+            self.try_command(&["SENTINEL", "REPLICAS", master]).await
+        else {
+            return Vec::new();
+        };
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::SimpleString(s) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        replicas
+            .iter()
+            .filter_map(|r| match r {
+                redis::Value::Array(flat) => Some(
+                    flat.chunks_exact(2)
+                        .map(|kv| (text(&kv[0]), text(&kv[1])))
+                        .collect(),
+                ),
+                redis::Value::Map(kv) => Some(kv.iter().map(|(k, v)| (text(k), text(v))).collect()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }
