@@ -27,9 +27,10 @@ pub fn reason(e: &RedisError) -> &'static str {
 }
 
 /// Whether the connection that gave `e` must be replaced (rather than the command having
-/// been refused by a healthy server).
+/// been refused by a healthy server). Sentinel naming no master is a failover under way.
 pub fn connection_broken(e: &RedisError) -> bool {
-    e.is_io_error()
+    e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel
+        || e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()

@@ -147,12 +147,19 @@ return {e, tostring(s), entries, up[1] or '', up[2] or ''}
 "#;
 
 /// Retires an epoch whose log lost positions clients had seen, unless another node did first.
+/// The log stays, its positions now of the new epoch: what was logged since the loss was
+/// acknowledged to its publishers. A meta hash without a position starts the log again.
 ///
 /// KEYS: meta, log. ARGV: the epoch to retire, a fresh one. Returns the epoch in force.
 pub const RETIRE_EPOCH: &str = r#"
 if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+  local s = redis.call('HGET', KEYS[1], 's')
+  if s and string.match(s, '^%d+$') then
+    redis.call('HSET', KEYS[1], 'e', ARGV[2])
+  else
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+  end
 end
 return redis.call('HGET', KEYS[1], 'e')
 "#;

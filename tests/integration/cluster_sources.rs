@@ -13,8 +13,8 @@ use pollmux::upstream::Body;
 use serde_json::Value;
 use tokio::sync::Notify;
 
-use crate::cluster::Redis;
 use crate::common::*;
+use crate::redis_server::Redis;
 
 /// An upstream long-poll API (`GET /items?cursor=N`: the items after N, or `[]` after a short
 /// hold) that records how many of its requests are in flight at once and which cursors it was
