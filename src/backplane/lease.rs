@@ -42,7 +42,8 @@ impl Backplane {
             .key(&keys.fence)
             .key(&keys.meta)
             .arg(&self.node)
-            .arg(millis(self.lease_ttl));
+            .arg(millis(self.lease_ttl))
+            .arg(millis(super::META_TTL));
         let (token, resume) = match self.eval::<Value>("lease", &invocation).await {
             Ok(Value::Array(reply)) => match reply.as_slice() {
                 [Value::BulkString(t), Value::BulkString(u)] => (
@@ -83,24 +84,29 @@ impl Lease {
     pub async fn keep(&self) {
         let bp = &self.backplane;
         let ttl = bp.lease_ttl;
+        // The lease runs until a third of its time to live before `renewed + ttl`, by this
+        // node's clock; `renewed` is when the last successful renewal was sent.
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(ttl / 3).await;
+            let deadline = renewed + ttl - ttl / 3;
+            let sent = Instant::now();
             let mut invocation = bp.scripts.renew.key(&self.keys.lease);
             invocation.arg(&self.token).arg(millis(ttl));
-            match bp.eval::<i64>("lease", &invocation).await {
-                Ok(1) => renewed = Instant::now(),
-                Ok(_) => {
+            let renewal = bp.eval::<i64>("lease", &invocation);
+            match tokio::time::timeout_at(deadline, renewal).await {
+                Ok(Ok(1)) => renewed = sent,
+                Ok(Ok(_)) => {
                     bp.lease_event(&self.route.name, "lost");
                     tracing::warn!(route = %self.route.name, topic = %self.topic, "the topic's lease was taken over: stopping its source");
                     return;
                 }
-                Err(_) if renewed.elapsed() >= ttl - ttl / 3 => {
+                Ok(Err(_)) if Instant::now() < deadline => {}
+                Ok(Err(_)) | Err(_) => {
                     bp.lease_event(&self.route.name, "renewal_failed");
                     tracing::warn!(route = %self.route.name, topic = %self.topic, "the topic's lease could not be renewed in time: stopping its source");
                     return;
                 }
-                Err(_) => {}
             }
         }
     }
@@ -156,7 +162,7 @@ impl Lease {
 
     /// Gives the lease up (the topic ended here, or the source stopped), so another node with
     /// waiters takes it at once rather than after its time to live.
-    pub async fn release(self) {
+    pub async fn release(&self) {
         let bp = &self.backplane;
         let mut invocation = bp.scripts.release.key(&self.keys.lease);
         invocation.arg(&self.token);

@@ -34,6 +34,14 @@ use crate::metrics::Metrics;
 use link::Link;
 use scripts::{Keys, Scripts, fresh_epoch};
 
+/// What one load of a topic found.
+enum Loaded {
+    /// The topic is at the log's head (or was given a new epoch).
+    Current,
+    /// It must be loaded again; `retired`: this node retired the log's epoch (a regression).
+    Again { retired: bool },
+}
+
 /// Why the backplane could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackplaneError {
@@ -173,24 +181,31 @@ impl Backplane {
 
     /// Loads until the topic is current and nobody asked again meanwhile; then `key` leaves
     /// `loading`.
-    async fn load_until_current(&self, topic: &Topic, key: &(Arc<str>, Box<str>)) {
+    async fn load_until_current(self: &Arc<Self>, topic: &Topic, key: &(Arc<str>, Box<str>)) {
         let (mut pause, mut behind) = (RETRY_FIRST, 0);
+        // This node retired the epoch itself (a regression): the next load's new epoch is
+        // that one, already counted.
+        let mut retired_here = false;
         while !topic.is_retired() {
-            match self.load_once(topic).await {
-                Ok(true) => {
-                    if self.loading.remove_if(key, |_, again| !*again).is_some() {
-                        return;
-                    }
-                    if let Some(mut again) = self.loading.get_mut(key) {
-                        *again = false;
-                    }
-                }
-                Ok(false) => {
+            match self
+                .load_once(topic, std::mem::take(&mut retired_here))
+                .await
+            {
+                Ok(Loaded::Again { retired }) => {
+                    retired_here = retired;
                     behind += 1;
                     if behind >= LOADS_AT_ONCE {
                         behind = 0;
                         tokio::time::sleep(jittered(pause)).await;
                         pause = (pause * 2).min(RETRY_MAX);
+                    }
+                }
+                Ok(Loaded::Current) => {
+                    if self.loading.remove_if(key, |_, again| !*again).is_some() {
+                        return;
+                    }
+                    if let Some(mut again) = self.loading.get_mut(key) {
+                        *again = false;
                     }
                 }
                 Err(e) => {
@@ -206,23 +221,33 @@ impl Backplane {
                 }
             }
         }
-        self.loading.remove(key);
+        // The topic ended here. A topic of the same name made meanwhile asked for a load that
+        // this task took over: it gets its own.
+        if let Some((_, true)) = self.loading.remove(key)
+            && let Some(live) = self.hub.find(&key.0, &key.1)
+        {
+            self.load(live);
+        }
     }
 
-    /// One load; true when the topic is current (or was given a new epoch), false when it
-    /// must be loaded again.
-    async fn load_once(&self, topic: &Topic) -> RedisResult<bool> {
+    /// One load: whether the topic is current (or was given a new epoch), or must be loaded
+    /// again. `retired_here`: this node retired the epoch before it, for a regression.
+    async fn load_once(&self, topic: &Topic, retired_here: bool) -> RedisResult<Loaded> {
         let route = topic.route();
         let keys = Keys::new(&self.config.prefix, &route.name, topic.name());
         let held = topic.position();
         let head = held.map_or(-1, |(_, head, _)| i64::try_from(head).unwrap_or(i64::MAX));
+        let held_epoch = held
+            .map(|(epoch, _, _)| epoch.to_string())
+            .unwrap_or_default();
         let mut invocation = self.scripts.load.key(&keys.meta);
         invocation
             .key(&keys.log)
             .arg(fresh_epoch())
             .arg(route.settings.limits.messages.max(1))
             .arg(millis(META_TTL))
-            .arg(head);
+            .arg(head)
+            .arg(held_epoch);
         let (epoch, seq, entries, failing_since, refused): (
             String,
             String,
@@ -230,20 +255,19 @@ impl Backplane {
             String,
             String,
         ) = self.eval("load", &invocation).await?;
-        let (Some(epoch), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
+        let (Some(parsed), Ok(seq)) = (parse_epoch(&epoch), seq.parse::<u64>()) else {
             tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's meta hash is malformed; retiring its epoch");
             self.retire_epoch(topic, &epoch).await?;
-            return Ok(false);
+            return Ok(Loaded::Again { retired: true });
         };
         let tail: Vec<Remote> = entries.iter().filter_map(reader::log_entry).collect();
-        // An upstream failing as the node running the source last said (a healthy one needs
-        // no telling: this node may run the source itself, and know better).
-        let upstream = reader::upstream_state(Some(&failing_since), Some(&refused));
-        if upstream.is_some() {
-            topic.set_upstream_state(upstream);
-        }
+        // The upstream's state as the node running the source last announced it (announcements
+        // missed while this node was away included); that node announces again on its next
+        // change.
+        topic.set_upstream_state(reader::upstream_state(Some(&failing_since), Some(&refused)));
         let resets = &self.metrics.backplane.epoch_resets;
-        match topic.sync(epoch, seq, tail) {
+        let known = held.map_or(0, |(_, head, _)| head);
+        match topic.sync(parsed, seq, known, tail) {
             Synced::Current { gap } => {
                 // A topic this node already held, brought forward: a repair.
                 let moved = held.zip(topic.position()).is_some_and(|(a, b)| b.1 > a.1);
@@ -252,20 +276,23 @@ impl Backplane {
                     let repairs = &self.metrics.backplane.repairs;
                     repairs.with_label_values(&[&route.name, result]).inc();
                 }
-                Ok(true)
+                Ok(Loaded::Current)
             }
             Synced::NewEpoch => {
                 tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's log started again: older cursors are expired");
-                resets.with_label_values(&[&route.name, "new_epoch"]).inc();
-                Ok(true)
+                if !retired_here {
+                    resets.with_label_values(&[&route.name, "new_epoch"]).inc();
+                }
+                Ok(Loaded::Current)
             }
             Synced::Regressed => {
                 tracing::warn!(route = %route.name, topic = topic.name(), "the backplane's log lost positions clients had seen (a failover?): retiring its epoch");
                 resets.with_label_values(&[&route.name, "regression"]).inc();
-                self.retire_epoch(topic, &epoch.to_string()).await?;
-                Ok(false)
+                // The epoch as Redis wrote it, so that the retiring script recognises it.
+                self.retire_epoch(topic, &epoch).await?;
+                Ok(Loaded::Again { retired: true })
             }
-            Synced::Hole => Ok(false),
+            Synced::Hole => Ok(Loaded::Again { retired: false }),
         }
     }
 
@@ -347,15 +374,22 @@ fn since_origin(origin_ms: u64) -> Duration {
         .min(Duration::from_secs(3600))
 }
 
-/// This node's idea of when a message logged at `origin_ms` arrived.
+/// This node's idea of when a message logged at `origin_ms` arrived (its age decides
+/// `buffer.age`, so it is not capped as the metric's is).
 fn arrived_at(origin_ms: u64) -> Instant {
     let now = Instant::now();
-    now.checked_sub(since_origin(origin_ms)).unwrap_or(now)
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let age = wall.saturating_sub(Duration::from_millis(origin_ms));
+    now.checked_sub(age).unwrap_or(now)
 }
 
-/// An epoch as the meta hash stores it: a decimal, never 0.
+/// An epoch as the meta hash stores it: a canonical decimal (as pollmux writes it), never 0.
 fn parse_epoch(text: &str) -> Option<u64> {
-    text.parse::<u64>().ok().filter(|e| *e != 0)
+    text.parse::<u64>()
+        .ok()
+        .filter(|e| *e != 0 && e.to_string() == text)
 }
 
 fn millis(d: Duration) -> u64 {

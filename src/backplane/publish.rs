@@ -133,12 +133,17 @@ impl Backplane {
             seq,
         }
         .encode();
-        let duplicate = duplicate == 1 && id.is_some();
+        let logged_before = duplicate == 1;
+        // A retry of this very request that found its first attempt logged is not a duplicate
+        // to the publisher; either way the entry is in the log already, with its own time, and
+        // the announcements bring it.
+        let duplicate = logged_before && id.is_some();
         let stored = payload.len() <= limits.bytes;
         if duplicate {
             let dedupe = &self.metrics.backplane.dedupe;
             dedupe.with_label_values(&[&route.name]).inc();
-        } else if let Some(t) = self.hub.find(&route.name, topic) {
+        }
+        if !logged_before && let Some(t) = self.hub.find(&route.name, topic) {
             // This node's readers need not wait for the announcement; when this is not the
             // next position, the announcements bring it in order.
             let body = match append.message {

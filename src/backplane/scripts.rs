@@ -106,6 +106,9 @@ if type(ok) == 'table' and ok.err then
 end
 if ARGV[14] ~= '' then
   redis.call('HSET', KEYS[1], 'u', ARGV[14])
+elseif ARGV[13] ~= '' and ARGV[4] == '1' then
+  -- A source's gap without a resume point: the upstream refused the one recorded.
+  redis.call('HDEL', KEYS[1], 'u')
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
@@ -117,7 +120,8 @@ return {e, tostring(s), 0, now}
 
 /// A topic's state and the log entries a node needs to load it or catch up.
 ///
-/// KEYS: meta, log. ARGV: a fresh epoch, count, meta ttl ms, the node's head (-1: none).
+/// KEYS: meta, log. ARGV: a fresh epoch, count, meta ttl ms, the node's head (-1: none), the
+/// node's epoch ('' none): the entries from the node's head are only for a node of this epoch.
 /// Returns {epoch, head, entries (ascending), upstream failing since ('' healthy), refusal}: from the node's head on (itself included, so
 /// the node can tell whether it is the same message) when at most `count` follow it, else the
 /// newest `count`. A topic nobody published to yet gets its epoch here, so that every node
@@ -134,7 +138,7 @@ local s = tonumber(redis.call('HGET', KEYS[1], 's')) or 0
 local up = redis.call('HMGET', KEYS[1], 'uf', 'uc')
 local n = tonumber(ARGV[2])
 local after = tonumber(ARGV[4])
-if after >= 0 and s >= after and s - after <= n then
+if after >= 0 and ARGV[5] == e and s >= after and s - after <= n then
   return {e, tostring(s), redis.call('XRANGE', KEYS[2], after .. '-0', '+', 'COUNT', n + 1),
     up[1] or '', up[2] or ''}
 end
@@ -166,13 +170,14 @@ return redis.call('HGET', KEYS[1], 'e')
 
 /// Takes a topic's lease if nobody holds it.
 ///
-/// KEYS: lease, fence, meta. ARGV: node, ttl ms.
+/// KEYS: lease, fence, meta. ARGV: node, ttl ms, the fence counter's ttl ms (the meta's).
 /// Returns {token, upstream id to resume from ('' none)}, or nil when another node holds it.
 pub const ACQUIRE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return false
 end
 local token = ARGV[1] .. ':' .. redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
 return {token, redis.call('HGET', KEYS[3], 'u') or ''}
 "#;

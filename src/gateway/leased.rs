@@ -4,8 +4,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backplane::{Backplane, BackplaneError, Lease};
@@ -28,19 +29,22 @@ pub async fn run(backplane: Arc<Backplane>, topic: Arc<Topic>, make: MakeSource)
             continue;
         };
         let lease = Arc::new(lease);
-        let source = make(
-            Sink::Log(Box::new(LeasedLog(lease.clone()))),
-            lease.resume_from.clone(),
-        );
+        // The upstream's state is announced by one task, latest state first, in order.
+        let (state, announced) = watch::channel(None);
+        let announcer = tokio::spawn(announce(Arc::downgrade(&lease), announced));
+        let log = LeasedLog {
+            lease: lease.clone(),
+            state,
+        };
+        let source = make(Sink::Log(Box::new(log)), lease.resume_from.clone());
         let ended_itself = tokio::select! {
             () = source => true,
             () = lease.keep() => false,
             () = topic.retired() => false,
         };
         // The source (and its upstream request) is gone: give the lease up for the next owner.
-        if let Some(lease) = Arc::into_inner(lease) {
-            lease.release().await;
-        }
+        announcer.abort();
+        lease.release().await;
         if ended_itself {
             // Fenced, or a source that cannot run: do not take the lease again at once.
             tokio::select! {
@@ -51,8 +55,23 @@ pub async fn run(backplane: Arc<Backplane>, topic: Arc<Topic>, make: MakeSource)
     }
 }
 
+/// Announces each upstream state the source reports, the latest when several came meanwhile,
+/// while the lease lives.
+async fn announce(lease: Weak<Lease>, mut states: watch::Receiver<Option<(Instant, Option<u16>)>>) {
+    while states.changed().await.is_ok() {
+        let state = *states.borrow_and_update();
+        let Some(lease) = lease.upgrade() else {
+            return;
+        };
+        lease.announce_upstream(state).await;
+    }
+}
+
 /// The topic's log, written through this node's lease.
-struct LeasedLog(Arc<Lease>);
+struct LeasedLog {
+    lease: Arc<Lease>,
+    state: watch::Sender<Option<(Instant, Option<u16>)>>,
+}
 
 impl Log for LeasedLog {
     fn append(
@@ -62,7 +81,7 @@ impl Log for LeasedLog {
     ) -> Pin<Box<dyn Future<Output = Result<bool, LogError>> + Send + '_>> {
         let resume_from = resume_from.map(str::to_owned);
         Box::pin(async move {
-            self.0
+            self.lease
                 .append(message, resume_from.as_deref())
                 .await
                 .map_err(|e| match e {
@@ -75,7 +94,6 @@ impl Log for LeasedLog {
     }
 
     fn upstream(&self, state: Option<(Instant, Option<u16>)>) {
-        let lease = self.0.clone();
-        tokio::spawn(async move { lease.announce_upstream(state).await });
+        self.state.send_replace(state);
     }
 }

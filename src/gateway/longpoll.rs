@@ -418,11 +418,12 @@ impl Held {
                 let until = *self.ahead_until.get_or_insert_with(|| {
                     // This node's copy is behind the node that handed the cursor out: load it
                     // (after a load already under way, which may have read the log before).
+                    // The count of loads is read after asking: one may have ended meanwhile.
                     let under_way = route
                         .backplane
                         .as_ref()
                         .is_some_and(|b| b.load(topic.clone()));
-                    synced + 1 + u64::from(under_way)
+                    topic.synced() + 1 + u64::from(under_way)
                 });
                 if synced >= until {
                     let detail = "cursor is ahead of the topic";

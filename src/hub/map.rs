@@ -230,7 +230,6 @@ impl Hub {
         }
     }
 
-    /// Removes topics without subscribers idle for their route's linger; returns how many.
     /// The live topic `topic` of the mirrored route named `route`, if this node has it.
     pub fn find(&self, route: &str, topic: &str) -> Option<Arc<Topic>> {
         let id = *self.names.get(route)?;
@@ -251,6 +250,7 @@ impl Hub {
             .collect()
     }
 
+    /// Removes topics without subscribers idle for their route's linger; returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut removed = 0;
         self.topics.retain(|_, t| {

@@ -75,6 +75,11 @@ impl Topic {
         self.route.settings.mirrored
     }
 
+    /// Loads completed ([`Topic::sync`]).
+    pub fn synced(&self) -> u64 {
+        self.state().synced
+    }
+
     /// The topic's epoch, head and the backplane time of its head message (0 if not retained),
     /// or `None` while it loads.
     pub fn position(&self) -> Option<(u64, u64, u64)> {
@@ -91,7 +96,9 @@ impl Topic {
     /// (`tail`, ascending, at most what the ring retains). A first load, or a new epoch,
     /// starts the ring at the tail; otherwise what follows the topic's head is appended.
     /// Positions the log no longer has become a gap. Every waiting reader looks again.
-    pub fn sync(&self, epoch: u64, head: u64, tail: Vec<Remote>) -> Synced {
+    /// `known`: the topic's head when the log was read; positions applied since (from
+    /// announcements) are newer than the log's state, not missing from it.
+    pub fn sync(&self, epoch: u64, head: u64, known: u64, tail: Vec<Remote>) -> Synced {
         let mut st = self.state();
         let first = st.syncing.is_some();
         if !first && epoch == st.epoch {
@@ -100,7 +107,7 @@ impl Topic {
                     .entry(e.seq)
                     .is_some_and(|held| held.origin != e.origin)
             });
-            if head < st.ring.head() || other_message {
+            if head < known.min(st.ring.head()) || other_message {
                 return Synced::Regressed;
             }
         }
@@ -243,5 +250,150 @@ impl Topic {
         if mem::replace(&mut syncing.down, down) != down {
             self.changed_now(st);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use prometheus::IntGauge;
+
+    use super::*;
+    use crate::hub::cursor::{Cursor, Requested};
+    use crate::hub::ring::BufferLimits;
+    use crate::hub::{Hub, Poll, RouteTopics, TopicSettings};
+
+    fn topic(hub: &Hub) -> Arc<Topic> {
+        let settings = TopicSettings {
+            limits: BufferLimits {
+                messages: 10,
+                bytes: 1 << 20,
+                age: Duration::from_secs(300),
+            },
+            linger: Duration::from_secs(60),
+            max_batch: 100,
+            resume_on_gap: false,
+            mirrored: true,
+        };
+        let gauge = IntGauge::new("t", "t").unwrap();
+        let route = Arc::new(RouteTopics::new("r", settings, 10, gauge));
+        hub.subscribe(&route, "t").unwrap().topic_arc()
+    }
+
+    fn message(seq: u64, origin: u64) -> Remote {
+        Remote {
+            seq,
+            origin,
+            body: RemoteBody::Message {
+                id: None,
+                content_type: None,
+                payload: Bytes::from(format!("m{seq}")),
+                arrived: Instant::now(),
+            },
+        }
+    }
+
+    fn at(t: &Topic, epoch: u64, seq: u64) -> Requested {
+        Requested::At(Cursor {
+            binding: t.binding(),
+            epoch,
+            seq,
+        })
+    }
+
+    #[test]
+    fn a_loading_topic_keeps_announcements_and_places_them_after_the_load() {
+        let hub = Hub::new();
+        let t = topic(&hub);
+        assert!(matches!(
+            t.poll(Requested::Latest, Instant::now()),
+            Poll::Loading { .. }
+        ));
+        assert_eq!(t.apply(7, message(3, 30)), Applied::Buffered);
+        assert_eq!(
+            t.sync(7, 2, 0, vec![message(1, 10), message(2, 20)]),
+            Synced::Current { gap: false }
+        );
+        assert_eq!(t.position(), Some((7, 3, 30)));
+        assert_eq!(t.synced(), 1);
+        // Announcements that do not follow are holes; ones it has, duplicates.
+        assert_eq!(t.apply(7, message(5, 50)), Applied::Hole);
+        assert_eq!(t.apply(7, message(2, 20)), Applied::Duplicate);
+        assert_eq!(
+            t.apply(7, message(2, 21)),
+            Applied::Diverged,
+            "another message at 2"
+        );
+        assert_eq!(
+            t.apply(8, message(4, 40)),
+            Applied::Diverged,
+            "another epoch"
+        );
+        assert_eq!(t.apply(7, message(4, 40)), Applied::Appended);
+    }
+
+    #[test]
+    fn positions_applied_while_the_log_was_read_are_not_a_regression() {
+        let hub = Hub::new();
+        let t = topic(&hub);
+        t.sync(7, 2, 0, vec![message(1, 10), message(2, 20)]);
+        // The log is read at head 2; meanwhile 3 and 4 are announced and applied.
+        let known = t.position().unwrap().1;
+        t.apply(7, message(3, 30));
+        t.apply(7, message(4, 40));
+        assert_eq!(
+            t.sync(7, 2, known, vec![message(2, 20)]),
+            Synced::Current { gap: false }
+        );
+        assert_eq!(t.position(), Some((7, 4, 40)));
+    }
+
+    #[test]
+    fn a_log_behind_what_was_handed_out_or_naming_another_message_regressed() {
+        let hub = Hub::new();
+        let t = topic(&hub);
+        t.sync(
+            7,
+            3,
+            0,
+            vec![message(1, 10), message(2, 20), message(3, 30)],
+        );
+        assert_eq!(t.sync(7, 2, 3, vec![message(2, 20)]), Synced::Regressed);
+        assert_eq!(t.sync(7, 3, 3, vec![message(3, 31)]), Synced::Regressed);
+        assert_eq!(t.position(), Some((7, 3, 30)), "nothing changed");
+        // The retired epoch's log, as a new epoch: older cursors expire.
+        assert_eq!(t.sync(9, 3, 3, vec![message(3, 31)]), Synced::NewEpoch);
+        assert!(matches!(
+            t.poll(at(&t, 7, 3), Instant::now()),
+            Poll::Expired { .. }
+        ));
+        assert!(matches!(
+            t.poll(at(&t, 9, 2), Instant::now()),
+            Poll::Batch(_)
+        ));
+    }
+
+    #[test]
+    fn a_cursor_ahead_of_the_copy_is_behind_until_a_load_says_otherwise() {
+        let hub = Hub::new();
+        let t = topic(&hub);
+        t.sync(7, 1, 0, vec![message(1, 10)]);
+        assert!(matches!(
+            t.poll(at(&t, 7, 3), Instant::now()),
+            Poll::Behind { synced: 1, .. }
+        ));
+        t.sync(7, 3, 1, vec![message(2, 20), message(3, 30)]);
+        assert!(matches!(
+            t.poll(at(&t, 7, 3), Instant::now()),
+            Poll::Empty { .. }
+        ));
+        // Positions the log no longer has become a gap for readers before them.
+        t.sync(7, 9, 3, vec![message(8, 80), message(9, 90)]);
+        assert!(matches!(
+            t.poll(at(&t, 7, 3), Instant::now()),
+            Poll::Expired { .. }
+        ));
     }
 }

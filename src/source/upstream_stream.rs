@@ -186,7 +186,6 @@ impl StreamSource {
     }
 }
 
-/// One message out of a stream, whatever its format.
 /// The id an upstream resumes after `id`: for SSE, the id in force when the event came (an
 /// event without an id of its own is delivered as `ID#n`, the n-th after `ID`).
 fn resume_id<'a>(format: &StreamFormat, id: Option<&'a str>) -> Option<&'a str> {
@@ -202,6 +201,7 @@ fn resume_id<'a>(format: &StreamFormat, id: Option<&'a str>) -> Option<&'a str> 
     }
 }
 
+/// One message out of a stream, whatever its format.
 struct Item {
     id: Option<String>,
     /// `None`: over the size limit, skipped.

@@ -1,6 +1,8 @@
 //! Cluster mode on real Redis servers that the tests start themselves (`redis_server.rs`):
 //! several pollmux nodes in this process as one gateway.
 
+use std::time::Duration;
+
 use crate::common::*;
 use crate::redis_server::*;
 
@@ -66,19 +68,25 @@ async fn a_client_alternating_nodes_gets_every_message_once_in_order() {
     };
     let mut received = Vec::with_capacity(N);
     let mut polls = 0;
+    // Messages each node answered with: the client really was served by all of them.
+    let mut served = [0usize; 3];
     while received.len() < N {
         let gw = &gws[polls % gws.len()];
         polls += 1;
         let (status, body) = poll(gw, &format!("/feed/t?cursor={cursor}")).await;
         assert_eq!(status, 200, "poll {polls} on node {}: {body}", polls % 3);
         assert_ne!(body["gap"], true, "{body}");
+        served[(polls - 1) % 3] += data(&body).len();
         received.extend(data(&body));
         cursor = body["cursor"].as_str().unwrap().to_owned();
     }
     publisher.await.unwrap();
     let expected: Vec<String> = (0..N).map(|i| i.to_string()).collect();
     assert_eq!(received, expected, "every message once, in order");
-    assert!(polls >= 3, "the client went to every node");
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "every node answered with messages: {served:?}"
+    );
 }
 
 #[tokio::test]
@@ -205,8 +213,10 @@ async fn redis_unreachable_past_the_grace_and_back() {
         let addr = gws[1].addr();
         let at = at.clone();
         tokio::spawn(async move {
+            let asked = tokio::time::Instant::now();
             let resp = get(addr, &format!("/feed/w?cursor={at}&timeout=3")).await;
-            (resp.status().as_u16(), body_json(resp).await)
+            let held_for = asked.elapsed();
+            (resp.status().as_u16(), body_json(resp).await, held_for)
         })
     };
     eventually("the poll is held", || async {
@@ -220,8 +230,13 @@ async fn redis_unreachable_past_the_grace_and_back() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["type"], "urn:pollmux:problem:backplane-unavailable");
     // The held poll kept holding, and timed out normally at its own deadline.
-    let (status, body) = held.await.unwrap();
+    let (status, body, held_for) = held.await.unwrap();
     assert_eq!((status, data(&body).len()), (200, 0), "{body}");
+    // Its hold, less at most a sixteenth of jitter (docs/protocol.md 1.2): not cut short.
+    assert!(
+        held_for >= Duration::from_millis(3000 * 15 / 16),
+        "{held_for:?}"
+    );
     assert_eq!(body["cursor"], at.as_str());
     // A warm topic still answers from what it holds.
     let (status, body) = poll(&gws[1], &format!("/feed/w?cursor={cursor}&timeout=0")).await;
