@@ -142,7 +142,7 @@ done
 
 echo
 echo "== Redis commands per published message, per round (cluster)"
-jq -r '"\(.scenario): \(.redis_calls_per_msg) per message (\(.redis_calls_by_command | to_entries | map("\(.key) \(.value)") | join(", ")))"' \
+jq -r '"\(.scenario): \(.redis_calls_per_msg) commands, \(.redis_info_cpu_us_per_msg) µs of Redis CPU per message (\(.redis_calls_by_command | to_entries | map("\(.key) \(.value)") | join(", ")))"' \
   "$OUT/cluster.jsonl"
 echo
 echo "== cluster ($NODES nodes) / single node"
