@@ -3,7 +3,7 @@
 # redis-server over a unix socket) with the clients spread over the nodes and the publish sent
 # to the first node, and against one pollmux without a cluster, on this machine; prints the
 # cluster/single ratios and Redis's commands per published message. Loopback only. Usage:
-#   benches/compare-cluster.sh                     # 2k and 10k clients on 1 topic, 19k on 100; 3 rounds
+#   benches/compare-cluster.sh                     # 100, 2k, 10k clients on 1 topic, 19k on 100; 3 rounds
 #   SCALE=0.1 ROUNDS=1 benches/compare-cluster.sh  # a quick run with 10% of the connections
 # Each of ROUNDS rounds starts a fresh Redis and fresh nodes, runs every scenario against the
 # cluster, stops it, then starts a fresh single pollmux and runs them again; the comparison
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-1}
-SCENARIOS=${SCENARIOS:-fanout_1topic=2000,fanout_1topic=10000,fanout_100topics}
+SCENARIOS=${SCENARIOS:-fanout_1topic=100,fanout_1topic=2000,fanout_1topic=10000,fanout_100topics}
 ROUNDS=${ROUNDS:-3}
 NODES=${NODES:-3}
 OUT=${OUT:-target/bench}
