@@ -4,9 +4,11 @@
 //! `pollmux-load run …` drives one server and prints one JSON line per scenario plus a table;
 //! `pollmux-load compare A.jsonl B.jsonl` prints the ratios of two runs; `pollmux-load worker`
 //! is the worker process (started by `run`). Every scenario ends by itself within its bound.
-//! Only loopback targets are accepted.
+//! Only loopback targets are accepted. Given several subscriber URLs (the nodes of a cluster),
+//! the clients are spread over them round-robin; the publishes go to the one publisher URL.
 
 mod client;
+mod redis_stats;
 mod stats;
 mod sys;
 mod worker;
@@ -57,8 +59,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run scenarios against one server.
-    Run(RunArgs),
+    /// Run scenarios against one server (or one cluster's nodes).
+    Run(Box<RunArgs>),
     /// Print the ratios of two runs' JSON lines (first / second).
     Compare { first: PathBuf, second: PathBuf },
     /// Internal: a worker process (reads its plan from stdin).
@@ -69,22 +71,36 @@ enum Command {
 struct RunArgs {
     #[arg(long, value_enum)]
     target: Target,
-    /// Subscriber URL with `{topic}`, e.g. http://127.0.0.1:8080/bench/{topic}
-    #[arg(long)]
-    sub_url: String,
+    /// Subscriber URL with `{topic}`, e.g. http://127.0.0.1:8080/bench/{topic}; several
+    /// (comma separated or repeated: a cluster's nodes) get the clients round-robin.
+    #[arg(long, required = true, value_delimiter = ',')]
+    sub_url: Vec<String>,
     /// Publisher URL with `{topic}`, e.g. http://127.0.0.1:9090/publish/bench/{topic}
     #[arg(long)]
     pub_url: String,
-    /// URL whose text reports the number of held subscribers.
-    #[arg(long)]
-    held_url: String,
+    /// URL whose text reports the number of held subscribers; several (one per node) are
+    /// added up.
+    #[arg(long, required = true, value_delimiter = ',')]
+    held_url: Vec<String>,
     /// Text before that number on its line (e.g. `subscribers:`).
     #[arg(long)]
     held_prefix: String,
-    /// Server process id (RSS and CPU are read from /proc; children included).
+    /// Server process id (RSS and CPU are read from /proc; children included); several (a
+    /// cluster's nodes) are added up.
+    #[arg(long, required = true, value_delimiter = ',')]
+    pid: Vec<u32>,
+    /// A cluster's Redis, `redis://IP:PORT` (loopback) or `unix:///path`: its
+    /// `INFO commandstats` is read before and after each fan-out, for commands per message.
     #[arg(long)]
-    pid: u32,
-    /// Scenarios, comma separated: fanout_1topic, fanout_100topics, burst, sustained.
+    redis_url: Option<String>,
+    /// redis-server's process id: its CPU is reported apart from the servers' (`redis_cpu_ms`).
+    #[arg(long)]
+    redis_pid: Option<u32>,
+    /// Name of this run in the JSON lines and in `compare`'s columns (default: the target).
+    #[arg(long)]
+    label: Option<String>,
+    /// Scenarios, comma separated: fanout_1topic, fanout_100topics, burst, sustained; a
+    /// scenario may name its client count before scaling, e.g. `fanout_1topic=2000`.
     #[arg(long, default_value = "fanout_1topic,fanout_100topics,burst,sustained")]
     scenarios: String,
     /// Multiplies every client count (0.02 for a smoke run of a few hundred connections).
@@ -140,7 +156,7 @@ fn main() {
                 0
             }
             Command::Compare { first, second } => compare(&first, &second),
-            Command::Run(args) => match run(args).await {
+            Command::Run(args) => match run(*args).await {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("pollmux-load: {e}");
@@ -153,42 +169,61 @@ fn main() {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
-    let (sub_addr, sub_path) = client::split_url(&args.sub_url)?;
+    let subs = args
+        .sub_url
+        .iter()
+        .map(|u| client::split_url(u))
+        .collect::<Result<Vec<_>, _>>()?;
     let (pub_addr, pub_path) = client::split_url(&args.pub_url)?;
-    let (held_addr, held_path) = client::split_url(&args.held_url)?;
-    for addr in [sub_addr, pub_addr, held_addr] {
+    let helds = args
+        .held_url
+        .iter()
+        .map(|u| client::split_url(u))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = subs.iter().chain(&helds).map(|(a, _)| *a);
+    for addr in addrs.chain([pub_addr]) {
         if !addr.ip().is_loopback() {
             return Err(format!("{addr}: load is only sent to loopback addresses"));
         }
     }
+    let redis = args
+        .redis_url
+        .as_deref()
+        .map(redis_stats::parse_url)
+        .transpose()?;
     let ctx = Ctx {
         args: args.clone(),
         // Runs start at a random block, so back-to-back runs do not reuse source addresses
         // whose ports are still in TIME-WAIT from the run before.
         started: std::sync::atomic::AtomicU8::new((now_ns() % 250) as u8),
-        sub_addr,
-        sub_path,
+        subs,
         pub_addr,
         pub_path,
-        held_addr,
-        held_path,
-        status: tokio::sync::Mutex::new(None),
+        status: tokio::sync::Mutex::new(helds.iter().map(|_| None).collect()),
+        helds,
+        redis,
         run_id: format!("{:x}", now_ns() % 0xffff_ffff),
     };
     let mut rows = Vec::new();
-    for name in args
+    for spec in args
         .scenarios
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        let result = match name {
-            "fanout_1topic" => fanout(&ctx, name, ctx.scaled(10_000), 1).await?,
-            "fanout_100topics" => fanout(&ctx, name, ctx.scaled(19_000), 100).await?,
-            "burst" => burst(&ctx, ctx.scaled(10_000)).await?,
-            "sustained" => sustained(&ctx, ctx.scaled(2_000), 20).await?,
+        let (name, clients) = scenario_spec(spec)?;
+        let clients = |default: usize| ctx.scaled(clients.unwrap_or(default));
+        let mut result = match name {
+            "fanout_1topic" => fanout(&ctx, name, clients(10_000), 1).await?,
+            "fanout_100topics" => fanout(&ctx, name, clients(19_000), 100).await?,
+            "burst" => burst(&ctx, clients(10_000)).await?,
+            "sustained" => sustained(&ctx, clients(2_000), 20).await?,
             other => return Err(format!("unknown scenario {other}")),
         };
+        result["nodes"] = json!(ctx.subs.len());
+        if let Some(label) = &args.label {
+            result["label"] = json!(label);
+        }
         let line = result.to_string();
         println!("{line}");
         if let Some(out) = &args.out {
@@ -206,19 +241,33 @@ async fn run(args: RunArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `name` or `name=clients` (the client count before scaling).
+fn scenario_spec(spec: &str) -> Result<(&str, Option<usize>), String> {
+    match spec.split_once('=') {
+        None => Ok((spec, None)),
+        Some((name, n)) => match n.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok((name.trim(), Some(n))),
+            _ => Err(format!(
+                "{spec}: the client count must be a positive number"
+            )),
+        },
+    }
+}
+
 struct Ctx {
     args: RunArgs,
     /// Scenarios started so far (picks the source address block).
     started: std::sync::atomic::AtomicU8,
-    sub_addr: SocketAddr,
-    sub_path: String,
+    /// Each node's subscriber address and path (with `{topic}`).
+    subs: Vec<(SocketAddr, String)>,
     pub_addr: SocketAddr,
     pub_path: String,
-    held_addr: SocketAddr,
-    held_path: String,
-    /// A keep-alive connection to the status page (a new one per look would leave thousands of
-    /// TIME-WAIT sockets per run and, over runs, use the loopback's ephemeral ports up).
-    status: tokio::sync::Mutex<Option<Conn>>,
+    /// Each node's status page.
+    helds: Vec<(SocketAddr, String)>,
+    /// A keep-alive connection to each status page (a new one per look would leave thousands
+    /// of TIME-WAIT sockets per run and, over runs, use the loopback's ephemeral ports up).
+    status: tokio::sync::Mutex<Vec<Option<Conn>>>,
+    redis: Option<redis_stats::Addr>,
     run_id: String,
 }
 
@@ -233,36 +282,58 @@ impl Ctx {
             .collect()
     }
 
-    /// Subscribers held by the server now, as its status page says.
+    /// Subscribers held by the servers now, as their status pages say (added up).
     async fn held(&self) -> Result<u64, String> {
         let mut status = self.status.lock().await;
-        let request = client::get("status", &self.held_path, &[]);
-        let reused = match status.as_mut() {
-            Some(conn) => conn.request(&request).await.ok(),
-            None => None,
-        };
-        let reply = match reused {
-            Some(reply) => reply,
-            // First look, or the server closed the idle connection: a new one.
-            None => {
-                let mut conn = Conn::open(self.held_addr, None)
-                    .await
-                    .map_err(|e| format!("status page: {e}"))?;
-                let reply = conn
-                    .request(&request)
-                    .await
-                    .map_err(|e| format!("status page: {e}"))?;
-                *status = Some(conn);
-                reply
-            }
-        };
-        let text = String::from_utf8_lossy(&reply.body);
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&self.args.held_prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
-        Ok(value as u64)
+        let mut total = 0;
+        for ((addr, path), conn) in self.helds.iter().zip(status.iter_mut()) {
+            let request = client::get("status", path, &[]);
+            let reused = match conn.as_mut() {
+                Some(c) => c.request(&request).await.ok(),
+                None => None,
+            };
+            let reply = match reused {
+                Some(reply) => reply,
+                // First look, or the server closed the idle connection: a new one.
+                None => {
+                    let mut c = Conn::open(*addr, None)
+                        .await
+                        .map_err(|e| format!("status page {addr}: {e}"))?;
+                    let reply = c
+                        .request(&request)
+                        .await
+                        .map_err(|e| format!("status page {addr}: {e}"))?;
+                    *conn = Some(c);
+                    reply
+                }
+            };
+            let text = String::from_utf8_lossy(&reply.body);
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&self.args.held_prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            total += value as u64;
+        }
+        Ok(total)
+    }
+
+    /// Resident memory of the servers (KiB), added up.
+    fn rss_kib(&self) -> u64 {
+        self.args.pid.iter().map(|&p| sys::rss_kib(p)).sum()
+    }
+
+    /// CPU time of the servers (ms), added up; redis-server's is apart.
+    fn cpu_ms(&self) -> f64 {
+        self.args.pid.iter().map(|&p| sys::cpu_ms(p)).sum()
+    }
+
+    /// Redis's command counts and CPU, when a Redis is given.
+    async fn redis_reading(&self) -> Result<Option<redis_stats::Reading>, String> {
+        match &self.redis {
+            Some(addr) => redis_stats::read(addr).await.map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Waits until the server holds at least `at_least` (or at most `at_most`) subscribers.
@@ -318,23 +389,57 @@ impl Ctx {
 /// The worker processes of one scenario.
 struct Workers {
     procs: Vec<(Child, ChildStdin, Lines<BufReader<ChildStdout>>)>,
+    /// The client (its index in `start`'s list) behind each connection, in the workers' order.
+    order: Vec<usize>,
     opened: usize,
     failed: usize,
 }
 
+/// Which clients each worker takes: every worker talks to one server, clients keep their
+/// order within it. Returns (server, client indexes) per worker.
+fn assign(clients: &[(SocketAddr, String)]) -> Vec<(SocketAddr, Vec<usize>)> {
+    let mut servers: Vec<(SocketAddr, Vec<usize>)> = Vec::new();
+    for (i, (addr, _)) in clients.iter().enumerate() {
+        match servers.iter_mut().find(|(a, _)| a == addr) {
+            Some((_, list)) => list.push(i),
+            None => servers.push((*addr, vec![i])),
+        }
+    }
+    servers
+        .into_iter()
+        .flat_map(|(addr, list)| {
+            list.chunks(CLIENTS_PER_WORKER)
+                .map(|c| (addr, c.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 impl Workers {
-    /// Starts workers for `paths` (one connection each) and waits until every first request is
-    /// sent.
-    async fn start(ctx: &Ctx, paths: Vec<String>, repoll: bool) -> Result<Workers, String> {
+    /// Starts workers for `clients` (server and path; one connection each) and waits until
+    /// every first request is sent.
+    async fn start(
+        ctx: &Ctx,
+        clients: Vec<(SocketAddr, String)>,
+        repoll: bool,
+    ) -> Result<Workers, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let block = ctx
             .started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             % 250
             + 1;
+        let plans = assign(&clients);
+        if plans.len() > usize::from(u8::MAX - SOURCE_BASE) {
+            return Err(format!(
+                "{} workers: too many source addresses",
+                plans.len()
+            ));
+        }
         let mut procs = Vec::new();
-        for (i, chunk) in paths.chunks(CLIENTS_PER_WORKER).enumerate() {
-            let source = match ctx.sub_addr.ip() {
+        let mut order = Vec::with_capacity(clients.len());
+        for (i, (server, chunk)) in plans.into_iter().enumerate() {
+            let source = match server.ip() {
                 IpAddr::V4(_) => Some(IpAddr::V4(Ipv4Addr::new(
                     127,
                     0,
@@ -345,11 +450,12 @@ impl Workers {
             };
             let plan = Plan {
                 target: ctx.args.target,
-                server: ctx.sub_addr,
+                server,
                 source,
-                paths: chunk.to_vec(),
+                paths: chunk.iter().map(|&c| clients[c].1.clone()).collect(),
                 repoll,
             };
+            order.extend(chunk);
             let mut child = tokio::process::Command::new(&exe)
                 .arg("worker")
                 .stdin(Stdio::piped())
@@ -369,6 +475,7 @@ impl Workers {
         }
         let mut w = Workers {
             procs,
+            order,
             opened: 0,
             failed: 0,
         };
@@ -396,7 +503,7 @@ impl Workers {
         Ok(())
     }
 
-    /// Stops every worker; the connections' records in `paths` order.
+    /// Stops every worker; the connections' records in the order of `start`'s clients.
     async fn stop(mut self) -> Result<Vec<Seen>, String> {
         for (_, stdin, _) in &mut self.procs {
             let _ = stdin.write_all(b"stop\n").await;
@@ -413,7 +520,18 @@ impl Workers {
             all.extend(seen);
             let _ = child.wait().await;
         }
-        Ok(all)
+        if all.len() != self.order.len() {
+            return Err(format!(
+                "workers reported {} connections of {}",
+                all.len(),
+                self.order.len()
+            ));
+        }
+        let mut by_client = vec![Seen::default(); all.len()];
+        for (seen, &client) in all.into_iter().zip(&self.order) {
+            by_client[client] = seen;
+        }
+        Ok(by_client)
     }
 }
 
@@ -426,9 +544,13 @@ async fn read_report(out: &mut Lines<BufReader<ChildStdout>>) -> Result<Report, 
     serde_json::from_str(&line).map_err(|e| format!("worker report: {e}"))
 }
 
-fn paths_for(ctx: &Ctx, topics: &[String], clients: usize) -> Vec<String> {
+/// Client `i` waits on topic `i % topics` at node `i % nodes`.
+fn paths_for(ctx: &Ctx, topics: &[String], clients: usize) -> Vec<(SocketAddr, String)> {
     (0..clients)
-        .map(|i| ctx.sub_path.replace("{topic}", &topics[i % topics.len()]))
+        .map(|i| {
+            let (addr, path) = &ctx.subs[i % ctx.subs.len()];
+            (*addr, path.replace("{topic}", &topics[i % topics.len()]))
+        })
         .collect()
 }
 
@@ -441,12 +563,12 @@ fn round(v: f64, digits: i32) -> f64 {
 async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<Value, String> {
     ctx.wait_held(|n| n == 0).await?;
     let topics = ctx.topics(name, topics);
-    let rss0 = sys::rss_kib(ctx.args.pid);
+    let rss0 = ctx.rss_kib();
     let slab0 = sys::kernel_slab_kib();
     let workers = Workers::start(ctx, paths_for(ctx, &topics, clients), false).await?;
     let opened = workers.opened as u64;
     let held = ctx.wait_held(|n| n >= opened).await?;
-    let rss1 = sys::rss_kib(ctx.args.pid);
+    let rss1 = ctx.rss_kib();
     let slab1 = sys::kernel_slab_kib();
     if ctx.args.pause_before_publish > 0 {
         eprintln!(
@@ -455,7 +577,9 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
         );
         tokio::time::sleep(Duration::from_secs(ctx.args.pause_before_publish)).await;
     }
-    let cpu0 = sys::cpu_ms(ctx.args.pid);
+    let redis0 = ctx.redis_reading().await?;
+    let redis_cpu0 = ctx.args.redis_pid.map(sys::cpu_ms);
+    let cpu0 = ctx.cpu_ms();
     let messages: Vec<(String, u64)> = topics.iter().cloned().zip(1..).collect();
     let id_of_topic: HashMap<String, u64> = messages.iter().cloned().collect();
     let mut workers = workers;
@@ -463,7 +587,11 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
     workers
         .wait_answered(tokio::time::Instant::now() + ANSWER_TIMEOUT)
         .await?;
-    let cpu1 = sys::cpu_ms(ctx.args.pid);
+    let cpu1 = ctx.cpu_ms();
+    let redis_cpu1 = ctx.args.redis_pid.map(sys::cpu_ms);
+    // Every node has had its announcement once its clients are answered, and Redis counts a
+    // blocking read when it answers: the reads that carried these messages are in.
+    let redis1 = ctx.redis_reading().await?;
     let seen = workers.stop().await?;
     let mut latencies = Vec::new();
     for (i, s) in seen.iter().enumerate() {
@@ -477,7 +605,7 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
     let received = latencies.len() as u64;
     let (p50, p99, max) = percentiles(&mut latencies);
     let cpu = cpu1 - cpu0;
-    Ok(json!({
+    let mut row = json!({
         "scenario": format!("{name}_{clients}"),
         "target": ctx.args.target,
         "clients": clients,
@@ -493,7 +621,24 @@ async fn fanout(ctx: &Ctx, name: &str, clients: usize, topics: usize) -> Result<
         "lost": opened - received.min(opened),
         "cpu_ms": round(cpu, 1),
         "cpu_ms_per_1k_deliveries": round(cpu / (received.max(1) as f64 / 1000.0), 2),
-    }))
+    });
+    if let (Some(before), Some(after)) = (redis0, redis1) {
+        let messages = topics.len() as f64;
+        let calls = redis_stats::delta(&before.calls, &after.calls);
+        let total: u64 = calls.values().sum();
+        row["redis_calls"] = json!(total);
+        row["redis_calls_per_msg"] = json!(round(total as f64 / messages, 2));
+        row["redis_calls_by_command"] = json!(calls);
+        // Redis's own count, in µs; it includes answering the first INFO.
+        let cpu_us = after.cpu_us.saturating_sub(before.cpu_us);
+        row["redis_info_cpu_us_per_msg"] = json!(round(cpu_us as f64 / messages, 1));
+    }
+    if let (Some(c0), Some(c1)) = (redis_cpu0, redis_cpu1) {
+        row["redis_cpu_ms"] = json!(round(c1 - c0, 1));
+        row["redis_cpu_ms_per_1k_deliveries"] =
+            json!(round((c1 - c0) / (received.max(1) as f64 / 1000.0), 2));
+    }
+    Ok(row)
 }
 
 /// Every client re-polls with its cursor while messages arrive a few ms apart.
@@ -544,7 +689,7 @@ async fn sustained(ctx: &Ctx, clients: usize, topics: usize) -> Result<Value, St
     let total = rate * ctx.args.sustained_secs;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     let started = now_ns();
-    let cpu0 = sys::cpu_ms(ctx.args.pid);
+    let cpu0 = ctx.cpu_ms();
     let mut sent = HashMap::new();
     for id in 1..=total {
         tick.tick().await;
@@ -554,7 +699,7 @@ async fn sustained(ctx: &Ctx, clients: usize, topics: usize) -> Result<Value, St
     let published_until = now_ns();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = workers.stop().await?;
-    let cpu = sys::cpu_ms(ctx.args.pid) - cpu0;
+    let cpu = ctx.cpu_ms() - cpu0;
     let elapsed_s = (published_until - started) as f64 / 1e9;
     let mut latencies = Vec::new();
     let mut deliveries = 0u64;
@@ -614,6 +759,9 @@ const COMPARED: &[&str] = &[
     "lost",
     "deliveries_per_s",
     "latency_p99_ms",
+    "redis_calls_per_msg",
+    "redis_info_cpu_us_per_msg",
+    "redis_cpu_ms_per_1k_deliveries",
 ];
 
 fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
@@ -625,7 +773,13 @@ fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
             .collect()
     };
     let (a, b) = (load(first), load(second));
-    let name = |v: &Value| v["target"].as_str().unwrap_or("?").to_owned();
+    let name = |v: &Value| {
+        v.get("label")
+            .unwrap_or(&v["target"])
+            .as_str()
+            .unwrap_or("?")
+            .to_owned()
+    };
     let (an, bn) = (
         a.first().map(name).unwrap_or_default(),
         b.first().map(name).unwrap_or_default(),
@@ -655,8 +809,14 @@ fn compare(first: &PathBuf, second: &PathBuf) -> i32 {
             continue;
         }
         for key in COMPARED {
-            let (Some(x), Some(y)) = (summary(&ra, key), summary(&rb, key)) else {
-                continue;
+            let (x, y) = match (summary(&ra, key), summary(&rb, key)) {
+                (Some(x), Some(y)) => (x, y),
+                // A figure only the first run has (Redis's, against a single node).
+                (Some(x), None) => {
+                    println!("| {scenario} | {key} | {} | {x} | – | |", ra.len());
+                    continue;
+                }
+                _ => continue,
             };
             let ratio = if y == 0.0 {
                 if x == 0.0 {
@@ -696,6 +856,45 @@ fn summary(rounds: &[Value], key: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scenarios_may_name_their_client_count() {
+        assert_eq!(scenario_spec("burst"), Ok(("burst", None)));
+        assert_eq!(
+            scenario_spec("fanout_1topic=2000"),
+            Ok(("fanout_1topic", Some(2000)))
+        );
+        assert!(scenario_spec("fanout_1topic=0").is_err());
+        assert!(scenario_spec("fanout_1topic=x").is_err());
+    }
+
+    #[test]
+    fn each_worker_talks_to_one_node_and_every_client_is_assigned_once() {
+        let nodes: Vec<SocketAddr> = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let clients: Vec<(SocketAddr, String)> = (0..2 * CLIENTS_PER_WORKER + 7)
+            .map(|i| (nodes[i % 3], format!("/t/{i}")))
+            .collect();
+        let plans = assign(&clients);
+        // 3,336 / 3,336 / 3,335 clients per node: one worker each.
+        assert_eq!(plans.len(), 3);
+        let mut all: Vec<usize> = Vec::new();
+        for (server, list) in &plans {
+            assert!(list.iter().all(|&c| clients[c].0 == *server));
+            assert!(list.len() <= CLIENTS_PER_WORKER);
+            all.extend(list);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..clients.len()).collect::<Vec<_>>());
+        let one_node: Vec<_> = (0..CLIENTS_PER_WORKER + 1)
+            .map(|i| (nodes[0], format!("/t/{i}")))
+            .collect();
+        let plans = assign(&one_node);
+        assert_eq!(plans.len(), 2);
+        assert_eq!(plans[0].1, (0..CLIENTS_PER_WORKER).collect::<Vec<_>>());
+    }
 
     #[test]
     fn rounds_are_summarized_by_median_and_losses_by_the_worst() {

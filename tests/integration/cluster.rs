@@ -297,3 +297,57 @@ async fn the_log_is_bounded_and_a_reader_behind_it_gets_410() {
     };
     assert!(len < 250, "the log is trimmed: {len} entries");
 }
+
+/// The load tool's cluster fan-out (benches/compare-cluster.sh) on two nodes: the clients
+/// spread over both, the publishes sent to the first, every client answered, and Redis's
+/// commands counted per message.
+#[tokio::test]
+async fn load_tool_fans_out_over_a_cluster_and_counts_redis_commands() {
+    use crate::common::Child as Pollmux;
+    let Some(redis) = Redis::start().await else {
+        return;
+    };
+    let a = Pollmux::start(&node_config(&redis, "n0", "")).await;
+    let b = Pollmux::start(&node_config(&redis, "n1", "")).await;
+    let pids = format!("{},{}", a.child.id().unwrap(), b.child.id().unwrap());
+    let subs = format!(
+        "http://{}/feed/{{topic}},http://{}/feed/{{topic}}",
+        a.public, b.public
+    );
+    let held = format!("http://{}/metrics,http://{}/metrics", a.admin, b.admin);
+    let publish = format!("http://{}/publish/feed/{{topic}}", a.admin);
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        Command::new(env!("CARGO_BIN_EXE_pollmux-load"))
+            .args(["run", "--target", "pollmux", "--label", "cluster"])
+            .args(["--scenarios", "fanout_1topic=100,fanout_100topics=200"])
+            .args(["--pid", &pids, "--sub-url", &subs, "--held-url", &held])
+            .args(["--pub-url", &publish, "--redis-url", &redis.url()])
+            .args(["--held-prefix", r#"pollmux_polls_active{route="feed"}"#])
+            .output(),
+    )
+    .await
+    .expect("the run ends by itself")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(results.len(), 2, "{stdout}");
+    for (r, clients) in results.iter().zip([100, 200]) {
+        assert_eq!(r["nodes"], 2, "{r}");
+        assert_eq!(r["label"], "cluster", "{r}");
+        assert_eq!(r["opened"], clients, "{r}");
+        assert_eq!(r["received"], clients, "{r}");
+        assert_eq!(r["lost"], 0, "{r}");
+        // At least the publish script per message, as Redis itself counts.
+        let per_msg = r["redis_calls_per_msg"].as_f64().expect("counted");
+        assert!(per_msg >= 1.0, "{r}");
+    }
+}
