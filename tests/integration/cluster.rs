@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use serde_json::Value;
+use tokio::process::Command;
+
 use crate::common::*;
 use crate::redis_server::*;
 
