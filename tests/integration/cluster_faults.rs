@@ -207,8 +207,14 @@ async fn a_half_open_backplane_is_found_by_its_deadline_and_reconnected() {
 }
 
 /// `redis`'s `INFO replication` has `field:value`.
+/// Whether `INFO replication` has `field:value`; false while the server cannot answer (it
+/// closes its clients' connections when Sentinel reconfigures it).
 async fn replication_says(redis: &Redis, field: &str, value: &str) -> bool {
-    let info = redis.text(&["INFO", "replication"]).await;
+    let info = match redis.try_command(&["INFO", "replication"]).await {
+        Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(redis::Value::VerbatimString { text, .. }) => text,
+        _ => return false,
+    };
     info.lines().any(|l| l.trim() == format!("{field}:{value}"))
 }
 

@@ -113,13 +113,18 @@ impl Redis {
     }
 
     pub async fn command(&self, args: &[&str]) -> redis::Value {
-        let client = redis::Client::open(self.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        self.try_command(args).await.unwrap()
+    }
+
+    /// A command that may meet a server closing its clients (a demotion does): its result.
+    pub async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query_async(&mut conn).await.unwrap()
+        cmd.query_async(&mut conn).await
     }
 
     /// A command whose answer is text (a bulk or simple string; nil: "").
