@@ -146,15 +146,7 @@ impl Backplane {
         if !logged_before && let Some(t) = self.hub.find(&route.name, topic) {
             // This node's readers need not wait for the announcement; when this is not the
             // next position, the announcements bring it in order.
-            let body = match append.message {
-                None => RemoteBody::Gap,
-                Some(m) => RemoteBody::Message {
-                    id: m.id,
-                    content_type: m.content_type,
-                    payload: m.payload,
-                    arrived: m.arrived,
-                },
-            };
+            let body = append.message.map_or(RemoteBody::Gap, RemoteBody::Message);
             t.apply(epoch, Remote { seq, origin, body });
         }
         Ok(Published {

@@ -13,7 +13,7 @@ use redis::{RedisError, Value};
 
 use super::link::{self, COMMAND_TIMEOUT};
 use super::{Backplane, RETRY_FIRST, RETRY_MAX, arrived_at, jittered, parse_epoch, scripts};
-use crate::hub::{Remote, RemoteBody};
+use crate::hub::{NewMessage, Remote, RemoteBody};
 
 /// How long one read blocks when nothing is announced; a read that has not answered by this
 /// plus [`COMMAND_TIMEOUT`] means a dead connection.
@@ -166,12 +166,12 @@ fn remote(seq: u64, fields: &[(&[u8], &[u8])]) -> Option<Remote> {
         RemoteBody::Gap
     } else {
         let nonempty = |v: Option<&str>| v.filter(|s| !s.is_empty()).map(str::to_owned);
-        RemoteBody::Message {
+        RemoteBody::Message(NewMessage {
             id: nonempty(text("m")),
             content_type: nonempty(text("ct")),
             payload: Bytes::copy_from_slice(field(fields, "d")?),
             arrived: arrived_at(origin),
-        }
+        })
     };
     Some(Remote { seq, origin, body })
 }
@@ -263,12 +263,12 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((m.seq, m.origin), (7, 1_700_000_000_000));
-        let RemoteBody::Message {
+        let RemoteBody::Message(NewMessage {
             id,
             content_type,
             payload,
             ..
-        } = m.body
+        }) = m.body
         else {
             panic!("a message");
         };

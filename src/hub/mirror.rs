@@ -4,9 +4,6 @@
 //! position the log gave two different messages) it reports, and the backplane loads it again.
 
 use std::mem;
-use tokio::time::Instant;
-
-use bytes::Bytes;
 
 use super::ring::Ring;
 use super::topic::{NewMessage, Syncing, Topic};
@@ -22,13 +19,8 @@ pub struct Remote {
 
 #[derive(Debug, Clone)]
 pub enum RemoteBody {
-    Message {
-        id: Option<String>,
-        content_type: Option<String>,
-        payload: Bytes,
-        /// This node's idea of when it was published (from `origin`).
-        arrived: Instant,
-    },
+    /// A message; its `arrived` is this node's idea of when it was logged (from `origin`).
+    Message(NewMessage),
     /// The source could not resume, or a message was over the size bound: a gap.
     Gap,
 }
@@ -172,18 +164,7 @@ impl Topic {
                 st.ring.record_gap();
                 st.account(&self.budget, before);
             }
-            RemoteBody::Message {
-                id,
-                content_type,
-                payload,
-                arrived,
-            } => {
-                let message = NewMessage {
-                    id,
-                    content_type,
-                    payload,
-                    arrived,
-                };
+            RemoteBody::Message(message) => {
                 self.push_locked(st, entry.seq, message, entry.origin);
             }
         }
@@ -222,18 +203,7 @@ impl Topic {
                 st.account(&self.budget, before);
                 self.changed_now(st);
             }
-            RemoteBody::Message {
-                id,
-                content_type,
-                payload,
-                arrived,
-            } => {
-                let message = NewMessage {
-                    id,
-                    content_type,
-                    payload,
-                    arrived,
-                };
+            RemoteBody::Message(message) => {
                 self.append(st, message, entry.origin);
             }
         }
@@ -258,7 +228,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use bytes::Bytes;
     use prometheus::IntGauge;
+    use tokio::time::Instant;
 
     use super::*;
     use crate::hub::cursor::{Cursor, Requested};
@@ -286,12 +258,12 @@ mod tests {
         Remote {
             seq,
             origin,
-            body: RemoteBody::Message {
+            body: RemoteBody::Message(NewMessage {
                 id: None,
                 content_type: None,
                 payload: Bytes::from(format!("m{seq}")),
                 arrived: Instant::now(),
-            },
+            }),
         }
     }
 
