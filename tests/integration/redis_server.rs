@@ -118,13 +118,7 @@ impl Redis {
 
     /// A command that may meet a server closing its clients (a demotion does): its result.
     pub async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut conn).await
+        command_at(&self.url(), args).await
     }
 
     /// A command whose answer is text (a bulk or simple string; nil: "").
@@ -337,13 +331,7 @@ impl Sentinel {
 
     /// A command's answer, or the error Sentinel gave.
     pub async fn try_command(&self, args: &[&str]) -> redis::RedisResult<redis::Value> {
-        let client = redis::Client::open(self.url())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut conn).await
+        command_at(&self.url(), args).await
     }
 
     /// The port of the master Sentinel names.
@@ -392,4 +380,15 @@ impl Drop for Sentinel {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// One command on a fresh connection to the server at `url`: its answer, or the error.
+async fn command_at(url: &str, args: &[&str]) -> redis::RedisResult<redis::Value> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await
 }
