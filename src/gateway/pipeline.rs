@@ -28,6 +28,13 @@ impl Gateway {
         conn: ConnInfo,
         routed: Result<Matched, RouteError>,
     ) -> Step<PreparedPoll> {
+        if let Some(problem) = malformed(&req) {
+            let detail = match problem {
+                Problem::MethodNotAllowed => "pollmux is no forward proxy: CONNECT is not served",
+                _ => "a request has exactly one Host header (RFC 9112 3.2)",
+            };
+            return Step::Done(Record::new(&self.unmatched).reject(problem, Some(detail)));
+        }
         let uri_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if uri_len > self.limits.max_uri_bytes {
             return Step::Done(Record::new(&self.unmatched).reject(Problem::UriTooLong, None));
@@ -223,6 +230,17 @@ impl Gateway {
         let poll = matches!(&routed, Ok(m) if matches!(self.runtimes[m.route], Runtime::Poll(_)));
         poll.then(|| self.prepare_routed(req, conn, routed))
     }
+}
+
+/// What no route serves, whatever its path: `CONNECT` (405; hyper hands it over in any target
+/// form), and a request with more than one `Host` (400, RFC 9112 3.2: which host it names is
+/// ambiguous, and a proxy in front may have read the other one).
+fn malformed<B>(req: &Request<B>) -> Option<Problem> {
+    if req.method() == Method::CONNECT {
+        return Some(Problem::MethodNotAllowed);
+    }
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    (hosts.next().is_some() && hosts.next().is_some()).then_some(Problem::InvalidRequest)
 }
 
 /// Awaits what is left of a request after its synchronous part. (A plain `async fn` would keep

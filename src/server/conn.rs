@@ -13,11 +13,12 @@ use tokio::time::Instant;
 use hyper::rt::{Read, Write};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::h1;
+use super::h2::{FrameGuard, StreamExecutor, Tracked};
 use super::write_timeout::WriteTimeout;
 use super::{Admission, ConnectionLimit, Lifecycle, ListenerSettings, tune};
 use crate::metrics::{GaugeGuard, Metrics, Protocol};
@@ -211,6 +212,11 @@ impl Connection {
                         Some(handler) if protocol == Protocol::Http1 => {
                             serving.run_held(stream, &handler, info, service).await;
                         }
+                        _ if protocol == Protocol::Http2 => {
+                            let io = WriteTimeout::new(stream, write_timeout);
+                            let io = TokioIo::new(FrameGuard::new(io));
+                            Box::pin(serving.run(io, protocol, service)).await;
+                        }
                         _ => {
                             let io = TokioIo::new(WriteTimeout::new(stream, write_timeout));
                             // Boxed: hyper's connection state is only paid for by connections
@@ -264,9 +270,12 @@ impl Serving<'_> {
                 return;
             }
         };
-        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
-        self.run(TokioIo::new(tls), protocol, service).await;
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let io = TokioIo::new(FrameGuard::new(tls));
+            self.run(io, Protocol::Http2, service).await;
+        } else {
+            self.run(TokioIo::new(tls), Protocol::Http1, service).await;
+        }
     }
 
     /// Serves a cleartext HTTP/1.1 connection on the held-poll path (`h1`), and with hyper
@@ -322,9 +331,9 @@ impl Serving<'_> {
         F: Future<Output = Result<http::Response<Body>, Infallible>> + Send + 'static,
     {
         let limits = &self.settings.limits;
-        let service = service_fn(service);
         let (result, drained) = match protocol {
             Protocol::Http1 => {
+                let service = service_fn(service);
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
@@ -343,7 +352,15 @@ impl Serving<'_> {
                 }
             }
             Protocol::Http2 => {
-                let conn = http2::Builder::new(TokioExecutor::new())
+                // Each response body tells its stream's watch when it waits for the window.
+                let service = service_fn(move |req| {
+                    let call = service(req);
+                    async move { call.await.map(|resp| resp.map(Tracked::new)) }
+                });
+                let executor = StreamExecutor {
+                    write_timeout: limits.write_timeout,
+                };
+                let conn = http2::Builder::new(executor)
                     .timer(TokioTimer::new())
                     .max_header_list_size(
                         u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),

@@ -13,6 +13,7 @@
 pub(crate) mod conn;
 pub use conn::accept_loop;
 pub mod h1;
+mod h2;
 mod write_timeout;
 
 use std::net::IpAddr;

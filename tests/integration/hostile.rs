@@ -280,3 +280,86 @@ async fn the_buffer_memory_limit_turns_new_topics_into_503() {
     })
     .await;
 }
+
+/// The status line of the first answer on a fresh connection to `addr` (the connection may
+/// stay open after it).
+async fn first_status(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let head = async {
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = s.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "closed without an answer: {:?}",
+                String::from_utf8_lossy(request)
+            );
+            out.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, head).await.expect("an answer");
+    let text = String::from_utf8_lossy(&out);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn two_host_headers_and_connect_are_refused_before_any_route() {
+    let upstream_seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = upstream_seen.clone();
+    let upstream = Upstream::start(move |req: http::Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(format!("{} {}", req.method(), req.uri()));
+            text_response(200, "upstream")
+        }
+    })
+    .await;
+    let config = TestConfig::new()
+        .upstream("api", &upstream.url())
+        .route("api", "path = \"/{*rest}\"\nkind = \"proxy\"\nupstream = \"api\"\n")
+        .route(
+            "news",
+            "path = \"/news/{topic}\"\nkind = \"poll\"\nauth = \"public\"\nsource = { type = \"publish\" }\n",
+        )
+        .toml();
+    let gw = Gateway::start(&config).await;
+    for (request, status) in [
+        // A poll (the held-poll path) and a proxied request, each with two Hosts.
+        (
+            &b"GET /news/a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"[..],
+            "400",
+        ),
+        (b"GET /x HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "400"),
+        (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nHost: a\r\nContent-Length: 0\r\n\r\n",
+            "400",
+        ),
+        // CONNECT in origin form (hyper hands it over) and in authority form.
+        (b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
+        (b"CONNECT /x HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
+        (
+            b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n",
+            "405",
+        ),
+    ] {
+        let line = first_status(gw.addr(), request).await;
+        assert!(
+            line.starts_with(&format!("HTTP/1.1 {status}")),
+            "{:?}: {line}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    assert!(
+        upstream_seen.lock().unwrap().is_empty(),
+        "{:?}",
+        upstream_seen.lock().unwrap()
+    );
+    // One Host is served as before.
+    assert_eq!(get(gw.addr(), "/x").await.status(), 200);
+    assert_eq!(upstream_seen.lock().unwrap().len(), 1);
+}

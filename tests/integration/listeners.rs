@@ -329,7 +329,9 @@ async fn idle_keep_alive_connections_close_after_the_header_read_timeout() {
 }
 
 /// One HTTP/2 frame read off a raw connection: (type, flags, payload).
-async fn read_frame(stream: &mut TcpStream) -> Option<(u8, u8, Vec<u8>)> {
+pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+) -> Option<(u8, u8, Vec<u8>)> {
     let mut head = [0u8; 9];
     stream.read_exact(&mut head).await.ok()?;
     let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);

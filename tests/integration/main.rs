@@ -13,6 +13,7 @@ mod cors;
 mod exhaustion;
 mod held;
 mod hostile;
+mod http2;
 mod jwt;
 mod listeners;
 mod longpoll;
