@@ -86,6 +86,8 @@ pub struct Server {
     admin: TcpListener,
     metrics: Arc<Metrics>,
     max_connections: usize,
+    /// Why `max_connections` is less than configured, said when serving starts.
+    fd_warning: Option<String>,
     hub: Arc<Hub>,
     /// Cluster mode's backplane, not connected yet.
     backplane: Option<Arc<Backplane>>,
@@ -94,11 +96,8 @@ pub struct Server {
 impl Server {
     /// Raises the file-descriptor limit and binds every listener.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let fd_limit = raise_fd_limit();
-        let max_connections = config
-            .limits
-            .max_connections
-            .unwrap_or_else(|| default_max_connections(fd_limit));
+        let (max_connections, fd_warning) =
+            public_connections(config.limits.max_connections, raise_fd_limit());
         let mut public = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             let listener = bind(&l.name, l.address).await?;
@@ -119,6 +118,7 @@ impl Server {
             hub,
             backplane,
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            fd_warning,
             config,
             config_path: None,
             reload_on_sighup: false,
@@ -166,6 +166,7 @@ impl Server {
             admin,
             metrics,
             max_connections,
+            fd_warning,
             hub,
             backplane,
         } = self;
@@ -176,6 +177,9 @@ impl Server {
         }
         if let Ok(addr) = admin.local_addr() {
             tracing::info!(listener = "admin", address = %addr, "listening");
+        }
+        if let Some(warning) = fd_warning {
+            tracing::warn!("{warning}");
         }
         tracing::info!(
             max_connections,
@@ -392,7 +396,7 @@ async fn bind(listener: &str, address: SocketAddr) -> Result<TcpListener, StartE
 }
 
 /// Raises the soft file-descriptor limit to the hard one; returns the limit now in force.
-fn raise_fd_limit() -> u64 {
+pub fn raise_fd_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
@@ -405,6 +409,27 @@ fn raise_fd_limit() -> u64 {
 /// Connections the fd limit allows after the reserve (at least half the limit when it is small).
 fn default_max_connections(fd_limit: u64) -> u64 {
     fd_limit.saturating_sub(FD_RESERVE).max(fd_limit / 2).max(1)
+}
+
+/// The public connections served under `fd_limit`: `configured` (`limits.max_connections`) or
+/// its default, never more than the limit allows after the reserve for the admin listener and
+/// upstream connections; and the warning to give when `configured` asks for more.
+pub fn public_connections(configured: Option<u64>, fd_limit: u64) -> (u64, Option<String>) {
+    let allowed = default_max_connections(fd_limit);
+    match configured {
+        Some(n) if n > allowed => {
+            let reserve = fd_limit - allowed;
+            let warning = format!(
+                "limits.max_connections = {n} is more than the file-descriptor limit ({fd_limit}) \
+                 allows after {reserve} kept for the admin listener and upstream connections: \
+                 at most {allowed} client connections are served; raise the limit \
+                 (ulimit -n, LimitNOFILE=) or lower limits.max_connections"
+            );
+            (allowed, Some(warning))
+        }
+        Some(n) => (n, None),
+        None => (allowed, None),
+    }
 }
 
 #[cfg(test)]
@@ -431,5 +456,24 @@ mod tests {
         assert_eq!(default_max_connections(20_000), 20_000 - FD_RESERVE);
         assert_eq!(default_max_connections(300), 150);
         assert_eq!(default_max_connections(1), 1);
+        // 19,000 held polls fit under a 20,000 limit.
+        assert!(default_max_connections(20_000) >= 19_000);
+    }
+
+    #[test]
+    fn max_connections_above_the_descriptor_limit_is_cut_with_a_warning() {
+        assert_eq!(
+            public_connections(None, 20_000),
+            (20_000 - FD_RESERVE, None)
+        );
+        assert_eq!(public_connections(Some(19_000), 20_000), (19_000, None));
+        let (served, warning) = public_connections(Some(50_000), 20_000);
+        assert_eq!(served, 20_000 - FD_RESERVE);
+        let warning = warning.expect("a warning");
+        assert!(
+            warning.contains("limits.max_connections = 50000"),
+            "{warning}"
+        );
+        assert!(warning.contains("(20000)"), "{warning}");
     }
 }

@@ -140,7 +140,13 @@ fn main() -> ExitCode {
             health(address, timeout)
         }
         Command::Check { config } => match Config::from_file(&config) {
-            Ok(_) => {
+            Ok(checked) => {
+                // Under this process's descriptor limit, which `run` from the same shell gets.
+                let fd_limit = pollmux::raise_fd_limit();
+                let max = checked.limits.max_connections;
+                if let (_, Some(warning)) = pollmux::public_connections(max, fd_limit) {
+                    eprintln!("warning: {warning}");
+                }
                 println!("configuration OK");
                 ExitCode::SUCCESS
             }

@@ -43,9 +43,10 @@ pub const HTTP2_KEEP_ALIVE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
 /// Largest message payload: publishes above it get 413, source messages above it become gaps.
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 
-/// File descriptors kept back from `max_connections` for upstream connections, listeners, the
-/// over-limit 503 answers and the process's own files.
-pub const FD_RESERVE: u64 = 256;
+/// File descriptors kept back from public connections whatever `max_connections` says: for the
+/// admin listener's connections (128), the over-limit 503 answers (64), upstream and Redis
+/// connections, the listeners and the process's own files (the rest).
+pub const FD_RESERVE: u64 = 512;
 /// Time between SIGTERM and the last held poll being answered (answers are spread over it).
 pub const DRAIN_WINDOW_DEFAULT: Duration = Duration::from_secs(5);
 /// Time after SIGTERM by which pollmux exits, whatever is still in flight.
@@ -54,7 +55,8 @@ pub const SHUTDOWN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, PartialEq)]
 pub struct LimitsConfig {
     /// Concurrent client connections over all listeners; `None`: the fd limit minus
-    /// [`FD_RESERVE`], computed at start after the limit is raised.
+    /// [`FD_RESERVE`], computed at start after the limit is raised. A larger value is cut to
+    /// that, with a warning (`crate::public_connections`).
     pub max_connections: Option<u64>,
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,

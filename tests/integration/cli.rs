@@ -20,6 +20,26 @@ fn pollmux(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
+fn check_warns_when_max_connections_exceeds_the_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pollmux.toml");
+    // Far above any descriptor limit of this machine (whose hard limit is in the millions at
+    // most): valid, served cut to the limit, and said so.
+    let config = TestConfig::new()
+        .limits("max_connections = 4000000000")
+        .toml();
+    std::fs::write(&file, config).unwrap();
+    let check = pollmux(&["check", "--config", file.to_str().unwrap()]);
+    assert_eq!(check.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        stderr.contains("warning: limits.max_connections = 4000000000 is more than"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&check.stdout), "configuration OK\n");
+}
+
+#[test]
 fn print_default_config_passes_check() {
     let printed = pollmux(&["print-default-config"]);
     assert!(printed.status.success());

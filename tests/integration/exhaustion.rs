@@ -1,6 +1,9 @@
 //! File-descriptor exhaustion: the real binary with a descriptor limit of its own far below
-//! `max_connections`, so the accept loop itself runs out (EMFILE). pollmux must count the failed
-//! accepts, keep running, keep the polls it holds, and accept again once descriptors are free.
+//! `max_connections`. pollmux serves no more public connections than the limit allows after
+//! its reserve, so the admin listener still answers (health checks, metrics, the publishes
+//! that wake held polls); and where even the reserve runs out, the accept loop counts the
+//! failed accepts (EMFILE), keeps running and the polls it holds, and accepts again once
+//! descriptors are free.
 #![cfg(unix)]
 
 use std::net::SocketAddr;
@@ -23,19 +26,25 @@ const HELD: usize = 16;
 /// Connections opened on top: more than the descriptors left.
 const FLOOD: usize = 80;
 
-fn config() -> String {
-    let held = r#"
+/// A poll route whose polls are held 30 s.
+fn config_route() -> String {
+    r#"
 path = "/held/{topic}"
 kind = "poll"
 source.type = "publish"
 auth = "public"
 hold = "30s"
 max_hold = "30s"
-"#;
+"#
+    .to_owned()
+}
+
+fn config() -> String {
+    let held = config_route();
     TestConfig::new()
-        // Far above the descriptor limit: accept() fails first.
+        // Far above the descriptor limit (cut to half of it).
         .limits("max_connections = 1000")
-        .route("held", held)
+        .route("held", &held)
         .toml()
 }
 
@@ -50,7 +59,8 @@ struct Child {
 }
 
 impl Child {
-    async fn start(config: &str) -> Child {
+    /// Starts `config` with a descriptor limit of `fd_limit`, soft and hard.
+    async fn start(config: &str, fd_limit: u64) -> Child {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pollmux.toml");
         std::fs::write(&file, config).unwrap();
@@ -71,7 +81,8 @@ impl Child {
         // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and the
         // closure allocates nothing.
         unsafe {
-            command.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, FD_LIMIT, FD_LIMIT));
+            command
+                .pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, fd_limit, fd_limit));
         }
         let mut child = command.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
@@ -122,7 +133,7 @@ async fn metrics(admin: SocketAddr) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_survives_descriptor_exhaustion_and_resumes() {
-    let mut child = Child::start(&config()).await;
+    let mut child = Child::start(&config(), FD_LIMIT).await;
     let (public, admin) = (child.public, child.admin);
     let text = metrics(admin).await;
     assert_eq!(
@@ -221,4 +232,63 @@ async fn accept_survives_descriptor_exhaustion_and_resumes() {
         assert_eq!(body["messages"][0]["data"], "after the flood", "{body}");
     }
     child.assert_running();
+}
+
+/// A descriptor limit where the reserve is half of it: 300 public connections.
+const SMALL_FD_LIMIT: u64 = 600;
+/// Clients that each hold a poll: more than the whole limit.
+const CROWD: usize = 700;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_answers_when_clients_take_every_public_descriptor() {
+    let config = TestConfig::new()
+        .limits("max_connections = 10000")
+        .route("held", &config_route())
+        .toml();
+    let mut child = Child::start(&config, SMALL_FD_LIMIT).await;
+    let (public, admin) = (child.public, child.admin);
+    child
+        .logged("the max_connections warning", |f| {
+            f["message"].as_str().is_some_and(|m| {
+                m.contains("limits.max_connections = 10000") && m.contains("at most 300")
+            })
+        })
+        .await;
+    // A poll to wake at the end, then the crowd: every connection sends a held poll.
+    let held = tokio::spawn(async move {
+        let mut conn = Conn::open(public).await;
+        conn.get_json("/held/news?timeout=30").await
+    });
+    let mut crowd = Vec::with_capacity(CROWD);
+    for _ in 0..CROWD {
+        let mut s = TcpStream::connect(public).await.expect("connect");
+        s.write_all(b"GET /held/news?timeout=30 HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .expect("write");
+        crowd.push(s);
+    }
+    // pollmux serves what the limit allows; the admin listener keeps its descriptors.
+    eventually(
+        "the public connections to reach the cut limit",
+        || async move {
+            let text = metrics(admin).await;
+            metric_value(&text, r#"pollmux_polls_active{route="held"}"#) == 300.0
+                && metric_value(
+                    &text,
+                    r#"pollmux_connections_rejected_total{listener="public"}"#,
+                ) > 0.0
+        },
+    )
+    .await;
+    assert_eq!(get(admin, "/healthz").await.status(), 200);
+    let (status, _) = publish(admin, "held/news", "text/plain", "woken").await;
+    assert_eq!(status, 202);
+    let (status, _, body) = tokio::time::timeout(WAIT, held)
+        .await
+        .expect("held poll answered")
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["messages"][0]["data"], "woken", "{body}");
+    child.assert_running();
+    drop(crowd);
 }
