@@ -33,6 +33,8 @@ pub enum Problem {
     OriginNotAllowed,
     CursorExpired,
     PayloadTooLarge,
+    /// The request's body did not arrive within `body_read_timeout` of its head (408).
+    RequestTimeout,
     UriTooLong,
     Overloaded,
     TooManyTopics,
@@ -79,6 +81,7 @@ impl Problem {
             | Problem::OriginNotAllowed
             | Problem::CursorExpired
             | Problem::PayloadTooLarge
+            | Problem::RequestTimeout
             | Problem::UriTooLong
             | Problem::TooManyPolls
             | Problem::TooManyConnections => Source::Client,
@@ -124,6 +127,7 @@ impl Problem {
             Problem::OriginNotAllowed => StatusCode::FORBIDDEN,
             Problem::CursorExpired => StatusCode::GONE,
             Problem::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Problem::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Problem::UriTooLong => StatusCode::URI_TOO_LONG,
             Problem::Overloaded
             | Problem::Draining
@@ -153,6 +157,7 @@ impl Problem {
             Problem::OriginNotAllowed => "origin-not-allowed",
             Problem::CursorExpired => "cursor-expired",
             Problem::PayloadTooLarge => "payload-too-large",
+            Problem::RequestTimeout => "request-timeout",
             Problem::UriTooLong => "uri-too-long",
             Problem::Overloaded => "overloaded",
             Problem::TooManyTopics => "too-many-topics",
@@ -182,6 +187,7 @@ impl Problem {
             Problem::OriginNotAllowed => "origin not allowed",
             Problem::CursorExpired => "cursor expired",
             Problem::PayloadTooLarge => "payload too large",
+            Problem::RequestTimeout => "request body timed out",
             Problem::UriTooLong => "URI too long",
             Problem::Overloaded => "server at capacity",
             Problem::TooManyTopics => "too many topics",

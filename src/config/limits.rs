@@ -40,6 +40,9 @@ pub const HTTP2_MAX_CONCURRENT_STREAMS_DEFAULT: usize = 256;
 /// HTTP/2 keep-alive ping interval (and the time a ping may take): finds dead connections
 /// behind NATs and load balancers that drop idle flows.
 pub const HTTP2_KEEP_ALIVE_INTERVAL_DEFAULT: Duration = Duration::from_secs(30);
+/// Time a request's whole body may take to arrive after its head: a deadline, not a per-read
+/// timeout, which a client sending a byte every few seconds would never trip.
+pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Largest message payload: publishes above it get 413, source messages above it become gaps.
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 
@@ -68,6 +71,8 @@ pub struct LimitsConfig {
     pub max_polls_per_client: usize,
     /// A connection whose client reads nothing of a response for this long is closed.
     pub write_timeout: Duration,
+    /// A request's whole body must have arrived this long after its head, else 408.
+    pub body_read_timeout: Duration,
     /// Message payload buffered over all topics; beyond it no new topic is made (503).
     pub max_buffered_bytes: usize,
     /// Connections one client IP may have open at once (requests, behind a trusted proxy);
@@ -159,6 +164,11 @@ impl Validator<'_, '_> {
             d
         };
         let write_timeout = positive("write_timeout", raw.write_timeout, WRITE_TIMEOUT_DEFAULT);
+        let body_read_timeout = positive(
+            "body_read_timeout",
+            raw.body_read_timeout,
+            BODY_READ_TIMEOUT_DEFAULT,
+        );
         let http2_keep_alive_interval = positive(
             "http2_keep_alive_interval",
             raw.http2_keep_alive_interval,
@@ -192,6 +202,7 @@ impl Validator<'_, '_> {
             max_message_bytes,
             max_polls_per_client,
             write_timeout,
+            body_read_timeout,
             max_buffered_bytes,
             max_connections_per_ip,
             new_connections_per_ip_per_second: u32::try_from(new_connections_per_ip_per_second)

@@ -117,6 +117,7 @@ pub struct Limits {
     pub max_message_bytes: Option<u64>,
     pub max_polls_per_client: Option<u64>,
     pub write_timeout: Option<Dur>,
+    pub body_read_timeout: Option<Dur>,
     pub max_buffered_bytes: Option<u64>,
     pub max_connections_per_ip: Option<u64>,
     pub new_connections_per_ip_per_second: Option<u64>,

@@ -3,6 +3,7 @@
 //! (drain, sweep, publish). Building a gateway is in `build.rs`, the request pipeline in
 //! `pipeline.rs`, the route kinds in `proxy.rs`, `longpoll.rs` and `collapse/`.
 
+mod body_deadline;
 mod build;
 pub mod collapse;
 pub mod cors;

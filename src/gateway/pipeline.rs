@@ -198,10 +198,19 @@ impl Gateway {
         mut record: Record,
     ) -> Step<PreparedPoll> {
         let this = self.clone();
+        let body_deadline = Instant::now() + self.limits.body_read_timeout;
         Step::Pending(Box::pin(async move {
             let upstream = &this.upstreams[upstream];
             let trusted = &this.limits.trusted_proxies;
-            let forwarded = proxy::forward(upstream, &record.metrics, req, &conn, trusted).await;
+            let forwarded = proxy::forward(
+                upstream,
+                &record.metrics,
+                req,
+                &conn,
+                trusted,
+                body_deadline,
+            )
+            .await;
             record.finish(forwarded.0, forwarded.1)
         }))
     }

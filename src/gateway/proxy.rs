@@ -14,6 +14,7 @@ use http::{Request, Response, Version};
 use http_body_util::BodyExt;
 use ipnet::IpNet;
 
+use super::body_deadline::Deadline;
 use crate::metrics::{Outcome, RouteMetrics, UpstreamResult};
 use crate::per_ip::canonical_ip as canonical;
 use crate::problem::Problem;
@@ -40,14 +41,22 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Forwards `req` to `upstream` and relays its answer; returns the response and its outcome.
+/// The request's body must have arrived whole by `body_deadline` (else 408, and the upstream
+/// request is cancelled), and the upstream request is opened once its first bytes are here.
 pub async fn forward<B: ClientBody>(
     upstream: &Upstream,
     metrics: &RouteMetrics,
     req: Request<B>,
     conn: &ConnInfo,
     trusted_proxies: &[IpNet],
+    body_deadline: Instant,
 ) -> (Response<Body>, Outcome) {
     let (mut parts, body) = req.into_parts();
+    let mut body = Deadline::new(Box::pin(body), body_deadline);
+    let timed_out = body.expired();
+    if let Err(e) = body.first_frame().await {
+        return body_failed(&e, &timed_out);
+    }
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         let authority = parts.uri.authority()?;
         HeaderValue::from_str(authority.as_str()).ok()
@@ -70,9 +79,9 @@ pub async fn forward<B: ClientBody>(
     let flag = client_body_failed.clone();
     let body = body.map_err(move |e| {
         flag.store(true, Ordering::Release);
-        e.into()
+        e
     });
-    let req = Request::from_parts(parts, body.boxed());
+    let req = Request::from_parts(parts, BodyExt::boxed(body));
 
     let started = Instant::now();
     let result = upstream.send(req).await;
@@ -89,12 +98,7 @@ pub async fn forward<B: ClientBody>(
             let body = body.map_err(BoxError::from).boxed();
             (Response::from_parts(parts, body), Outcome::Response)
         }
-        Err(e) if client_body_failed.load(Ordering::Acquire) => {
-            tracing::debug!(error = %e, "client request body broke while proxying");
-            let detail = "the request body could not be read";
-            let problem = Problem::InvalidRequest;
-            (problem.response(Some(detail)), problem.outcome())
-        }
+        Err(e) if client_body_failed.load(Ordering::Acquire) => body_failed(&e, &timed_out),
         Err(e) => {
             tracing::debug!(upstream = %upstream.config.name, error = %e, "proxy request failed");
             let problem = match e {
@@ -104,6 +108,21 @@ pub async fn forward<B: ClientBody>(
             (problem.response(None), problem.outcome())
         }
     }
+}
+
+/// The answer to a request whose body broke off or missed its deadline: the client's fault.
+fn body_failed(e: &dyn std::fmt::Display, timed_out: &AtomicBool) -> (Response<Body>, Outcome) {
+    let (problem, detail) = if timed_out.load(Ordering::Acquire) {
+        let detail = "the request body did not arrive within body_read_timeout";
+        (Problem::RequestTimeout, detail)
+    } else {
+        (
+            Problem::InvalidRequest,
+            "the request body could not be read",
+        )
+    };
+    tracing::debug!(error = %e, "client request body failed while proxying");
+    (problem.response(Some(detail)), problem.outcome())
 }
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.

@@ -235,3 +235,82 @@ async fn bad_parameter_is_400_and_unknown_path_404() {
     let rejected = r#"pollmux_requests_total{kind="proxy",route="item",status="400"}"#;
     assert_eq!(gw.metric(rejected).await, 4.0);
 }
+
+/// Sends `head` (and `partial` body bytes) on a raw connection and reads the answer's status
+/// line; the rest of the body never comes.
+async fn slow_body(addr: std::net::SocketAddr, head: &str, partial: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(partial).await.unwrap();
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("an answer before the client's body is whole")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        out.extend_from_slice(&chunk[..n]);
+    }
+    String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_body_not_whole_within_body_read_timeout_is_408_and_its_upstream_request_cancelled() {
+    // What the upstream saw: (path, whether reading the request body succeeded).
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(String, bool)>();
+    let upstream = Upstream::start(move |req: Request<hyper::body::Incoming>| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            let read = req.into_body().collect().await.is_ok();
+            let _ = seen_tx.send((path, read));
+            text_response(200, "done")
+        }
+    })
+    .await;
+    let config = TestConfig::new()
+        .limits("body_read_timeout = \"1s\"")
+        .upstream_with("api", &upstream.url(), "timeout = \"60s\"")
+        .route(
+            "api",
+            "path = \"/api/{*rest}\"\nkind = \"proxy\"\nupstream = \"api\"\n",
+        )
+        .toml();
+    let gw = Gateway::start(&config).await;
+    let head =
+        |path: &str| format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n");
+    // A head and no body: answered 408, and no upstream request was opened for it.
+    let status = slow_body(gw.addr(), &head("/api/silent"), b"").await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    // Part of the body, then nothing: 408, and the upstream's request is cut off.
+    let status = slow_body(gw.addr(), &head("/api/partial"), &[b'x'; 10]).await;
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    let (path, read) = tokio::time::timeout(WAIT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((path.as_str(), read), ("/api/partial", false));
+    // A whole body is forwarded as before.
+    let req = Request::post("/api/whole").body(full("a body")).unwrap();
+    assert_eq!(send(gw.addr(), req).await.status(), 200);
+    let (path, read) = tokio::time::timeout(WAIT, seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((path.as_str(), read), ("/api/whole", true));
+    let text = gw.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            r#"pollmux_requests_total{kind="proxy",route="api",status="408"}"#
+        ),
+        2.0,
+        "{text}"
+    );
+}
