@@ -8,7 +8,8 @@
 //! which a test checks (a module names only modules of lower layers):
 //!
 //! - layer 0: [`config`]: TOML -> raw serde structs -> validation -> typed [`config::Config`];
-//!   every error with its key path and line:column, all in one pass.
+//!   every error with its key path and line:column, all in one pass; [`shrink`] (a swept map
+//!   gives its table back).
 //! - layer 1: [`hub`] (topics: ordered bounded buffers, cursors, parked readers, idle
 //!   eviction; no HTTP), [`metrics`] (the one metrics struct and its registry), [`upstream`]
 //!   (pooled upstream HTTP clients), [`per_ip`] (per-client-IP limits).
@@ -36,6 +37,7 @@ pub mod problem;
 pub mod reload;
 pub mod server;
 pub mod service;
+pub mod shrink;
 pub mod source;
 pub mod upstream;
 

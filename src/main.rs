@@ -2,6 +2,7 @@
 //! the configuration, and hands it to `pollmux::run`. Exit codes: 0 ok, 1 runtime failure,
 //! 2 usage error, 78 (EX_CONFIG) invalid configuration.
 
+use std::ffi::c_char;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,34 @@ use tracing_subscriber::EnvFilter;
 /// (docs/BENCHMARKS.md): memory per held poll is the figure that sizes a deployment.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read when it starts (before `main`). Freed pages are given back to the
+/// kernel over one second (`dirty_decay_ms`; jemalloc's default is 10 s) and at once as
+/// `MADV_DONTNEED`, not as `MADV_FREE` pages that still count as resident (`muzzy_decay_ms`:
+/// 0). Without `background_thread`, jemalloc purges only while the process allocates: an idle
+/// gateway, its clients gone, kept every page they had used. `_RJEM_MALLOC_CONF` in the
+/// environment overrides any of these (docs/operations.md).
+const ALLOCATOR_OPTIONS: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
+/// [`ALLOCATOR_OPTIONS`] as the C string jemalloc reads.
+static ALLOCATOR_CONF: [c_char; ALLOCATOR_OPTIONS.len()] = c_chars(ALLOCATOR_OPTIONS);
+
+// SAFETY: `_rjem_malloc_conf` is the `malloc_conf` of tikv-jemalloc-sys's (prefixed) jemalloc,
+// declared there as `Option<&'static c_char>`: a pointer to a NUL-terminated string that jemalloc
+// only reads, once, when it initializes. This static has that type and points at a 'static
+// string ending in NUL; nothing else in the process defines the symbol.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: Option<&c_char> = Some(&ALLOCATOR_CONF[0]);
+
+const fn c_chars<const N: usize>(text: &[u8]) -> [c_char; N] {
+    let mut out = [0; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = text[i] as c_char;
+        i += 1;
+    }
+    out
+}
 
 /// `EX_CONFIG` from sysexits.h: the configuration is invalid.
 const EXIT_CONFIG: u8 = 78;
@@ -255,5 +284,27 @@ fn init_logging(cli: &Cli) {
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The options jemalloc parsed at its start in this binary: the symbol is the one it reads,
+    /// and the background threads that purge while the gateway is idle run.
+    #[test]
+    fn the_allocator_gives_idle_memory_back() {
+        assert_eq!(ALLOCATOR_OPTIONS.last(), Some(&0), "a C string");
+        assert_eq!(tikv_jemalloc_ctl::opt::background_thread::read(), Ok(true));
+        assert_eq!(tikv_jemalloc_ctl::background_thread::read(), Ok(true));
+        // SAFETY: both options are `ssize_t` in jemalloc, `isize` here.
+        let (dirty, muzzy) = unsafe {
+            (
+                tikv_jemalloc_ctl::raw::read::<isize>(b"opt.dirty_decay_ms\0"),
+                tikv_jemalloc_ctl::raw::read::<isize>(b"opt.muzzy_decay_ms\0"),
+            )
+        };
+        assert_eq!((dirty, muzzy), (Ok(1000), Ok(0)));
     }
 }

@@ -91,6 +91,7 @@ impl PerIp {
     pub fn sweep(&self, now: Instant) -> usize {
         self.clients
             .retain(|_, c| c.open > 0 || now.duration_since(c.window) < WINDOW);
+        crate::shrink::after_sweep(&self.clients);
         self.clients.len()
     }
 }
@@ -159,5 +160,26 @@ mod tests {
         );
         drop(held);
         assert_eq!(limits.sweep(t0 + WINDOW), 0);
+    }
+
+    #[test]
+    fn sweep_gives_the_table_back_once_clients_are_gone() {
+        let limits = Arc::new(PerIp::new(0, 10));
+        let t0 = Instant::now();
+        let mut slots: Vec<IpSlot> = (0..20_000u32)
+            .map(|i| limits.admit(IpAddr::from((0x0a00_0000 + i).to_be_bytes()), t0))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let full = limits.clients.capacity();
+        drop(slots.split_off(100));
+        assert_eq!(limits.sweep(t0 + WINDOW), 100);
+        assert!(
+            limits.clients.capacity() < full / 10,
+            "{} of {full} kept for 100 clients",
+            limits.clients.capacity()
+        );
+        drop(slots);
+        assert_eq!(limits.sweep(t0 + WINDOW), 0);
+        assert_eq!(limits.clients.capacity(), 0);
     }
 }

@@ -8,6 +8,7 @@
 //! the clients are spread over them round-robin; the publishes go to the one publisher URL.
 
 mod client;
+mod memory;
 mod redis_stats;
 mod stats;
 mod sys;
@@ -99,7 +100,8 @@ struct RunArgs {
     /// Name of this run in the JSON lines and in `compare`'s columns (default: the target).
     #[arg(long)]
     label: Option<String>,
-    /// Scenarios, comma separated: fanout_1topic, fanout_100topics, burst, sustained; a
+    /// Scenarios, comma separated: fanout_1topic, fanout_100topics, burst, sustained, and the
+    /// memory scenarios idle_return and soak (minutes each; not in the default list); a
     /// scenario may name its client count before scaling, e.g. `fanout_1topic=2000`.
     #[arg(long, default_value = "fanout_1topic,fanout_100topics,burst,sustained")]
     scenarios: String,
@@ -115,6 +117,25 @@ struct RunArgs {
     /// Messages per second (all topics together) in the sustained scenario.
     #[arg(long, default_value_t = 200)]
     sustained_rate: u64,
+    /// Seconds of the soak scenario's load.
+    #[arg(long, default_value_t = 480)]
+    soak_secs: u64,
+    /// Messages per second (all topics together) in the soak scenario.
+    #[arg(long, default_value_t = 100)]
+    soak_rate: u64,
+    /// Seconds between RSS samples in the soak scenario.
+    #[arg(long, default_value_t = 10)]
+    sample_secs: u64,
+    /// The routes' `linger` (benches/pollmux.toml's): the memory scenarios read RSS this long
+    /// plus 5 s after the clients closed.
+    #[arg(long, default_value_t = 10)]
+    linger_secs: u64,
+    /// The routes' `buffer.age` (the default's): the soak reports RSS at it and after.
+    #[arg(long, default_value_t = 300)]
+    buffer_age_secs: u64,
+    /// Pads every published message to this many bytes (its id, a space, then `x`s).
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
     /// Seconds to pause, after every client is held and before the fan-out publish, with a
     /// line on stderr: time to attach a profiler to the fan-out alone.
     #[arg(long, default_value_t = 0)]
@@ -218,6 +239,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
             "fanout_100topics" => fanout(&ctx, name, clients(19_000), 100).await?,
             "burst" => burst(&ctx, clients(10_000)).await?,
             "sustained" => sustained(&ctx, clients(2_000), 20).await?,
+            "idle_return" => memory::idle_return(&ctx, clients(5_000), 1).await?,
+            "soak" => memory::soak(&ctx, clients(2_000), 50).await?,
             other => return Err(format!("unknown scenario {other}")),
         };
         result["nodes"] = json!(ctx.subs.len());
@@ -323,6 +346,11 @@ impl Ctx {
         self.args.pid.iter().map(|&p| sys::rss_kib(p)).sum()
     }
 
+    /// The anonymous part of that (KiB): without the pages of mapped files (code).
+    fn rss_anon_kib(&self) -> u64 {
+        self.args.pid.iter().map(|&p| sys::rss_anon_kib(p)).sum()
+    }
+
     /// CPU time of the servers (ms), added up; redis-server's is apart.
     fn cpu_ms(&self) -> f64 {
         self.args.pid.iter().map(|&p| sys::cpu_ms(p)).sum()
@@ -351,6 +379,17 @@ impl Ctx {
         }
     }
 
+    /// A message's body: its id, padded to `--payload-bytes` with a space and `x`s.
+    fn body(&self, id: u64) -> String {
+        let mut body = id.to_string();
+        if self.args.payload_bytes > body.len() {
+            body.push(' ');
+            let pad = self.args.payload_bytes - body.len();
+            body.extend(std::iter::repeat_n('x', pad));
+        }
+        body
+    }
+
     /// Publishes `(topic, id)` pairs all at the same moment, one connection each (connected
     /// beforehand), as many backends publishing at once would; returns each id's send time.
     /// Latency is measured from each message's own send, for pollmux and Nchan alike.
@@ -362,7 +401,7 @@ impl Ctx {
             let request = client::post(
                 "pub",
                 &self.pub_path.replace("{topic}", &topic),
-                &id.to_string(),
+                &self.body(id),
             );
             tasks.push(tokio::spawn(async move {
                 let conn = Conn::open(addr, None).await;

@@ -9,6 +9,12 @@ pub fn rss_kib(pid: u32) -> u64 {
     family(pid).iter().map(|p| status_kib(*p, "VmRSS:")).sum()
 }
 
+/// The anonymous part of [`rss_kib`] (`RssAnon:`): the heap and stacks, without the pages of
+/// mapped files such as the executable's code.
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    family(pid).iter().map(|p| status_kib(*p, "RssAnon:")).sum()
+}
+
 /// User plus system CPU time in milliseconds of `pid` and its direct children.
 pub fn cpu_ms(pid: u32) -> f64 {
     let ticks: u64 = family(pid).iter().map(|p| cpu_ticks(*p)).sum();
@@ -89,6 +95,7 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(rss_kib(me) > 0);
+        assert!(rss_anon_kib(me) > 0 && rss_anon_kib(me) <= rss_kib(me));
         assert!(cpu_ms(me) >= 0.0);
         assert!(family(me).contains(&me));
         assert!(kernel_slab_kib() > 0);

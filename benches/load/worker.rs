@@ -105,7 +105,7 @@ impl Position {
                 };
                 self.cursor = body["cursor"].as_str().map(str::to_owned);
                 for m in body["messages"].as_array().into_iter().flatten() {
-                    if let Some(id) = m["data"].as_str().and_then(|d| d.parse().ok()) {
+                    if let Some(id) = m["data"].as_str().and_then(message_id) {
                         seen.ids.push(id);
                         seen.at_ns.push(at);
                     }
@@ -114,10 +114,7 @@ impl Position {
             (Target::Nchan, 200) => {
                 self.last_modified = reply.last_modified.clone();
                 self.etag = reply.etag.clone();
-                if let Some(id) = std::str::from_utf8(&reply.body)
-                    .ok()
-                    .and_then(|b| b.trim().parse().ok())
-                {
+                if let Some(id) = std::str::from_utf8(&reply.body).ok().and_then(message_id) {
                     seen.ids.push(id);
                     seen.at_ns.push(at);
                 }
@@ -219,6 +216,11 @@ pub async fn run(plan: Plan) {
         .map(|s| std::mem::take(&mut *s.lock().unwrap()))
         .collect();
     emit(&Report::Done { seen });
+}
+
+/// A message's id: the first word of its body (the rest is `--payload-bytes` padding).
+fn message_id(body: &str) -> Option<u64> {
+    body.split_whitespace().next()?.parse().ok()
 }
 
 fn emit(report: &Report) {

@@ -254,6 +254,7 @@ impl Hook {
     /// Drops expired decisions.
     pub fn sweep(&self, now: Instant) {
         self.cache.retain(|_, c| c.until > now);
+        crate::shrink::after_sweep(&self.cache);
     }
 
     /// One hook request; the decision and how long it may be cached.

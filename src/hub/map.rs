@@ -263,6 +263,7 @@ impl Hub {
             }
             keep
         });
+        crate::shrink::after_sweep(&self.topics);
         removed
     }
 
@@ -283,6 +284,7 @@ impl Hub {
             removed += 1;
             false
         });
+        crate::shrink::after_sweep(&self.topics);
         removed
     }
 
@@ -300,6 +302,12 @@ impl Hub {
 
     pub fn is_empty(&self) -> bool {
         self.topics.is_empty()
+    }
+
+    /// Entries the topic map has room for (tests: a sweep gives the table back).
+    #[cfg(test)]
+    pub(super) fn table_capacity(&self) -> usize {
+        self.topics.capacity()
     }
 }
 

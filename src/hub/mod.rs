@@ -154,6 +154,36 @@ mod tests {
     }
 
     #[test]
+    fn the_topic_map_gives_its_table_back_once_topics_are_evicted() {
+        let hub = Hub::new();
+        let r = route(100_000, 50, false);
+        let mut subs: Vec<_> = (0..20_000)
+            .map(|i| hub.subscribe(&r, &format!("t{i}")).unwrap())
+            .collect();
+        let full = hub.table_capacity();
+        drop(subs.split_off(100));
+        let now = Instant::now() + Duration::from_secs(1);
+        assert_eq!(hub.sweep(now), 19_900);
+        assert!(
+            hub.table_capacity() < full / 10,
+            "{} of {full} kept for 100 topics",
+            hub.table_capacity()
+        );
+        drop(subs);
+        assert_eq!(hub.sweep(now + Duration::from_secs(1)), 100);
+        assert_eq!(hub.table_capacity(), 0);
+        // A route a reload retired gives its table back too.
+        let other = route(100_000, 50, false);
+        let subs: Vec<_> = (0..20_000)
+            .map(|i| hub.subscribe(&other, &format!("t{i}")).unwrap())
+            .collect();
+        assert!(hub.table_capacity() >= 20_000);
+        assert_eq!(hub.retire_route(&other), 20_000);
+        drop(subs);
+        assert_eq!(hub.table_capacity(), 0);
+    }
+
+    #[test]
     fn the_byte_budget_refuses_new_topics_until_bytes_are_freed() {
         let hub = Hub::with_budget(3);
         let r = route(10, 50, false);

@@ -473,6 +473,7 @@ impl CollapseRoute {
             t.prune(now);
             now_ms.saturating_sub(t.last_seen.load(Ordering::Relaxed)) < linger
         });
+        crate::shrink::after_sweep(&self.topics);
         before - self.topics.len()
     }
 }
