@@ -125,6 +125,23 @@ impl Child {
     }
 }
 
+/// How many completed connections wait in the accept queue of the listener on `addr`
+/// (127.0.0.1): the `rx_queue` of its LISTEN row in /proc/net/tcp.
+fn accept_queue(addr: SocketAddr) -> u64 {
+    let local = format!("0100007F:{:04X}", addr.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .find_map(|row| {
+            let f: Vec<&str> = row.split_whitespace().collect();
+            let queues = (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+                .then(|| f.get(4))??;
+            u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()
+        })
+        .expect("the listener's row")
+}
+
 async fn metrics(admin: SocketAddr) -> String {
     let resp = get(admin, "/metrics").await;
     assert_eq!(resp.status(), 200);
@@ -191,11 +208,14 @@ async fn accept_survives_descriptor_exhaustion_and_resumes() {
     // backlog are accepted, read to their end and closed. The admin listener answers again.
     drop(flood);
     eventually("the flood's connections to be closed", || async move {
+        // Read first: a connection accepted after this is counted open by the scrape below.
+        let queued = accept_queue(public);
         let text = metrics(admin).await;
-        metric_value(
-            &text,
-            r#"pollmux_connections_open{listener="public",protocol="http1"}"#,
-        ) == HELD as f64
+        queued == 0
+            && metric_value(
+                &text,
+                r#"pollmux_connections_open{listener="public",protocol="http1"}"#,
+            ) == HELD as f64
             && metric_value(&text, r#"pollmux_polls_active{route="held"}"#) == HELD as f64
     })
     .await;
@@ -217,6 +237,15 @@ async fn accept_survives_descriptor_exhaustion_and_resumes() {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["messages"][0]["data"], "after the flood", "{body}");
     }
+    // Their clients are gone: the descriptors are free for as many new ones.
+    eventually("the held polls' connections to be closed", || async move {
+        let text = metrics(admin).await;
+        metric_value(
+            &text,
+            r#"pollmux_connections_open{listener="public",protocol="http1"}"#,
+        ) == 0.0
+    })
+    .await;
 
     // Accepting has resumed: new connections are served.
     let fresh: Vec<_> = (0..HELD)
