@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::publish::Append;
 use super::scripts::Keys;
 use super::{Backplane, BackplaneError, millis};
-use crate::hub::{NewMessage, RouteTopics};
+use crate::hub::{NewMessage, RouteTopics, UpstreamTrouble};
 
 /// A topic's lease, held by this node.
 pub struct Lease {
@@ -133,16 +133,18 @@ impl Lease {
         result.map(|p| !p.duplicate)
     }
 
-    /// Records the topic's upstream state (`None`: healthy; else failing since, and its last
-    /// definitive refusal) and announces it to every node; nothing when the lease is gone.
-    pub async fn announce_upstream(&self, state: Option<(Instant, Option<u16>)>) {
+    /// Records the topic's upstream state (`None`: healthy; else failing since, its last
+    /// definitive refusal, and whether it is down) and announces it to every node; nothing
+    /// when the lease is gone.
+    pub async fn announce_upstream(&self, state: Option<UpstreamTrouble>) {
         let bp = &self.backplane;
         let firehose = super::firehose_of(&bp.config, &self.route.name, &self.topic);
-        let (failing_for, refused) = match state {
-            None => (String::new(), String::new()),
-            Some((since, refused)) => (
-                millis(since.elapsed()).to_string(),
-                refused.map(|r| r.to_string()).unwrap_or_default(),
+        let (failing_for, refused, down) = match state {
+            None => (String::new(), String::new(), ""),
+            Some(t) => (
+                millis(t.since.elapsed()).to_string(),
+                t.refused.map(|r| r.to_string()).unwrap_or_default(),
+                if t.down { "1" } else { "" },
             ),
         };
         let mut invocation = bp.scripts.upstream.key(&self.keys.meta);
@@ -154,7 +156,8 @@ impl Lease {
             .arg(&self.topic)
             .arg(failing_for)
             .arg(refused)
-            .arg(millis(bp.config.firehose_retention));
+            .arg(millis(bp.config.firehose_retention))
+            .arg(down);
         if let Err(e) = bp.eval::<i64>("lease", &invocation).await {
             tracing::debug!(error = %e, "the upstream's state was not announced");
         }

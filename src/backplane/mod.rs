@@ -248,10 +248,11 @@ impl Backplane {
             .arg(millis(META_TTL))
             .arg(head)
             .arg(held_epoch);
-        let (epoch, seq, entries, failing_since, refused): (
+        let (epoch, seq, entries, failing_since, refused, down): (
             String,
             String,
             Vec<Value>,
+            String,
             String,
             String,
         ) = self.eval("load", &invocation).await?;
@@ -264,7 +265,8 @@ impl Backplane {
         // The upstream's state as the node running the source last announced it (announcements
         // missed while this node was away included); that node announces again on its next
         // change.
-        topic.set_upstream_state(reader::upstream_state(Some(&failing_since), Some(&refused)));
+        let upstream = reader::upstream_state(Some(&failing_since), Some(&refused), Some(&down));
+        topic.set_upstream_state(upstream);
         let resets = &self.metrics.backplane.epoch_resets;
         let known = held.map_or(0, |(_, head, _)| head);
         match topic.sync(parsed, seq, known, tail) {

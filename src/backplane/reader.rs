@@ -13,7 +13,7 @@ use redis::{RedisError, Value};
 
 use super::link::{self, COMMAND_TIMEOUT};
 use super::{Backplane, RETRY_FIRST, RETRY_MAX, arrived_at, jittered, parse_epoch, scripts};
-use crate::hub::{NewMessage, Remote, RemoteBody};
+use crate::hub::{NewMessage, Remote, RemoteBody, UpstreamTrouble};
 
 /// How long one read blocks when nothing is announced; a read that has not answered by this
 /// plus [`COMMAND_TIMEOUT`] means a dead connection.
@@ -117,7 +117,7 @@ impl Backplane {
             if let (Some(route), Some(topic)) = (text("r"), text("t"))
                 && let Some(t) = self.hub.find(route, topic)
             {
-                t.set_upstream_state(upstream_state(text("uf"), text("uc")));
+                t.set_upstream_state(upstream_state(text("uf"), text("uc"), text("ud")));
             }
             return;
         }
@@ -137,14 +137,19 @@ impl Backplane {
 }
 
 /// An upstream state as the backplane records it (`uf`: failing since, the backplane's ms,
-/// empty while healthy; `uc`: the last definitive refusal) as a topic takes it.
+/// empty while healthy; `uc`: the last definitive refusal; `ud`: 1 when down) as a topic
+/// takes it.
 pub(super) fn upstream_state(
     failing_since: Option<&str>,
     refused: Option<&str>,
-) -> Option<(Instant, Option<u16>)> {
+    down: Option<&str>,
+) -> Option<UpstreamTrouble> {
     let since = failing_since?.parse::<u64>().ok()?;
-    let refused = refused.and_then(|r| r.parse::<u16>().ok());
-    Some((arrived_at(since), refused))
+    Some(UpstreamTrouble {
+        since: arrived_at(since),
+        refused: refused.and_then(|r| r.parse::<u16>().ok()),
+        down: down == Some("1"),
+    })
 }
 
 /// A log entry (`[id, [field, value, …]]`, id `<seq>-0`) as a topic takes it.

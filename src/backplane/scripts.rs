@@ -4,8 +4,8 @@
 //! Keys (the topic's share one hash tag, `{route/topic}`):
 //! - `<p>:{r/t}:m`: hash `e` (epoch), `s` (last position), `u` (last upstream id: where a
 //!   new owner of the topic's source resumes)
-//!   and, while the topic's upstream fails, `uf` (since when, the backplane's ms) and `uc`
-//!   (its last definitive refusal)
+//!   and, while the topic's upstream fails, `uf` (since when, the backplane's ms), `uc`
+//!   (its last definitive refusal) and `ud` (1: down, past `upstream_grace`)
 //! - `<p>:{r/t}:lease`: `<node>:<fence>`, the node that runs the topic's upstream source, with
 //!   a time to live; `<p>:{r/t}:fence` counts acquisitions
 //! - `<p>:{r/t}:s`: stream, entry id `<seq>-0`; fields `d` payload, `ct` content type, `m`
@@ -15,7 +15,7 @@
 //!   be retried
 //! - `<p>:fh:<k>`: the announcement streams, every message of every topic hashed to `k`:
 //!   fields `r` route, `t` topic, `e`, `s` and the entry's own fields; or, with `k` = `u`, the
-//!   topic's upstream state (`uf`, `uc`: empty while healthy)
+//!   topic's upstream state (`uf`, `uc`, `ud`: empty while healthy)
 
 use redis::Script;
 
@@ -122,7 +122,8 @@ return {e, tostring(s), 0, now}
 ///
 /// KEYS: meta, log. ARGV: a fresh epoch, count, meta ttl ms, the node's head (-1: none), the
 /// node's epoch ('' none): the entries from the node's head are only for a node of this epoch.
-/// Returns {epoch, head, entries (ascending), upstream failing since ('' healthy), refusal}: from the node's head on (itself included, so
+/// Returns {epoch, head, entries (ascending), upstream failing since ('' healthy), refusal,
+/// down}: from the node's head on (itself included, so
 /// the node can tell whether it is the same message) when at most `count` follow it, else the
 /// newest `count`. A topic nobody published to yet gets its epoch here, so that every node
 /// names the same one.
@@ -135,19 +136,19 @@ if not e then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 local s = tonumber(redis.call('HGET', KEYS[1], 's')) or 0
-local up = redis.call('HMGET', KEYS[1], 'uf', 'uc')
+local up = redis.call('HMGET', KEYS[1], 'uf', 'uc', 'ud')
 local n = tonumber(ARGV[2])
 local after = tonumber(ARGV[4])
 if after >= 0 and ARGV[5] == e and s >= after and s - after <= n then
   return {e, tostring(s), redis.call('XRANGE', KEYS[2], after .. '-0', '+', 'COUNT', n + 1),
-    up[1] or '', up[2] or ''}
+    up[1] or '', up[2] or '', up[3] or ''}
 end
 local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', n)
 local entries = {}
 for i = #newest, 1, -1 do
   entries[#entries + 1] = newest[i]
 end
-return {e, tostring(s), entries, up[1] or '', up[2] or ''}
+return {e, tostring(s), entries, up[1] or '', up[2] or '', up[3] or ''}
 "#;
 
 /// Retires an epoch whose log lost positions clients had seen, unless another node did first.
@@ -185,7 +186,7 @@ return {token, redis.call('HGET', KEYS[3], 'u') or ''}
 /// Records and announces a topic's upstream state, from the node holding its lease.
 ///
 /// KEYS: meta, announcement stream, lease. ARGV: token, route, topic, failing for ms ('' for
-/// healthy), refusal status (''), announcement retention ms.
+/// healthy), refusal status (''), announcement retention ms, down ('1' or '').
 pub const UPSTREAM: &str = r#"
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then
   return redis.error_reply('NOTOWNER the lease of this topic is held by another node')
@@ -194,13 +195,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local since = ''
 if ARGV[4] == '' then
-  redis.call('HDEL', KEYS[1], 'uf', 'uc')
+  redis.call('HDEL', KEYS[1], 'uf', 'uc', 'ud')
 else
   since = tostring(now - tonumber(ARGV[4]))
-  redis.call('HSET', KEYS[1], 'uf', since, 'uc', ARGV[5])
+  redis.call('HSET', KEYS[1], 'uf', since, 'uc', ARGV[5], 'ud', ARGV[7])
 end
 redis.call('XADD', KEYS[2], 'MINID', '~', now - tonumber(ARGV[6]), '*',
-  'r', ARGV[2], 't', ARGV[3], 'k', 'u', 'uf', since, 'uc', ARGV[5])
+  'r', ARGV[2], 't', ARGV[3], 'k', 'u', 'uf', since, 'uc', ARGV[5], 'ud', ARGV[7])
 return 1
 "#;
 

@@ -268,6 +268,7 @@ impl Gateway {
                 route_metrics: route_metrics.clone(),
                 connects: connects.clone(),
                 retry_after: Default::default(),
+                recoveries_seen: Default::default(),
                 sink,
             }
         };

@@ -7,10 +7,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::backplane::{Backplane, BackplaneError, Lease};
-use crate::hub::{NewMessage, Topic};
+use crate::hub::{NewMessage, Topic, UpstreamTrouble};
 use crate::source::feed::{Log, LogError, Sink};
 
 /// Builds a topic's source for a sink, resuming from an upstream id.
@@ -57,7 +56,7 @@ pub async fn run(backplane: Arc<Backplane>, topic: Arc<Topic>, make: MakeSource)
 
 /// Announces each upstream state the source reports, the latest when several came meanwhile,
 /// while the lease lives.
-async fn announce(lease: Weak<Lease>, mut states: watch::Receiver<Option<(Instant, Option<u16>)>>) {
+async fn announce(lease: Weak<Lease>, mut states: watch::Receiver<Option<UpstreamTrouble>>) {
     while states.changed().await.is_ok() {
         let state = *states.borrow_and_update();
         let Some(lease) = lease.upgrade() else {
@@ -70,7 +69,7 @@ async fn announce(lease: Weak<Lease>, mut states: watch::Receiver<Option<(Instan
 /// The topic's log, written through this node's lease.
 struct LeasedLog {
     lease: Arc<Lease>,
-    state: watch::Sender<Option<(Instant, Option<u16>)>>,
+    state: watch::Sender<Option<UpstreamTrouble>>,
 }
 
 impl Log for LeasedLog {
@@ -93,7 +92,7 @@ impl Log for LeasedLog {
         })
     }
 
-    fn upstream(&self, state: Option<(Instant, Option<u16>)>) {
+    fn upstream(&self, state: Option<UpstreamTrouble>) {
         self.state.send_replace(state);
     }
 }

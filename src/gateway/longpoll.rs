@@ -434,7 +434,7 @@ impl Held {
                 return Err(generation);
             }
         };
-        if let Some(problem) = topic.upstream_problem(route.config.upstream_grace, Instant::now()) {
+        if let Some(problem) = topic.upstream_problem() {
             let (problem, detail) = match problem {
                 UpstreamProblem::NotFound => (Problem::NotFound, "the upstream has no such topic"),
                 UpstreamProblem::Refused => (

@@ -34,7 +34,9 @@ pub use batch::{BATCH_BYTES_MAX, Batch};
 pub use dedupe::{DEDUPE_MAX, DEDUPE_WINDOW};
 pub use map::{Budget, Hub, RouteTopics, Subscription, TooManyTopics, TopicSettings};
 pub use mirror::{Applied, Remote, RemoteBody, Synced};
-pub use topic::{NewMessage, ParkId, Parked, Poll, Published, Topic, UpstreamProblem};
+pub use topic::{
+    NewMessage, ParkId, Parked, Poll, Published, Topic, UpstreamProblem, UpstreamTrouble,
+};
 
 #[cfg(test)]
 mod tests {

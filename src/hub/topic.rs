@@ -101,10 +101,8 @@ pub(super) struct State {
     pub(super) cache: Option<Arc<Batch>>,
     dedupe: Dedupe,
     pub(super) last_active: Instant,
-    /// Since when the topic's upstream source has been failing, if it is.
-    failing_since: Option<Instant>,
-    /// The upstream's last definitive refusal (404, 401, 403) while failing.
-    refused: Option<u16>,
+    /// The topic's upstream trouble, while its source is failing.
+    trouble: Option<UpstreamTrouble>,
     /// Whether the ring's bytes count against the hub's budget (until the topic is removed).
     counted: bool,
     /// Bumped by every change a waiting reader must see (message, gap, upstream state, wake).
@@ -155,8 +153,20 @@ pub enum UpstreamProblem {
     NotFound,
     /// The upstream refused pollmux's own credential: 502.
     Refused,
-    /// Unreachable or failing for longer than the route's `upstream_grace`: 503.
+    /// An attempt failed once the route's `upstream_grace` had passed: 503.
     Down,
+}
+
+/// A topic's upstream trouble as its source last saw it (docs/protocol.md 1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTrouble {
+    /// Since when the source has been failing.
+    pub since: Instant,
+    /// The upstream's last definitive refusal (404, 401, 403).
+    pub refused: Option<u16>,
+    /// An attempt failed at or after the end of `upstream_grace`, so polls with nothing to
+    /// read are told the upstream is down. Failing within the grace only delays them.
+    pub down: bool,
 }
 
 impl Topic {
@@ -177,8 +187,7 @@ impl Topic {
                 cache: None,
                 dedupe: Dedupe::default(),
                 last_active: Instant::now(),
-                failing_since: None,
-                refused: None,
+                trouble: None,
                 counted: true,
                 generation: 0,
                 parked: HashMap::new(),
@@ -338,45 +347,52 @@ impl Topic {
 
     /// The source is connected: upstream problems are over.
     pub fn upstream_ok(&self) {
-        let mut st = self.state();
-        st.failing_since = None;
-        st.refused = None;
+        self.state().trouble = None;
     }
 
-    /// The source failed to connect; `status` is the upstream's answer, if it gave one.
-    /// Wakes readers so that a definitive refusal reaches them at once.
-    pub fn upstream_failed(&self, status: Option<u16>, now: Instant) {
+    /// The source's attempt failed at `now`; `status` is the upstream's answer, if it gave one;
+    /// `grace`: how long failing stays hidden from polls. The upstream is down once an attempt
+    /// fails at or after the end of the grace. Wakes readers, so that a definitive refusal, or
+    /// the upstream being down, reaches them at once.
+    pub fn upstream_failed(&self, status: Option<u16>, grace: Duration, now: Instant) {
         let mut st = self.state();
-        st.failing_since.get_or_insert(now);
-        st.refused = status.filter(|s| matches!(s, 401 | 403 | 404));
+        let since = st.trouble.map_or(now, |t| t.since);
+        st.trouble = Some(UpstreamTrouble {
+            since,
+            refused: status.filter(|s| matches!(s, 401 | 403 | 404)),
+            down: now.saturating_duration_since(since) >= grace,
+        });
         self.changed_now(st);
     }
 
-    /// Since when the source has been failing, if it is.
-    pub fn failing_since(&self) -> Option<Instant> {
-        self.state().failing_since
+    /// The upstream is down without a further attempt (it asked to be left alone for longer
+    /// than the grace). Wakes readers. Nothing when the source is not failing.
+    pub fn upstream_down(&self) {
+        let mut st = self.state();
+        let Some(trouble) = st.trouble.as_mut() else {
+            return;
+        };
+        trouble.down = true;
+        self.changed_now(st);
     }
 
-    /// The upstream's state as its source last saw it: `None` while healthy, else since when
-    /// it has been failing and its last definitive refusal (404, 401, 403).
-    pub fn upstream_state(&self) -> Option<(Instant, Option<u16>)> {
-        let st = self.state();
-        st.failing_since.map(|since| (since, st.refused))
+    /// The upstream's state as its source last saw it: `None` while healthy.
+    pub fn upstream_state(&self) -> Option<UpstreamTrouble> {
+        self.state().trouble
     }
 
     /// Cluster mode: the state of the upstream as the node running the topic's source reports
-    /// it. Waiting readers look again when it fails (a refusal, or the grace running out,
+    /// it. Waiting readers look again when it fails (a refusal, or the upstream being down,
     /// reaches them at once).
-    pub fn set_upstream_state(&self, state: Option<(Instant, Option<u16>)>) {
+    pub fn set_upstream_state(&self, state: Option<UpstreamTrouble>) {
         let mut st = self.state();
         match state {
-            None => {
-                st.failing_since = None;
-                st.refused = None;
-            }
-            Some((since, refused)) => {
-                st.failing_since = Some(st.failing_since.map_or(since, |s| s.min(since)));
-                st.refused = refused;
+            None => st.trouble = None,
+            Some(mut trouble) => {
+                if let Some(known) = st.trouble {
+                    trouble.since = trouble.since.min(known.since);
+                }
+                st.trouble = Some(trouble);
                 self.changed_now(st);
             }
         }
@@ -398,13 +414,12 @@ impl Topic {
     }
 
     /// The problem a poll with nothing to read must be told about, if any.
-    pub fn upstream_problem(&self, grace: Duration, now: Instant) -> Option<UpstreamProblem> {
-        let st = self.state();
-        let since = st.failing_since?;
-        match st.refused {
+    pub fn upstream_problem(&self) -> Option<UpstreamProblem> {
+        let trouble = self.state().trouble?;
+        match trouble.refused {
             Some(404) => Some(UpstreamProblem::NotFound),
             Some(_) => Some(UpstreamProblem::Refused),
-            None if now.saturating_duration_since(since) >= grace => Some(UpstreamProblem::Down),
+            None if trouble.down => Some(UpstreamProblem::Down),
             None => None,
         }
     }

@@ -2,6 +2,7 @@
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -11,7 +12,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::hub::{NewMessage, Topic};
+use super::backoff;
+use crate::hub::{NewMessage, Topic, UpstreamTrouble};
 use crate::metrics::{PollMetrics, RouteMetrics, UpstreamResult};
 use crate::upstream::{Body, Upstream, UpstreamError};
 
@@ -35,6 +37,8 @@ pub struct Feed {
     pub connects: Arc<Semaphore>,
     /// The upstream's last `Retry-After`: the next attempt waits at least this long.
     pub retry_after: Mutex<Option<Duration>>,
+    /// The upstream's count of recoveries when this source's last attempt began.
+    pub recoveries_seen: AtomicU64,
     /// Where messages go: the topic, or (cluster mode) the topic's log in the backplane.
     pub sink: Sink,
 }
@@ -58,9 +62,10 @@ pub trait Log: Send + Sync {
         resume_from: Option<&str>,
     ) -> Pin<Box<dyn Future<Output = Result<bool, LogError>> + Send + '_>>;
 
-    /// Tells every node the upstream's state (`None`: healthy; else failing since, and its
-    /// last definitive refusal), without waiting: polls on other nodes answer as here.
-    fn upstream(&self, state: Option<(Instant, Option<u16>)>);
+    /// Tells every node the upstream's state (`None`: healthy; else failing since, its last
+    /// definitive refusal, and whether it is down), without waiting: polls on other nodes
+    /// answer as here.
+    fn upstream(&self, state: Option<UpstreamTrouble>);
 }
 
 /// Why a log did not take a message.
@@ -93,6 +98,7 @@ impl Feed {
         usable: impl Fn(StatusCode) -> bool,
     ) -> Result<Response<Incoming>, Ended> {
         let started = Instant::now();
+        self.attempt_begins();
         let response = {
             let permit = tokio::select! {
                 () = self.topic.retired() => return Err(Ended::Retired),
@@ -132,15 +138,29 @@ impl Feed {
         }
     }
 
+    /// Notes the upstream's recoveries so far: one after this, while the attempt fails, ends
+    /// the pause after it early.
+    fn attempt_begins(&self) {
+        let recoveries = self.upstream.outage.recoveries();
+        self.recoveries_seen.store(recoveries, Ordering::SeqCst);
+    }
+
     /// Records the upstream's state on the topic (`None`: healthy; else failing, with the
-    /// status it answered), and in cluster mode announces every change of it.
+    /// status it answered), and in cluster mode announces every change of it. A topic that
+    /// was failing and is not any more tells the upstream's other topics.
     fn upstream_state(&self, failing: Option<Option<u16>>) {
         let before = self.topic.upstream_state();
         match failing {
             None => self.topic.upstream_ok(),
-            Some(status) => self.topic.upstream_failed(status, Instant::now()),
+            Some(status) => {
+                let now = Instant::now();
+                self.topic.upstream_failed(status, self.upstream_grace, now);
+            }
         }
         let after = self.topic.upstream_state();
+        if before.is_some() && after.is_none() {
+            self.upstream.outage.recovered();
+        }
         if before != after {
             self.announce_upstream();
         }
@@ -160,36 +180,69 @@ impl Feed {
         self.write(None, None).await.map(drop)
     }
 
-    /// Waits `delay` (or the upstream's `Retry-After`, if longer) before the next attempt, waking waiting polls if the outage outlasts the
-    /// grace meanwhile (so they answer 503 then, not at the next attempt). False when the
-    /// topic was retired.
+    /// Waits before the next attempt: `delay` (the source's backoff), or the upstream's
+    /// `Retry-After` if longer. False when the topic was retired meanwhile.
+    ///
+    /// While the upstream fails within `upstream_grace`, no wait goes past the grace's end:
+    /// the attempt there decides whether polls are told it is down (it asked for a longer
+    /// `Retry-After`: then they are told at the grace's end). Once it is down, this topic
+    /// waits for its turn to probe it (one probe every 1 to 2 s for the whole upstream, at most
+    /// [`backoff::CAP`] away), whatever `delay` says. Either way a wait ends early, within half
+    /// a second, when another topic of the upstream gets through.
     pub async fn pause(&self, delay: Duration) -> bool {
         self.poll_metrics.upstream_reconnects.inc();
         let asked = self
             .retry_after
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take();
-        let delay = delay.max(asked.unwrap_or_default());
+            .take()
+            .unwrap_or_default();
         let now = Instant::now();
-        let until = now + delay;
-        let grace_ends = self
-            .topic
-            .failing_since()
-            .map(|since| since + self.upstream_grace);
-        if let Some(at) = grace_ends.filter(|at| *at > now && *at < until) {
+        // A trouble whose probes the upstream's other topics share: not a refusal.
+        let outage = self.topic.upstream_state().filter(|t| t.refused.is_none());
+        let mut grace_ends = None;
+        let attempt = match outage {
+            None => now + delay.max(asked),
+            Some(t) if t.down => {
+                let turn = self.upstream.outage.next_probe(now, now + backoff::CAP);
+                turn.max(now + asked)
+            }
+            Some(t) => {
+                let ends = t.since + self.upstream_grace;
+                if now + asked > ends {
+                    grace_ends = Some(ends);
+                    now + asked
+                } else {
+                    (now + delay.max(asked)).min(ends)
+                }
+            }
+        };
+        let recovery = async {
+            match outage {
+                Some(_) => {
+                    let seen = self.recoveries_seen.load(Ordering::SeqCst);
+                    self.upstream.outage.recovery_after(seen).await;
+                    tokio::time::sleep_until(now + asked).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let mut recovery = std::pin::pin!(recovery);
+        if let Some(at) = grace_ends {
             tokio::select! {
                 () = self.topic.retired() => return false,
+                () = &mut recovery => return true,
                 () = tokio::time::sleep_until(at) => {
-                    self.topic.wake();
-                    // Other nodes' waiting polls look again too.
+                    self.topic.upstream_down();
+                    // Other nodes' waiting polls are told too.
                     self.announce_upstream();
                 }
             }
         }
         tokio::select! {
             () = self.topic.retired() => false,
-            () = tokio::time::sleep_until(until) => true,
+            () = recovery => true,
+            () = tokio::time::sleep_until(attempt) => true,
         }
     }
 
@@ -254,7 +307,6 @@ impl Feed {
 mod tests {
     use super::*;
 
-    use futures_util::FutureExt;
     use http::HeaderValue;
     use prometheus::IntGauge;
 
@@ -262,10 +314,11 @@ mod tests {
     use crate::hub::ring::BufferLimits;
     use crate::hub::{Hub, RouteTopics, TopicSettings, UpstreamProblem};
     use crate::metrics::Metrics;
+    use crate::upstream::outage::PROBE_GAP;
 
-    /// A feed of one fresh topic. Its upstream is never asked: these tests drive the feed's
-    /// waits alone, on the paused clock.
-    fn feed(upstream_grace: Duration) -> Feed {
+    /// Feeds of `n` fresh topics of one upstream. The upstream is never asked: these tests
+    /// drive the feeds' waits alone, on the paused clock.
+    fn feeds(upstream_grace: Duration, n: usize) -> Vec<Feed> {
         let text = "[listeners.p]\naddress = \"127.0.0.1:0\"\n\
                     [upstreams.u]\nurl = \"http://127.0.0.1:1\"\n\
                     [routes.r]\npath = \"/r/{id}\"\nkind = \"poll\"\nauth = \"public\"\n\
@@ -284,18 +337,116 @@ mod tests {
             mirrored: false,
         };
         let gauge = IntGauge::new("t", "t").unwrap();
-        let route = Arc::new(RouteTopics::new("r", settings, 10, gauge));
-        let topic = Hub::new().subscribe(&route, "t").unwrap().topic_arc();
-        Feed {
-            upstream: Arc::new(Upstream::new(config.upstreams[0].clone())),
-            topic,
-            upstream_grace,
-            max_message_bytes: 1 << 20,
-            poll_metrics: PollMetrics::new(&metrics, "r"),
-            route_metrics: Arc::new(RouteMetrics::new(&metrics, "r", "poll")),
-            connects: Arc::new(Semaphore::new(1)),
-            retry_after: Mutex::default(),
-            sink: Sink::Topic,
+        let route = Arc::new(RouteTopics::new("r", settings, 10_000, gauge));
+        let (hub, upstream) = (
+            Hub::new(),
+            Arc::new(Upstream::new(config.upstreams[0].clone())),
+        );
+        (0..n)
+            .map(|i| Feed {
+                upstream: upstream.clone(),
+                topic: hub.subscribe(&route, &format!("t{i}")).unwrap().topic_arc(),
+                upstream_grace,
+                max_message_bytes: 1 << 20,
+                poll_metrics: PollMetrics::new(&metrics, "r"),
+                route_metrics: Arc::new(RouteMetrics::new(&metrics, "r", "poll")),
+                connects: Arc::new(Semaphore::new(1)),
+                retry_after: Mutex::default(),
+                recoveries_seen: AtomicU64::default(),
+                sink: Sink::Topic,
+            })
+            .collect()
+    }
+
+    fn feed(upstream_grace: Duration) -> Feed {
+        feeds(upstream_grace, 1).pop().unwrap()
+    }
+
+    /// One attempt of a source, answered at once: a failure (a 500) before `recovers`, else a
+    /// success. Whether it succeeded.
+    fn attempt(feed: &Feed, started: Instant, recovers: Duration) -> bool {
+        feed.attempt_begins();
+        let ok = started.elapsed() >= recovers;
+        feed.upstream_state(if ok { None } else { Some(Some(500)) });
+        ok
+    }
+
+    /// Runs the sources of `feeds`, as upstream_stream and upstream_poll do (attempt, else
+    /// pause on the backoff), against an upstream that fails until `recovers`. Each attempt's
+    /// time, topic, and whether polls were then told the upstream is down.
+    async fn outage(feeds: &[Feed], recovers: Duration) -> Vec<(Duration, usize, bool)> {
+        let started = Instant::now();
+        let attempts = Mutex::new(Vec::new());
+        let sources = feeds.iter().enumerate().map(|(i, feed)| {
+            let attempts = &attempts;
+            async move {
+                let mut backoff = super::backoff::Backoff::default();
+                loop {
+                    let ok = attempt(feed, started, recovers);
+                    let down = feed.topic.upstream_problem() == Some(UpstreamProblem::Down);
+                    attempts.lock().unwrap().push((started.elapsed(), i, down));
+                    if ok {
+                        return;
+                    }
+                    assert!(feed.pause(backoff.next(None)).await);
+                }
+            }
+        });
+        futures_util::future::join_all(sources).await;
+        attempts.into_inner().unwrap()
+    }
+
+    /// `upstream_grace = "8s"` and an upstream failing for 5 s (or for just under the grace):
+    /// polls are never told it is down, and every topic is back by the end of the grace.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_shorter_than_the_grace_never_reaches_polls() {
+        let (grace, ms) = (Duration::from_secs(8), Duration::from_millis);
+        for seed in 0..200 {
+            fastrand::seed(seed);
+            for recovers in [ms(5000), ms(7999)] {
+                let feeds = feeds(grace, 3);
+                let attempts = outage(&feeds, recovers).await;
+                for (at, topic, down) in &attempts {
+                    assert!(!down, "seed {seed}: topic {topic} down at {at:?}");
+                }
+                let last = attempts.iter().map(|a| a.0).max().unwrap();
+                assert!(last <= grace, "seed {seed}: back only at {last:?}");
+            }
+        }
+    }
+
+    /// An upstream failing for 12 s behind an 8 s grace: polls are told it is down once an
+    /// attempt fails after the grace; meanwhile it is probed once every 1 to 2 s for all its
+    /// topics together; and every topic is back within 3 s of the upstream.
+    #[tokio::test(start_paused = true)]
+    async fn after_the_grace_probes_are_shared_and_recovery_reaches_every_topic_within_3s() {
+        let (grace, recovers) = (Duration::from_secs(8), Duration::from_secs(12));
+        for seed in 0..50 {
+            fastrand::seed(seed);
+            let feeds = feeds(grace, 10);
+            let attempts = outage(&feeds, recovers).await;
+            for (at, topic, down) in &attempts {
+                let failed_after_grace = *at >= grace && *at < recovers;
+                assert_eq!(
+                    *down, failed_after_grace,
+                    "seed {seed}: topic {topic} at {at:?}"
+                );
+            }
+            // Each topic's attempt at the end of the grace, then the shared probes.
+            let probes: Vec<Duration> = attempts
+                .iter()
+                .map(|a| a.0)
+                .filter(|at| *at > grace && *at < recovers)
+                .collect();
+            for pair in probes.windows(2) {
+                assert!(pair[1] - pair[0] >= PROBE_GAP.0, "seed {seed}: {probes:?}");
+            }
+            assert!(probes.len() <= 4, "seed {seed}: {probes:?}");
+            let back = attempts.iter().map(|a| a.0).max().unwrap();
+            assert!(
+                back <= recovers + Duration::from_secs(3),
+                "seed {seed}: back at {back:?}"
+            );
         }
     }
 
@@ -340,39 +491,53 @@ mod tests {
         assert!(feed.pause(ms(100)).await);
         assert!(feed.pause(ms(100)).await);
         assert_eq!(started.elapsed(), ms(1100));
+        // The same while the upstream fails, within its grace and once it is down.
+        feed.upstream_state(Some(Some(503)));
+        assert_eq!(paused(Some(s(1)), ms(100)).await, s(1));
+        feed.topic.upstream_down();
+        assert_eq!(paused(Some(s(40)), ms(100)).await, s(40));
     }
 
     /// What `outage_longer_than_grace_is_503_then_recovers` (tests/integration/sources.rs)
-    /// relies on: waiting polls are woken when the outage outlasts the grace, not at the next
-    /// attempt, and then see the upstream as down.
+    /// relies on: no pause goes past the end of the grace, so the attempt there decides; and
+    /// an upstream that asks (`Retry-After`) to be left alone for longer than the grace is
+    /// down at the grace's end, waiting polls woken then, its `Retry-After` still honoured.
     #[tokio::test(start_paused = true)]
-    async fn a_pause_wakes_waiting_polls_when_the_outage_outlasts_the_grace() {
-        let grace = Duration::from_millis(300);
+    async fn the_grace_ends_with_an_attempt_or_with_a_longer_retry_after() {
+        let (grace, s) = (Duration::from_millis(300), Duration::from_secs);
         let feed = feed(grace);
         let failed = Instant::now();
-        feed.topic.upstream_failed(None, failed);
+        feed.upstream_state(Some(None));
+        assert!(feed.pause(s(10)).await);
+        assert_eq!(failed.elapsed(), grace, "the attempt at the grace's end");
+        assert_eq!(
+            feed.topic.upstream_problem(),
+            None,
+            "nothing said before it"
+        );
+
+        let feed = self::feed(grace);
+        let failed = Instant::now();
+        feed.upstream_state(Some(Some(503)));
+        *feed.retry_after.lock().unwrap() = Some(s(10));
         let changed = feed.topic.changed();
         let mut changed = std::pin::pin!(changed);
         changed.as_mut().enable();
-        let pause = feed.pause(Duration::from_secs(10));
+        let pause = feed.pause(Duration::from_millis(100));
         let mut pause = std::pin::pin!(pause);
         tokio::select! {
             () = &mut changed => {}
             _ = &mut pause => panic!("the pause ended without waking the waiting polls"),
         }
         assert_eq!(failed.elapsed(), grace);
-        let problem = feed.topic.upstream_problem(grace, Instant::now());
+        let problem = feed.topic.upstream_problem();
         assert_eq!(problem, Some(UpstreamProblem::Down));
         assert!(pause.await);
-        assert_eq!(failed.elapsed(), Duration::from_secs(10));
-
-        // A pause that ends within the grace wakes no one: the next attempt may succeed.
-        let feed = self::feed(grace);
-        feed.topic.upstream_failed(None, Instant::now());
-        let changed = feed.topic.changed();
-        let mut changed = std::pin::pin!(changed);
-        changed.as_mut().enable();
-        assert!(feed.pause(Duration::from_millis(200)).await);
-        assert!(changed.now_or_never().is_none(), "woken within the grace");
+        assert_eq!(failed.elapsed(), s(10));
+        // Down, the upstream's Retry-After still comes before the next probe.
+        *feed.retry_after.lock().unwrap() = Some(s(20));
+        let started = Instant::now();
+        assert!(feed.pause(Duration::ZERO).await);
+        assert_eq!(started.elapsed(), s(20));
     }
 }

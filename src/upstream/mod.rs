@@ -19,6 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 
+pub mod outage;
+
 /// Error type of every body pollmux sends or relays.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The one body type of requests and responses inside pollmux.
@@ -42,6 +44,8 @@ pub enum UpstreamError {
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// What the sources of its topics share while it fails.
+    pub outage: outage::Outage,
 }
 
 impl Upstream {
@@ -62,7 +66,11 @@ impl Upstream {
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .build(connector);
-        Upstream { config, client }
+        Upstream {
+            config,
+            client,
+            outage: outage::Outage::default(),
+        }
     }
 
     /// The absolute URI of `path_and_query` on this upstream: the upstream URL's own path, if

@@ -250,31 +250,43 @@ async fn an_owner_paused_past_its_lease_is_fenced() {
 }
 
 /// The node running a topic's source tells the others what its upstream says: a topic the
-/// upstream does not have is a 404 on every node, not only on the one that asked.
+/// upstream does not have is a 404 on every node, not only on the one that asked; and an
+/// upstream failing past `upstream_grace` is a 503 on every node.
 #[tokio::test]
-async fn an_upstream_refusal_reaches_polls_on_every_node() {
+async fn an_upstream_refusal_or_outage_reaches_polls_on_every_node() {
     let Some(redis) = Redis::start().await else {
         return;
     };
-    let upstream = Upstream::start(|_req| async { text_response(404, "no such feed") }).await;
-    let (a, b) = (
-        Gateway::start(&node(&redis, &upstream, "n0")).await,
-        Gateway::start(&node(&redis, &upstream, "n1")).await,
-    );
-    let polls: Vec<_> = [a.addr(), b.addr()]
-        .into_iter()
-        .map(|addr| {
-            tokio::spawn(async move {
-                let resp = get(addr, "/feed/missing?timeout=20").await;
-                (resp.status().as_u16(), body_json(resp).await)
+    for (upstream_status, status, kind) in [(404, 404, "not-found"), (500, 503, "upstream-down")] {
+        let upstream =
+            Upstream::start(move |_req| async move { text_response(upstream_status, "no feed") })
+                .await;
+        let config = |name: &str| {
+            let grace = "hold = \"5s\"\nupstream_grace = \"300ms\"";
+            node(&redis, &upstream, name).replace("hold = \"5s\"", grace)
+        };
+        let (a, b) = (
+            Gateway::start(&config("n0")).await,
+            Gateway::start(&config("n1")).await,
+        );
+        let topic = format!("/feed/missing-{upstream_status}?timeout=20");
+        let polls: Vec<_> = [a.addr(), b.addr()]
+            .into_iter()
+            .map(|addr| {
+                let topic = topic.clone();
+                tokio::spawn(async move {
+                    let resp = get(addr, &topic).await;
+                    (resp.status().as_u16(), body_json(resp).await)
+                })
             })
-        })
-        .collect();
-    for poll in polls {
-        let (status, body) = poll.await.unwrap();
-        assert_eq!(status, 404, "{body}");
+            .collect();
+        for poll in polls {
+            let (got, body) = poll.await.unwrap();
+            assert_eq!(got, status, "{body}");
+            assert_eq!(body["type"], format!("urn:pollmux:problem:{kind}"));
+        }
+        let owners = a.metric("pollmux_topic_leases_held{route=\"feed\"}").await
+            + b.metric("pollmux_topic_leases_held{route=\"feed\"}").await;
+        assert_eq!(owners, 1.0, "one source for the cluster");
     }
-    let owners = a.metric("pollmux_topic_leases_held{route=\"feed\"}").await
-        + b.metric("pollmux_topic_leases_held{route=\"feed\"}").await;
-    assert_eq!(owners, 1.0, "one source for the cluster");
 }

@@ -28,6 +28,9 @@ struct Feed {
     status: AtomicU16,
     /// Answer 410 to any request that tries to resume.
     gone_on_resume: std::sync::atomic::AtomicBool,
+    /// When set, a topic's requests are answered 500 for this long after its first one.
+    fail_for: Mutex<Option<std::time::Duration>>,
+    first_request: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Feed {
@@ -88,6 +91,15 @@ async fn stream_upstream(feed: Arc<Feed>, format: Format) -> Upstream {
                 return text_response(status, "no stream");
             }
             let topic = req.uri().path().trim_start_matches("/stream/").to_owned();
+            if let Some(failing) = *feed.fail_for.lock().unwrap() {
+                let mut first = feed.first_request.lock().unwrap();
+                let first = first
+                    .entry(topic.clone())
+                    .or_insert_with(std::time::Instant::now);
+                if first.elapsed() < failing {
+                    return text_response(500, "failing");
+                }
+            }
             let resume = match format {
                 Format::Sse => req
                     .headers()
@@ -458,6 +470,45 @@ async fn outage_longer_than_grace_is_503_then_recovers() {
     let (status, _, body) = waiting.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["messages"][0]["data"], "1");
+}
+
+/// An upstream failing for less than `upstream_grace` is never told to clients: with a grace
+/// of 1 s and each topic's stream refused for 600 ms from its first request, polls on 20
+/// topics held through the outage and past the grace's end get no 503, and then the first
+/// message. (Before the source tried again at the grace's end, a topic whose next attempt
+/// came after it answered its polls 503 with the upstream long back.)
+#[tokio::test]
+async fn an_outage_shorter_than_the_grace_is_never_a_503() {
+    let feed = Arc::new(Feed::default());
+    *feed.fail_for.lock().unwrap() = Some(std::time::Duration::from_millis(600));
+    let upstream = sse_upstream(feed.clone()).await;
+    let text = config_with(&upstream, "upstream_grace = \"1s\"");
+    let gw = Gateway::start(&long_linger(text)).await;
+    let addr = gw.addr();
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut c = Conn::open(addr).await;
+                let mut cursor = String::from("latest");
+                loop {
+                    let path = format!("/events/s{i}?cursor={cursor}&timeout=1");
+                    let (status, _, body) = c.get_json(&path).await;
+                    assert_eq!(status, 200, "topic s{i}: {body}");
+                    if let Some(m) = body["messages"].as_array().and_then(|m| m.first()) {
+                        return m["data"].clone();
+                    }
+                    cursor = body["cursor"].as_str().unwrap().to_owned();
+                }
+            })
+        })
+        .collect();
+    eventually("every topic's stream", || async { feed.open_total() == 20 }).await;
+    for i in 0..20 {
+        feed.append(&format!("s{i}"), 1);
+    }
+    for client in clients {
+        assert_eq!(client.await.unwrap(), "1");
+    }
 }
 
 #[tokio::test]

@@ -102,28 +102,36 @@ async fn a_held_poll_ends_at_its_hold_clamped_to_max_hold() {
 }
 
 /// What `outage_longer_than_grace_is_503_then_recovers` (tests/integration/sources.rs) waits
-/// for in real time: a poll held through an upstream outage keeps waiting while the outage is
-/// within `upstream_grace`, whatever wakes it, and answers 503 once it is not.
+/// for in real time: a poll held through an upstream outage keeps waiting while its source's
+/// attempts fail within `upstream_grace`, whatever wakes it, even once the grace is over, and
+/// answers 503 when an attempt fails after it.
 #[tokio::test(start_paused = true)]
-async fn a_poll_held_through_an_outage_answers_503_once_the_grace_has_passed() {
+async fn a_poll_held_through_an_outage_answers_503_once_an_attempt_fails_after_the_grace() {
     let (route, hub) = (news(), Hub::new());
+    let grace = Duration::from_millis(300);
     let mut poll = held(&route, &hub, "/news/t?timeout=30");
     let topic = poll.topic().clone();
-    topic.upstream_failed(None, Instant::now());
+    topic.upstream_failed(None, grace, Instant::now());
     let drain = Drain::default();
     let wait = poll.wait(&route, &drain, Duration::ZERO);
     let mut wait = std::pin::pin!(wait);
     assert!(wait.as_mut().now_or_never().is_none(), "within the grace");
     tokio::time::advance(Duration::from_millis(299)).await;
+    topic.upstream_failed(None, grace, Instant::now());
+    assert!(
+        wait.as_mut().now_or_never().is_none(),
+        "an attempt failed within the grace"
+    );
+    // The grace is over, but no attempt has failed since: the upstream may be back.
+    tokio::time::advance(Duration::from_millis(100)).await;
     topic.wake();
     assert!(
         wait.as_mut().now_or_never().is_none(),
-        "woken within the grace"
+        "woken after the grace before any attempt failed"
     );
-    tokio::time::advance(Duration::from_millis(1)).await;
-    topic.wake();
+    topic.upstream_failed(None, grace, Instant::now());
     let Some((resp, outcome)) = wait.now_or_never() else {
-        panic!("a poll woken after the grace still waits");
+        panic!("a poll still waits after an attempt failed past the grace");
     };
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(outcome, Outcome::UpstreamError);
