@@ -18,6 +18,7 @@ mod limits;
 mod listeners;
 mod path;
 mod poll;
+mod poll_source;
 mod raw;
 mod routes;
 mod source;
@@ -51,9 +52,12 @@ pub use listeners::{AdminConfig, ListenerConfig, TlsConfig};
 pub use path::PathTemplate;
 pub use poll::{
     BUFFER_AGE_DEFAULT, BUFFER_BYTES_DEFAULT, BUFFER_MESSAGES_DEFAULT, BufferConfig, CorsConfig,
-    HOLD_DEFAULT, ID_POINTER_DEFAULT, MAX_BATCH_DEFAULT, MAX_HOLD_DEFAULT, OnGap, PollConfig,
-    RESUME_PARAM_DEFAULT, SOURCE_IDLE_TIMEOUT_DEFAULT, SourceConfig, Start, StreamFormat,
+    HOLD_DEFAULT, MAX_BATCH_DEFAULT, MAX_HOLD_DEFAULT, OnGap, PollConfig, Start,
     UPSTREAM_GRACE_DEFAULT,
+};
+pub use poll_source::{
+    ID_POINTER_DEFAULT, INTERVAL_DEFAULT, InitialCursor, MIN_INTERVAL_DEFAULT,
+    RESUME_PARAM_DEFAULT, SOURCE_IDLE_TIMEOUT_DEFAULT, SourceConfig, StreamFormat,
 };
 use routes::unknown_key_hint;
 pub use routes::{

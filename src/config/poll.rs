@@ -1,20 +1,18 @@
 //! `kind = "poll"` routes: hold and batch, where a poll starts and what a gap does, per-topic
-//! buffers, CORS, and the source that feeds the topics (publish, or an upstream poll or stream).
+//! buffers and CORS. The source that feeds the topics is in `poll_source.rs`.
 
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
-use super::routes::{plain_name, topic_param_names};
-use super::{AuthConfig, LINGER_DEFAULT, TopicTemplate, UpstreamConfig, Validator, raw};
+use super::{
+    AuthConfig, LINGER_DEFAULT, SourceConfig, TopicTemplate, UpstreamConfig, Validator, raw,
+};
 
 /// Poll hold when the client gives no `timeout`.
 pub const HOLD_DEFAULT: Duration = Duration::from_secs(25);
 /// Longest hold a client may ask for; below the 60 s idle timeout common in load balancers.
 pub const MAX_HOLD_DEFAULT: Duration = Duration::from_secs(55);
-/// An upstream stream silent this long is reconnected (servers usually send keep-alive
-/// comments every 15 to 30 s).
-pub const SOURCE_IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// An upstream outage shorter than this is invisible to clients beyond a delay.
 pub const UPSTREAM_GRACE_DEFAULT: Duration = Duration::from_secs(30);
 /// Messages per poll response.
@@ -58,48 +56,6 @@ pub struct CorsConfig {
     pub allow_headers: HeaderValue,
 }
 
-/// What feeds a poll route's topics.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceConfig {
-    /// The backend publishes through the admin listener (`POST /publish/<route>/<topic>`).
-    Publish,
-    /// One long-poll in flight per topic to `upstreams[upstream]` at `path` (which may use
-    /// `{cursor}`, the upstream's position).
-    UpstreamPoll {
-        upstream: usize,
-        path: TopicTemplate,
-        id_pointer: String,
-        /// Where the array of messages is in an object answer; `None`: the answer is the array.
-        items_pointer: Option<String>,
-    },
-    /// One streaming subscription per topic to `upstreams[upstream]` at `path`.
-    UpstreamStream {
-        format: StreamFormat,
-        upstream: usize,
-        /// Path (and query) template over the topic's parameters.
-        path: TopicTemplate,
-        /// A stream silent this long is treated as dead and reconnected.
-        idle_timeout: Duration,
-    },
-}
-
-/// The wire format of a streaming source and how it resumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamFormat {
-    /// `text/event-stream`; resumes with `Last-Event-ID`.
-    Sse,
-    /// One JSON value per line; the id at `id_pointer`; resumes with `?<resume_param>=<id>`.
-    Ndjson {
-        id_pointer: String,
-        resume_param: String,
-    },
-}
-
-/// JSON pointer of an NDJSON message's upstream id, unless the route names one.
-pub const ID_POINTER_DEFAULT: &str = "/id";
-/// Query parameter carrying the last upstream id on an NDJSON reconnect, unless named.
-pub const RESUME_PARAM_DEFAULT: &str = "last_id";
-
 /// Where a poll without a cursor starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -125,140 +81,6 @@ pub struct BufferConfig {
 }
 
 impl Validator<'_, '_> {
-    fn source(
-        &mut self,
-        n: &str,
-        s: raw::Source,
-        topic: Option<&TopicTemplate>,
-        upstreams: &[UpstreamConfig],
-    ) -> Option<SourceConfig> {
-        let at = |key: &'static str| ["routes", n, "source", key];
-        match s.kind.0.as_str() {
-            "publish" => {
-                for (key, set) in [
-                    ("upstream", s.upstream.is_some()),
-                    ("path", s.path.is_some()),
-                    ("idle_timeout", s.idle_timeout.is_some()),
-                    ("id_pointer", s.id_pointer.is_some()),
-                    ("resume_param", s.resume_param.is_some()),
-                    ("items_pointer", s.items_pointer.is_some()),
-                ] {
-                    if set {
-                        self.err(&at(key), "not used by type = \"publish\"");
-                    }
-                }
-                Some(SourceConfig::Publish)
-            }
-            "upstream-poll" => {
-                for (key, set) in [
-                    ("resume_param", s.resume_param.is_some()),
-                    ("idle_timeout", s.idle_timeout.is_some()),
-                ] {
-                    if set {
-                        let msg = "not used by type = \"upstream-poll\" (its path takes {cursor})";
-                        self.err(&at(key), msg);
-                    }
-                }
-                let upstream = self.upstream_ref(
-                    &at("upstream"),
-                    "type = \"upstream-poll\"",
-                    s.upstream,
-                    upstreams,
-                );
-                let mut allowed = topic_param_names(topic);
-                allowed.push("cursor".to_owned());
-                let path = self.source_path(n, "upstream-poll", s.path, &allowed);
-                let id_pointer = self.pointer(n, "id_pointer", s.id_pointer)?;
-                let items_pointer = match s.items_pointer {
-                    None => None,
-                    Some(p) => Some(self.pointer(n, "items_pointer", Some(p))?),
-                };
-                Some(SourceConfig::UpstreamPoll {
-                    upstream: upstream?,
-                    path: path?,
-                    id_pointer,
-                    items_pointer,
-                })
-            }
-            kind @ ("upstream-sse" | "upstream-ndjson") => {
-                let format = if kind == "upstream-sse" {
-                    for (key, set) in [
-                        ("id_pointer", s.id_pointer.is_some()),
-                        ("resume_param", s.resume_param.is_some()),
-                        ("items_pointer", s.items_pointer.is_some()),
-                    ] {
-                        if set {
-                            let msg = "not used by type = \"upstream-sse\" (ids come from id:)";
-                            self.err(&at(key), msg);
-                        }
-                    }
-                    StreamFormat::Sse
-                } else {
-                    let id_pointer = self.pointer(n, "id_pointer", s.id_pointer)?;
-                    let resume_param = s
-                        .resume_param
-                        .map_or(RESUME_PARAM_DEFAULT.to_owned(), |p| p.0);
-                    if !plain_name(&resume_param) {
-                        self.err(&at("resume_param"), "use letters, digits and -._~ only");
-                    }
-                    StreamFormat::Ndjson {
-                        id_pointer,
-                        resume_param,
-                    }
-                };
-                let upstream = self.upstream_ref(
-                    &at("upstream"),
-                    &format!("type = {kind:?}"),
-                    s.upstream,
-                    upstreams,
-                );
-                let path = self.source_path(n, kind, s.path, &topic_param_names(topic));
-                Some(SourceConfig::UpstreamStream {
-                    format,
-                    upstream: upstream?,
-                    path: path?,
-                    idle_timeout: s.idle_timeout.map_or(SOURCE_IDLE_TIMEOUT_DEFAULT, |d| d.0),
-                })
-            }
-            other => {
-                self.err(
-                    &at("type"),
-                    format!(
-                        "unknown source type {other:?}: use \"publish\", \"upstream-poll\", \"upstream-sse\" or \"upstream-ndjson\""
-                    ),
-                );
-                None
-            }
-        }
-    }
-
-    /// A source's path template. It may use only `allowed` parameters (the topic's, and
-    /// `cursor` for upstream-poll): two clients of one topic must never ask the upstream
-    /// different things.
-    fn source_path(
-        &mut self,
-        n: &str,
-        kind: &str,
-        path: Option<raw::Str>,
-        allowed: &[String],
-    ) -> Option<TopicTemplate> {
-        self.upstream_path(&["routes", n, "source", "path"], kind, path, allowed)
-    }
-
-    /// A JSON pointer key of a source (`/id` when absent for `id_pointer`).
-    fn pointer(&mut self, n: &str, key: &str, value: Option<raw::Str>) -> Option<String> {
-        let pointer = value.map_or(ID_POINTER_DEFAULT.to_owned(), |p| p.0);
-        if pointer.is_empty() || pointer.starts_with('/') {
-            Some(pointer)
-        } else {
-            self.err(
-                &["routes", n, "source", key],
-                "a JSON pointer starts with / (e.g. \"/id\")",
-            );
-            None
-        }
-    }
-
     pub(super) fn poll(
         &mut self,
         n: &str,

@@ -259,6 +259,51 @@ pub struct Source {
     pub id_pointer: Option<Str>,
     pub resume_param: Option<Str>,
     pub items_pointer: Option<Str>,
+    pub next_pointer: Option<Str>,
+    pub min_interval: Option<Dur>,
+    pub initial_cursor: Option<InitialCursor>,
+    pub data: Option<Str>,
+    pub interval: Option<Dur>,
+    pub interval_header: Option<Str>,
+}
+
+/// Where a source without a resume point starts: a literal cursor, or one read from the
+/// upstream by a bootstrap request.
+#[derive(Debug)]
+pub enum InitialCursor {
+    Literal(Str),
+    Bootstrap(Bootstrap),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    pub path: Str,
+    pub pointer: Str,
+}
+
+impl<'de> Deserialize<'de> for InitialCursor {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = InitialCursor;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a cursor (\"now\") or { path = \"...\", pointer = \"/...\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InitialCursor, E> {
+                let expanded = expand_env(v, |name| std::env::var(name).ok()).map_err(E::custom)?;
+                Ok(InitialCursor::Literal(Str(expanded)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<InitialCursor, A::Error> {
+                let inner = serde::de::value::MapAccessDeserializer::new(map);
+                Bootstrap::deserialize(inner).map(InitialCursor::Bootstrap)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

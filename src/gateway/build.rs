@@ -37,7 +37,8 @@ fn fingerprint(config: &Config, route: &RouteConfig) -> Fingerprint {
         RouteKind::Poll(p) => {
             match &p.source {
                 SourceConfig::UpstreamPoll { upstream, .. }
-                | SourceConfig::UpstreamStream { upstream, .. } => used.push(*upstream),
+                | SourceConfig::UpstreamStream { upstream, .. }
+                | SourceConfig::UpstreamInterval { upstream, .. } => used.push(*upstream),
                 SourceConfig::Publish => {}
             }
             used.extend(hook(&p.auth));
@@ -269,6 +270,7 @@ impl Gateway {
                 connects: connects.clone(),
                 retry_after: Default::default(),
                 recoveries_seen: Default::default(),
+                ended_empty: Default::default(),
                 sink,
             }
         };
@@ -283,12 +285,42 @@ impl Gateway {
                 let (format, idle_timeout) = (format.clone(), *idle_timeout);
                 let (path, upstream) =
                     (path.render_path(params), self.upstreams[*upstream].clone());
+                let initial = match &format {
+                    StreamFormat::Ndjson {
+                        initial_cursor: Some(i),
+                        ..
+                    } => Some(Initial::for_topic(i, params)),
+                    _ => None,
+                };
                 Some(Box::new(move |sink, resume_from| {
                     Box::pin(
                         StreamSource {
                             format: format.clone(),
                             path: path.clone(),
                             idle_timeout,
+                            resume_from,
+                            initial: initial.clone(),
+                            feed: feed(upstream.clone(), sink),
+                        }
+                        .run(),
+                    )
+                }))
+            }
+            SourceConfig::UpstreamInterval {
+                upstream,
+                path,
+                interval,
+                interval_header,
+            } => {
+                let (interval, interval_header) = (*interval, interval_header.clone());
+                let (path, upstream) =
+                    (path.render_path(params), self.upstreams[*upstream].clone());
+                Some(Box::new(move |sink, resume_from| {
+                    Box::pin(
+                        IntervalSource {
+                            path: path.clone(),
+                            interval,
+                            interval_header: interval_header.clone(),
                             resume_from,
                             feed: feed(upstream.clone(), sink),
                         }
@@ -301,9 +333,16 @@ impl Gateway {
                 path,
                 id_pointer,
                 items_pointer,
+                next_pointer,
+                min_interval,
+                initial_cursor,
             } => {
+                let initial = initial_cursor
+                    .as_ref()
+                    .map(|i| Initial::for_topic(i, params));
                 let (path, params) = (path.clone(), params.to_vec());
                 let (id_pointer, items_pointer) = (id_pointer.clone(), items_pointer.clone());
+                let (next_pointer, min_interval) = (next_pointer.clone(), *min_interval);
                 let upstream = self.upstreams[*upstream].clone();
                 Some(Box::new(move |sink, resume_from| {
                     Box::pin(
@@ -312,6 +351,9 @@ impl Gateway {
                             params: params.clone(),
                             id_pointer: id_pointer.clone(),
                             items_pointer: items_pointer.clone(),
+                            next_pointer: next_pointer.clone(),
+                            min_interval,
+                            initial: initial.clone(),
                             resume_from: resume_from.unwrap_or_default(),
                             feed: feed(upstream.clone(), sink),
                         }

@@ -26,7 +26,9 @@ use crate::auth::jwt::Jwt;
 use crate::auth::{Authorizer, Check, Decision, Hook};
 use crate::backplane::{Backplane, BackplaneError};
 use crate::config::AuthConfig;
-use crate::config::{Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig, UpstreamConfig};
+use crate::config::{
+    Config, LimitsConfig, RouteConfig, RouteKind, SourceConfig, StreamFormat, UpstreamConfig,
+};
 use crate::hub::{Batch, Topic};
 use crate::hub::{Hub, NewMessage, Published};
 use crate::metrics::{
@@ -35,10 +37,11 @@ use crate::metrics::{
 use crate::per_ip::{IpSlot, OverLimit, PerIp, canonical_ip};
 use crate::problem::Problem;
 use crate::service::{ClientBody, ConnInfo, Drain, Handler, HeldPoll, NoBody, Step};
-use crate::source::SourceSlots;
 use crate::source::feed::{Feed, Sink};
+use crate::source::upstream_interval::IntervalSource;
 use crate::source::upstream_poll::PollSource;
 use crate::source::upstream_stream::StreamSource;
+use crate::source::{Initial, SourceSlots};
 use crate::upstream::{Body, Upstream};
 use collapse::{CollapseRoute, Join};
 use longpoll::{ClientPolls, Held, Next, PollRoute};

@@ -98,10 +98,15 @@ pub enum UpstreamResult {
     Status(u16),
     Error,
     Timeout,
+    /// A source's answer pollmux cannot use whatever its status (a 200 that is not an event
+    /// stream).
+    Unusable,
 }
 
 impl UpstreamResult {
-    const LABELS: [&'static str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+    const LABELS: [&'static str; 8] = [
+        "1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout", "unusable",
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -114,6 +119,7 @@ impl UpstreamResult {
             },
             UpstreamResult::Error => "error",
             UpstreamResult::Timeout => "timeout",
+            UpstreamResult::Unusable => "unusable",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! connect gate, metrics and the upstream-health bookkeeping that turns outages into answers.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -39,6 +39,9 @@ pub struct Feed {
     pub retry_after: Mutex<Option<Duration>>,
     /// The upstream's count of recoveries when this source's last attempt began.
     pub recoveries_seen: AtomicU64,
+    /// The source's last stream ended before sending anything: such an upstream is failing,
+    /// whatever its status said, until a stream sends something.
+    pub ended_empty: AtomicBool,
     /// Where messages go: the topic, or (cluster mode) the topic's log in the backplane.
     pub sink: Sink,
 }
@@ -97,6 +100,56 @@ impl Feed {
         req: Request<Body>,
         usable: impl Fn(StatusCode) -> bool,
     ) -> Result<Response<Incoming>, Ended> {
+        let response = self.send(req, usable, None).await?;
+        self.upstream_state(None);
+        Ok(response)
+    }
+
+    /// [`Feed::request`] for a stream: a 200 must be of the `media` type when one is given
+    /// (else it is trouble, counted as `unusable`). An upstream whose last stream ended
+    /// before sending anything stays in trouble until this one sends something
+    /// ([`Feed::streaming`]).
+    pub async fn open_stream(
+        &self,
+        req: Request<Body>,
+        usable: impl Fn(StatusCode) -> bool,
+        media: Option<&str>,
+    ) -> Result<Response<Incoming>, Ended> {
+        let response = self.send(req, usable, media).await?;
+        if !self.ended_empty.load(Ordering::SeqCst) {
+            self.upstream_state(None);
+        }
+        Ok(response)
+    }
+
+    /// An answer its status let through cannot be used (not JSON, no messages where they
+    /// should be): trouble, as a refusal is, so it counts toward `upstream_grace`.
+    pub fn unusable(&self) {
+        self.upstream_state(Some(None));
+    }
+
+    /// The stream sent something: the upstream is healthy.
+    pub fn streaming(&self) {
+        self.ended_empty.store(false, Ordering::SeqCst);
+        self.upstream_state(None);
+    }
+
+    /// The upstream ended its stream before sending anything: trouble that lasts across a run
+    /// of such streams, so an upstream that does it again and again is down after
+    /// `upstream_grace` like one that refuses.
+    pub fn stream_ended_empty(&self) {
+        let upstream = &self.upstream.config.name;
+        tracing::warn!(%upstream, "the upstream ended its stream before sending anything");
+        self.ended_empty.store(true, Ordering::SeqCst);
+        self.upstream_state(Some(None));
+    }
+
+    async fn send(
+        &self,
+        req: Request<Body>,
+        usable: impl Fn(StatusCode) -> bool,
+        media: Option<&str>,
+    ) -> Result<Response<Incoming>, Ended> {
         let started = Instant::now();
         self.attempt_begins();
         let response = {
@@ -111,18 +164,31 @@ impl Feed {
             drop(permit);
             sent
         };
+        let wrong_media = match (&response, media) {
+            (Ok(r), Some(media)) if r.status() == StatusCode::OK => {
+                let got = r.headers().get(http::header::CONTENT_TYPE);
+                let got = got.and_then(|v| v.to_str().ok()).unwrap_or("");
+                let essence = got.split(';').next().unwrap_or("").trim();
+                (!essence.eq_ignore_ascii_case(media)).then(|| got.to_owned())
+            }
+            _ => None,
+        };
         let class = match &response {
+            _ if wrong_media.is_some() => UpstreamResult::Unusable,
             Ok(r) => UpstreamResult::Status(r.status().as_u16()),
             Err(UpstreamError::Timeout) => UpstreamResult::Timeout,
             Err(_) => UpstreamResult::Error,
         };
         self.route_metrics.upstream(class, started.elapsed());
         let upstream = &self.upstream.config.name;
+        if let Some(got) = wrong_media {
+            let wanted = media.unwrap_or_default();
+            tracing::warn!(%upstream, content_type = %got, "upstream answered 200 with a body that is not {wanted}");
+            self.upstream_state(Some(None));
+            return Err(Ended::Reconnect);
+        }
         match response {
-            Ok(r) if usable(r.status()) => {
-                self.upstream_state(None);
-                Ok(r)
-            }
+            Ok(r) if usable(r.status()) => Ok(r),
             Ok(r) => {
                 tracing::warn!(%upstream, status = %r.status(), "upstream refused the source's request");
                 *self.retry_after.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -353,6 +419,7 @@ mod tests {
                 connects: Arc::new(Semaphore::new(1)),
                 retry_after: Mutex::default(),
                 recoveries_seen: AtomicU64::default(),
+                ended_empty: AtomicBool::default(),
                 sink: Sink::Topic,
             })
             .collect()

@@ -10,12 +10,116 @@ pub mod backoff;
 pub mod feed;
 pub mod ndjson;
 pub mod sse;
+pub mod upstream_interval;
 pub mod upstream_poll;
 pub mod upstream_stream;
 
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use serde_json::Value;
+
+use crate::config::{InitialCursor, percent_encode};
+use feed::{Ended, Feed};
+
+/// Where a source with nothing to resume from starts, rendered for its topic.
+#[derive(Debug, Clone)]
+pub enum Initial {
+    /// This cursor, as is.
+    Literal(String),
+    /// The JSON value at `pointer` in the answer to `GET path`.
+    Bootstrap { path: String, pointer: String },
+}
+
+/// A bootstrap answer is read up to this size.
+const BOOTSTRAP_BYTES_MAX: usize = 1 << 20;
+
+impl Initial {
+    pub fn for_topic(config: &InitialCursor, params: &[(String, String)]) -> Initial {
+        match config {
+            InitialCursor::Literal(c) => Initial::Literal(c.clone()),
+            InitialCursor::Bootstrap { path, pointer } => Initial::Bootstrap {
+                path: path.render_path(params),
+                pointer: pointer.clone(),
+            },
+        }
+    }
+
+    /// The cursor to start from. A bootstrap request that fails, or whose answer has no
+    /// string or number at the pointer, is the upstream's trouble (backoff, grace).
+    pub async fn cursor(&self, feed: &Feed) -> Result<String, Ended> {
+        let (path, pointer) = match self {
+            Initial::Literal(c) => return Ok(c.clone()),
+            Initial::Bootstrap { path, pointer } => (path, pointer),
+        };
+        let Ok(path) = path.parse() else {
+            tracing::error!(%path, "bootstrap path is not a valid URI path");
+            return Err(Ended::Retired);
+        };
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(feed.upstream.uri_for(&path))
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .map_err(|_| Ended::Reconnect)?;
+        let response = feed.request(req, |s| s == StatusCode::OK).await?;
+        let body = tokio::select! {
+            () = feed.topic.retired() => return Err(Ended::Retired),
+            b = Limited::new(response.into_body(), BOOTSTRAP_BYTES_MAX).collect() => b,
+        };
+        let value = body
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b.to_bytes()).ok());
+        match value
+            .as_ref()
+            .and_then(|v| v.pointer(pointer))
+            .and_then(scalar)
+        {
+            Some(cursor) => Ok(cursor),
+            None => {
+                tracing::warn!(%pointer, "the bootstrap answer has no cursor at its pointer; retrying");
+                feed.unusable();
+                Err(Ended::Reconnect)
+            }
+        }
+    }
+}
+
+/// A JSON string or number as text (an id, a cursor).
+pub fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// `path` with its query parameter `name` set to `value`: an occurrence already there is
+/// replaced (the first; any others are dropped), else the parameter is appended. A server
+/// given the parameter twice may take either, or stall.
+pub fn with_query_param(path: &str, name: &str, value: &str) -> String {
+    let (base, query) = path.split_once('?').unwrap_or((path, ""));
+    let set = format!("{name}={}", percent_encode(value));
+    let mut parts = Vec::new();
+    let mut placed = false;
+    for part in query.split('&').filter(|p| !p.is_empty()) {
+        let key = part.split_once('=').map_or(part, |(k, _)| k);
+        if key == name {
+            if !placed {
+                parts.push(set.clone());
+                placed = true;
+            }
+        } else {
+            parts.push(part.to_owned());
+        }
+    }
+    if !placed {
+        parts.push(set);
+    }
+    format!("{base}?{}", parts.join("&"))
+}
 
 /// Per (route, topic): the lock a source task holds while it runs.
 #[derive(Default)]
@@ -79,6 +183,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::oneshot;
+
+    #[test]
+    fn a_resume_parameter_already_in_the_path_is_replaced_not_repeated() {
+        let set = |path, value| with_query_param(path, "since", value);
+        assert_eq!(set("/db/_changes", "5"), "/db/_changes?since=5");
+        assert_eq!(
+            set("/db/_changes?feed=continuous&since=now", "7-g1"),
+            "/db/_changes?feed=continuous&since=7-g1"
+        );
+        assert_eq!(
+            set("/c?since=now&feed=continuous&since=0", "9"),
+            "/c?since=9&feed=continuous"
+        );
+        // Only the parameter of that name: one that merely starts with it stays.
+        assert_eq!(set("/c?since_x=1", "2"), "/c?since_x=1&since=2");
+        assert_eq!(set("/c?", "a b"), "/c?since=a%20b");
+    }
 
     #[tokio::test]
     async fn one_source_per_topic_at_a_time_and_slots_are_forgotten() {

@@ -2,7 +2,12 @@
 //! - `upstream-sse`: `Accept: text/event-stream`; each event is a message (its `id:` the
 //!   upstream id); reconnects send `Last-Event-ID`.
 //! - `upstream-ndjson`: each line is a JSON message, its upstream id read by JSON pointer;
-//!   reconnects pass the last id as the route's resume query parameter.
+//!   reconnects pass the last id as the route's resume query parameter (replacing one the
+//!   path already has), and the first request the route's `initial_cursor` if it has one.
+//!
+//! An SSE answer that is not `text/event-stream`, and a stream that ends (or breaks) before
+//! sending anything, are the upstream's trouble like a refusal: they count toward
+//! `upstream_grace`, so clients of a wrong endpoint are told rather than answered empty.
 //!
 //! Reconnects wait a full-jitter backoff (honouring SSE `retry:`); a stream silent for
 //! `idle_timeout` is reconnected. The request is built from the route's config and the topic's
@@ -20,8 +25,8 @@ use bytes::Bytes;
 
 use super::backoff::Backoff;
 use super::feed::{Ended, Feed};
-use super::{ndjson, sse};
-use crate::config::{StreamFormat, percent_encode};
+use super::{Initial, ndjson, sse, with_query_param};
+use crate::config::StreamFormat;
 use crate::metrics::GaugeGuard;
 use crate::upstream::BoxError;
 
@@ -38,6 +43,8 @@ pub struct StreamSource {
     /// Path and query on the upstream, rendered from the route's template.
     pub path: String,
     pub idle_timeout: Duration,
+    /// NDJSON: where to start with nothing to resume from.
+    pub initial: Option<Initial>,
     pub feed: Feed,
 }
 
@@ -71,8 +78,16 @@ impl StreamSource {
         let mut req = Request::builder()
             .method(Method::GET)
             .header(header::CACHE_CONTROL, "no-cache");
+        if last_id.is_none()
+            && let Some(initial) = &self.initial
+        {
+            match initial.cursor(&self.feed).await {
+                Ok(cursor) => *last_id = Some(cursor),
+                Err(ended) => return ended,
+            }
+        }
         match &self.format {
-            StreamFormat::Sse => {
+            StreamFormat::Sse { .. } => {
                 req = req.header(header::ACCEPT, "text/event-stream");
                 if let Some(id) = last_id
                     .as_deref()
@@ -84,10 +99,7 @@ impl StreamSource {
             StreamFormat::Ndjson { resume_param, .. } => {
                 req = req.header(header::ACCEPT, "application/x-ndjson");
                 if let Some(id) = last_id.as_deref() {
-                    path.push(if path.contains('?') { '&' } else { '?' });
-                    path.push_str(resume_param);
-                    path.push('=');
-                    path.push_str(&percent_encode(id));
+                    path = with_query_param(&path, resume_param, id);
                 }
             }
         }
@@ -102,7 +114,8 @@ impl StreamSource {
         };
         let resuming = last_id.is_some();
         let usable = |s| s == StatusCode::OK || (resuming && s == StatusCode::GONE);
-        let response = match self.feed.request(req, usable).await {
+        let media = matches!(self.format, StreamFormat::Sse { .. }).then_some("text/event-stream");
+        let response = match self.feed.open_stream(req, usable, media).await {
             Ok(r) => r,
             Err(ended) => return ended,
         };
@@ -118,11 +131,10 @@ impl StreamSource {
         let mut body = response.into_body();
         let max_bytes = self.feed.max_message_bytes;
         let mut decoder = match &self.format {
-            StreamFormat::Sse => Decoder::Sse(sse::Decoder::resuming(
-                max_bytes + LINE_OVERHEAD_BYTES,
-                max_bytes,
-                last_id.clone(),
-            )),
+            StreamFormat::Sse { json } => Decoder::Sse(
+                sse::Decoder::resuming(max_bytes + LINE_OVERHEAD_BYTES, max_bytes, last_id.clone()),
+                *json,
+            ),
             StreamFormat::Ndjson { id_pointer, .. } => {
                 Decoder::Ndjson(ndjson::Decoder::new(max_bytes, id_pointer))
             }
@@ -130,6 +142,7 @@ impl StreamSource {
         let mut items = Vec::new();
         // The resume id of the last message delivered.
         let mut logged = last_id.clone();
+        let mut sent_anything = false;
         let ended = loop {
             let frame = tokio::select! {
                 () = self.feed.topic.retired() => break Ended::Retired,
@@ -138,12 +151,24 @@ impl StreamSource {
             let data = match frame {
                 Err(_) => {
                     tracing::debug!(path = %self.path, "event stream silent; reconnecting");
+                    if !sent_anything {
+                        // Held open, however quiet: not a stream that ends at once.
+                        self.feed.streaming();
+                    }
                     break Ended::Reconnect;
                 }
-                Ok(None) => break Ended::Reconnect,
+                Ok(None) => {
+                    if !sent_anything {
+                        self.feed.stream_ended_empty();
+                    }
+                    break Ended::Reconnect;
+                }
                 Ok(Some(Err(e))) => {
                     let e: BoxError = e.into();
                     tracing::debug!(error = %e, "event stream broke; reconnecting");
+                    if !sent_anything {
+                        self.feed.stream_ended_empty();
+                    }
                     break Ended::Reconnect;
                 }
                 Ok(Some(Ok(frame))) => match frame.into_data() {
@@ -151,6 +176,10 @@ impl StreamSource {
                     Err(_) => continue,
                 },
             };
+            if !sent_anything && !data.is_empty() {
+                sent_anything = true;
+                self.feed.streaming();
+            }
             let well_formed = decoder.feed(&data, &mut items);
             let mut refused = None;
             for item in items.drain(..) {
@@ -191,7 +220,7 @@ impl StreamSource {
 fn resume_id<'a>(format: &StreamFormat, id: Option<&'a str>) -> Option<&'a str> {
     let id = id?;
     match format {
-        StreamFormat::Sse => Some(match id.rsplit_once('#') {
+        StreamFormat::Sse { .. } => Some(match id.rsplit_once('#') {
             Some((in_force, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
                 in_force
             }
@@ -210,7 +239,8 @@ struct Item {
 }
 
 enum Decoder {
-    Sse(sse::Decoder),
+    /// With whether each event's data is JSON (`data = "json"`).
+    Sse(sse::Decoder, bool),
     Ndjson(ndjson::Decoder),
 }
 
@@ -219,13 +249,27 @@ impl Decoder {
     /// the stream is malformed.
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<Item>) -> bool {
         match self {
-            Decoder::Sse(d) => {
+            Decoder::Sse(d, json) => {
                 let mut events = Vec::new();
                 let ok = d.feed(chunk, &mut events).is_ok();
-                out.extend(events.into_iter().map(|e| Item {
-                    id: e.id,
-                    payload: e.data.map(Bytes::from),
-                    content_type: "text/plain; charset=utf-8",
+                out.extend(events.into_iter().map(|e| {
+                    let embedded = *json
+                        && e.data.as_ref().is_some_and(|data| {
+                            let valid = serde_json::from_str::<serde::de::IgnoredAny>(data).is_ok();
+                            if !valid {
+                                tracing::warn!(id = ?e.id, "an event's data is not JSON; delivered as text");
+                            }
+                            valid
+                        });
+                    Item {
+                        id: e.id,
+                        payload: e.data.map(Bytes::from),
+                        content_type: if embedded {
+                            "application/json"
+                        } else {
+                            "text/plain; charset=utf-8"
+                        },
+                    }
                 }));
                 ok
             }
@@ -244,7 +288,7 @@ impl Decoder {
 
     fn last_id(&self) -> Option<&str> {
         match self {
-            Decoder::Sse(d) => d.last_id(),
+            Decoder::Sse(d, _) => d.last_id(),
             Decoder::Ndjson(d) => d.last_id(),
         }
     }
@@ -252,7 +296,7 @@ impl Decoder {
     /// The reconnection delay the stream asked for (SSE `retry:`).
     fn retry(&self) -> Option<Duration> {
         match self {
-            Decoder::Sse(d) => d.retry_ms().map(Duration::from_millis),
+            Decoder::Sse(d, _) => d.retry_ms().map(Duration::from_millis),
             Decoder::Ndjson(_) => None,
         }
     }

@@ -22,4 +22,5 @@ mod properties;
 mod proxy;
 mod redis_server;
 mod reload;
+mod rest_sources;
 mod sources;

@@ -60,6 +60,14 @@ const CONFIG_FILES: &[(&str, &str)] = &[
         include_str!("../../config/upstream-poll.toml"),
     ),
     (
+        "upstream-interval.toml",
+        include_str!("../../config/upstream-interval.toml"),
+    ),
+    (
+        "couchdb-changes.toml",
+        include_str!("../../config/couchdb-changes.toml"),
+    ),
+    (
         "upstream-sse.toml",
         include_str!("../../config/upstream-sse.toml"),
     ),

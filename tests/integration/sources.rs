@@ -511,6 +511,71 @@ async fn an_outage_shorter_than_the_grace_is_never_a_503() {
     }
 }
 
+/// A wrong endpoint is an error, not a silent loop: an `upstream-sse` source whose upstream
+/// answers 200 with a page that is not an event stream, or with event streams that end at
+/// once, again and again, is down after `upstream_grace` like one that refuses; the first
+/// is counted as `unusable`, not as a 2xx.
+#[tokio::test]
+async fn a_200_that_is_not_an_event_stream_or_ends_at_once_is_503_after_the_grace() {
+    for (content_type, body, unusable) in [
+        ("text/html", "<html>login</html>", true),
+        ("text/event-stream", "", false),
+    ] {
+        let upstream = Upstream::start(move |_req| async move {
+            Response::builder()
+                .header("content-type", content_type)
+                .body(full(body))
+                .unwrap()
+        })
+        .await;
+        let text = config_with(&upstream, "upstream_grace = \"300ms\"");
+        let gw = Gateway::start(&long_linger(text)).await;
+        let (status, _, body) = poll_once(gw.addr(), "/events/wrong?timeout=30").await;
+        assert_eq!(status, 503, "{content_type}: {body}");
+        assert_eq!(body["type"], "urn:pollmux:problem:upstream-down");
+        let series = |result: &str| {
+            format!(r#"pollmux_upstream_requests_total{{result="{result}",route="events"}}"#)
+        };
+        let counted = gw.metric(&series("unusable")).await;
+        assert_eq!(counted > 0.0, unusable, "{content_type}");
+        assert_eq!(
+            gw.metric(&series("2xx")).await > 0.0,
+            !unusable,
+            "{content_type}"
+        );
+    }
+}
+
+/// `data = "json"`: an SSE event whose data is JSON is embedded as JSON; one that is not is
+/// still delivered, as text.
+#[tokio::test]
+async fn sse_data_as_json_is_embedded() {
+    let upstream = Upstream::start(|_req| async {
+        let events = "id: 1\ndata: {\"price\": 7}\n\nid: 2\ndata: not json\n\n";
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(full(events))
+            .unwrap()
+    })
+    .await;
+    let text = config_with(&upstream, "").replace(
+        r#"path = "/stream/{topic}" }"#,
+        r#"path = "/stream/{topic}", data = "json" }"#,
+    );
+    assert!(text.contains("data = \"json\""), "{text}");
+    let gw = Gateway::start(&long_linger(text)).await;
+    let (status, _, body) = poll_once(gw.addr(), "/events/j?cursor=earliest&timeout=30").await;
+    assert_eq!(status, 200, "{body}");
+    let mut messages = body["messages"].as_array().unwrap().clone();
+    if messages.len() < 2 {
+        let cursor = body["cursor"].as_str().unwrap();
+        let (_, _, more) = poll_once(gw.addr(), &format!("/events/j?cursor={cursor}")).await;
+        messages.extend(more["messages"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(messages[0]["data"], serde_json::json!({"price": 7}));
+    assert_eq!(messages[1]["data"], "not json");
+}
+
 #[tokio::test]
 async fn upstream_404_passes_on_and_401_is_502() {
     for (upstream_status, client_status, kind) in [
