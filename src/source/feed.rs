@@ -92,17 +92,22 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 impl Feed {
-    /// Sends `req` through the connect gate. An answer whose status `usable` accepts clears
-    /// the topic's upstream trouble; anything else is recorded as trouble (a 404, 401 or 403
-    /// reaches waiting polls at once) and is `Err(Ended::Reconnect)`.
+    /// Sends `req` through the connect gate. An answer whose status `usable` rejects is
+    /// recorded as trouble (a 404, 401 or 403 reaches waiting polls at once) and is
+    /// `Err(Ended::Reconnect)`. One it accepts is not yet health: the caller says
+    /// [`Feed::healthy`] once it has used the answer, or [`Feed::unusable`] when it cannot, so
+    /// an upstream answering 200 with garbage is failing, not recovering at every attempt.
     pub async fn request(
         &self,
         req: Request<Body>,
         usable: impl Fn(StatusCode) -> bool,
     ) -> Result<Response<Incoming>, Ended> {
-        let response = self.send(req, usable, None).await?;
+        self.send(req, usable, None).await
+    }
+
+    /// The upstream's answer was used: its trouble, if any, is over.
+    pub fn healthy(&self) {
         self.upstream_state(None);
-        Ok(response)
     }
 
     /// [`Feed::request`] for a stream: a 200 must be of the `media` type when one is given

@@ -77,7 +77,10 @@ impl Initial {
             .and_then(|v| v.pointer(pointer))
             .and_then(scalar)
         {
-            Some(cursor) => Ok(cursor),
+            Some(cursor) => {
+                feed.healthy();
+                Ok(cursor)
+            }
             None => {
                 tracing::warn!(%pointer, "the bootstrap answer has no cursor at its pointer; retrying");
                 feed.unusable();

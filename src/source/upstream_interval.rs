@@ -127,6 +127,7 @@ impl IntervalSource {
         );
         let gap = gap + gap.mul_f64(JITTER * fastrand::f64());
         if response.status() == StatusCode::NOT_MODIFIED {
+            self.feed.healthy();
             return Ok(gap);
         }
         let headers = response.headers().clone();
@@ -138,6 +139,8 @@ impl IntervalSource {
         let body = match body {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                // The upstream works; its resource is too large to be a message.
+                self.feed.healthy();
                 if !last.oversized {
                     // One gap for the change to an oversized representation, not one a poll.
                     *last = Last {
@@ -150,9 +153,11 @@ impl IntervalSource {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream resource unreadable; retrying");
+                self.feed.unusable();
                 return Err(Ended::Reconnect);
             }
         };
+        self.feed.healthy();
         let hash = sha256_hex(&body);
         let validators = (
             headers.get(header::ETAG).cloned(),

@@ -107,8 +107,12 @@ impl PollSource {
         };
         let response = self.feed.request(req, usable).await?;
         match response.status() {
-            StatusCode::NO_CONTENT => return Ok(false),
+            StatusCode::NO_CONTENT => {
+                self.feed.healthy();
+                return Ok(false);
+            }
             StatusCode::GONE => {
+                self.feed.healthy();
                 // The upstream no longer knows our cursor: start afresh after a gap.
                 cursor.clear();
                 self.feed.unresumable().await?;
@@ -129,6 +133,7 @@ impl PollSource {
                 limit,
                 "upstream poll answer unreadable or over the limit; retrying"
             );
+            self.feed.unusable();
             return Err(Ended::Reconnect);
         };
         let Ok(value) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
@@ -145,6 +150,7 @@ impl PollSource {
             self.feed.unusable();
             return Err(Ended::Reconnect);
         };
+        self.feed.healthy();
         // Where the upstream says to continue, beside its messages.
         let next = self.next_pointer.as_ref().and_then(|p| {
             let next = value.pointer(p).and_then(scalar);

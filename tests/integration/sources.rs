@@ -546,6 +546,26 @@ async fn a_200_that_is_not_an_event_stream_or_ends_at_once_is_503_after_the_grac
     }
 }
 
+/// An `upstream-poll` endpoint answering 200 with something that is not its JSON is failing,
+/// not recovering at every attempt: down after `upstream_grace`.
+#[tokio::test]
+async fn a_poll_source_answered_200_with_garbage_is_503_after_the_grace() {
+    for body in ["<html>maintenance</html>", r#"{"no": "array"}"#] {
+        let upstream = Upstream::start(move |_req| async move {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(body))
+                .unwrap()
+        })
+        .await;
+        let text = config_for(&upstream, Format::Poll, "upstream_grace = \"300ms\"");
+        let gw = Gateway::start(&long_linger(text)).await;
+        let (status, _, answer) = poll_once(gw.addr(), "/events/garbage?timeout=30").await;
+        assert_eq!(status, 503, "{body}: {answer}");
+        assert_eq!(answer["type"], "urn:pollmux:problem:upstream-down");
+    }
+}
+
 /// `data = "json"`: an SSE event whose data is JSON is embedded as JSON; one that is not is
 /// still delivered, as text.
 #[tokio::test]
